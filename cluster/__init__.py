@@ -1,0 +1,1 @@
+"""Where things run and live: Ray start/connect, job submission, storage, manifests."""

@@ -1,0 +1,1 @@
+"""The jobs: models, prep, train, distill, serve graph, demo and the CLI."""

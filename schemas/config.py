@@ -1,0 +1,225 @@
+"""Run configs: one typed pydantic model per flow, loadable from YAML, overridable from the CLI.
+
+Every model forbids unknown keys, so a typo in a YAML file or a `--set` path is an error
+that names the key and the file instead of a silently ignored setting. Defaults are the
+embedded ones: local Ray, local storage under ``./raygen-data``, tiny bundles.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_DATA_ROOT = "./raygen-data"
+
+
+class ConfigError(ValueError):
+    """A config the user wrote cannot be used; the message names the file and the key."""
+
+
+class Config(BaseModel):
+    """Base of every config: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageConfig(Config):
+    """Where data lives: a local path or ``s3://bucket/prefix``.
+
+    Credentials always come from the standard AWS chain (environment, profile, instance or
+    pod role) and are never part of a config, so a config file can be shared and logged.
+    """
+
+    endpoint_url: str | None = Field(
+        default=None,
+        description="S3-compatible endpoint (MinIO, Ceph RGW); default: AWS, or $AWS_ENDPOINT_URL",
+    )
+    region: str | None = Field(default=None, description="default: the AWS chain's region")
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    read_timeout_s: float = Field(default=60.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1, description="attempts per S3 request")
+    multipart_threshold_mb: int = Field(default=64, ge=5, description="larger uploads go multipart")
+    cache_dir: str = Field(
+        default="~/.cache/raygen",
+        description="local cache of bundles downloaded from s3://, keyed by content",
+    )
+
+
+class RayConfig(Config):
+    """Which Ray to run on: a local one started in-process, or an existing cluster."""
+
+    address: str | None = Field(
+        default=None,
+        description="'auto', ray://host:10001 or host:6379; default: $RAY_ADDRESS, else a local Ray",
+    )
+    num_cpus: int | None = Field(default=None, ge=1, description="local Ray only")
+    num_gpus: int | None = Field(default=None, ge=0, description="local Ray only")
+    namespace: str = "raygen"
+
+
+class ModelRef(Config):
+    """A model bundle in diffusers' folder layout, local or on ``s3://``."""
+
+    uri: str = Field(description="bundle folder: a local path or s3://bucket/prefix")
+    device: str = Field(default="cpu", description="'cpu', 'cuda', 'cuda:1', ...")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @field_validator("uri")
+    @classmethod
+    def _uri_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("bundle uri is empty")
+        return value
+
+
+def _bundle(name: str) -> ModelRef:
+    return ModelRef(uri=f"{DEFAULT_DATA_ROOT}/bundles/{name}")
+
+
+class PrepConfig(Config):
+    """`raygen prep`: a raw corpus in, training shards and a manifest out."""
+
+    input: str = Field(default=f"{DEFAULT_DATA_ROOT}/corpus", description="corpus folder or listing")
+    output: str = Field(default=f"{DEFAULT_DATA_ROOT}/shards")
+    bundle: ModelRef = Field(default_factory=lambda: _bundle("t2i"))
+    captioner: ModelRef | None = Field(default_factory=lambda: _bundle("captioner"))
+    scorer: ModelRef | None = Field(default_factory=lambda: _bundle("scorer"))
+    resolution: int = Field(default=64, ge=8, description="target area is resolution**2 per bucket")
+    batch_size: int = Field(default=8, ge=1)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+class TrainConfig(Config):
+    """`raygen train`: shards in, a diffusers bundle out."""
+
+    data: str = Field(default=f"{DEFAULT_DATA_ROOT}/shards")
+    output: str = Field(default=f"{DEFAULT_DATA_ROOT}/runs/train")
+    bundle: ModelRef = Field(default_factory=lambda: _bundle("t2i"))
+    num_workers: int = Field(default=2, ge=1)
+    use_gpu: bool = False
+    batch_size: int = Field(default=4, ge=1, description="global batch per step")
+    learning_rate: float = Field(default=1e-4, gt=0)
+    max_steps: int = Field(default=20, ge=1)
+    checkpoint_every: int = Field(default=10, ge=1)
+    seed: int = 0
+    resume: bool = False
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+class DistillConfig(Config):
+    """`raygen distill`: a teacher bundle and shards in, a few-step student bundle out."""
+
+    teacher: ModelRef = Field(default_factory=lambda: _bundle("t2i"))
+    data: str = Field(default=f"{DEFAULT_DATA_ROOT}/shards")
+    output: str = Field(default=f"{DEFAULT_DATA_ROOT}/runs/distill")
+    student_steps: int = Field(default=4, ge=1, le=8)
+    num_workers: int = Field(default=2, ge=1)
+    use_gpu: bool = False
+    batch_size: int = Field(default=4, ge=1)
+    learning_rate: float = Field(default=1e-5, gt=0)
+    max_steps: int = Field(default=20, ge=1)
+    checkpoint_every: int = Field(default=10, ge=1)
+    seed: int = 0
+    resume: bool = False
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+class ServeConfig(Config):
+    """`raygen serve`: the multi-stage generation graph behind one HTTP API."""
+
+    bundle: ModelRef = Field(default_factory=lambda: _bundle("t2i"))
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    max_height: int = Field(default=1024, ge=8)
+    max_width: int = Field(default=1024, ge=8)
+    api_keys_env: str | None = Field(
+        default=None,
+        description="name of an environment variable holding comma-separated API keys",
+    )
+    output: str = Field(default=f"{DEFAULT_DATA_ROOT}/outputs")
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+C = TypeVar("C", bound=Config)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected key.path=value")
+    # YAML scalars give `8` -> int, `true` -> bool, `null` -> None, `[a, b]` -> list.
+    return key.strip().split("."), yaml.safe_load(raw) if raw else ""
+
+
+def _apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"--set {'.'.join(path)}: {part!r} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "<root>"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{key}'")
+        else:
+            lines.append(f"{source}: '{key}': {item['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(
+    cls: type[C],
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    values: dict[str, Any] | None = None,
+) -> C:
+    """Build a ``cls`` from a YAML file, then ``values`` (CLI flags), then ``--set`` items.
+
+    Later sources win. Every error names where the bad key came from.
+    """
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read config: {err.strerror}") from err
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of {cls.__name__} fields at the top")
+        data = loaded or {}
+    for key, value in (values or {}).items():
+        if value is not None:
+            _apply_override(data, key.split("."), value)
+    for item in overrides:
+        key_path, value = _parse_override(item)
+        _apply_override(data, key_path, value)
+    if overrides:
+        source = f"{source} + --set" if path is not None else "--set"
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, source)) from None
+
+
+def dump_config(config: Config) -> str:
+    """The YAML that ``load_config`` reads back to an equal config."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

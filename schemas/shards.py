@@ -1,0 +1,88 @@
+"""The one row schema of training shards, and the manifest a prep run writes beside them.
+
+Prep writes these rows, training reads them, tests check them. Latents and text embeddings
+are Arrow's canonical fixed-shape tensor extension (``arrow.fixed_shape_tensor``), so plain
+pyarrow and Ray Data read the shards without raygen installed. Shapes are fixed per bucket:
+every shard file holds one aspect-ratio bucket.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+SHARD_SCHEMA_VERSION = 1
+
+MediaKind = Literal["image", "video"]
+
+
+def shard_schema(
+    latent_shape: tuple[int, ...],
+    prompt_embeds_shape: tuple[int, ...] | None,
+    pooled_embeds_shape: tuple[int, ...] | None,
+    *,
+    with_latent_std: bool = False,
+) -> pa.Schema:
+    """Schema of one bucket's shard file.
+
+    latent_shape: (C, h, w) for images, (C, f, h, w) for video.
+    prompt_embeds_shape: (L, D) sequence embeddings, or None when shards store tokens only.
+    pooled_embeds_shape: (D,) pooled embeddings, or None.
+    """
+    fields = [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("source_uri", pa.string(), nullable=False),
+        pa.field("media_kind", pa.string(), nullable=False),
+        pa.field("original_height", pa.int32(), nullable=False),
+        pa.field("original_width", pa.int32(), nullable=False),
+        # (top, left, height, width) in original pixels: SDXL-style crop conditioning.
+        pa.field("crop_box", pa.list_(pa.int32(), 4), nullable=False),
+        pa.field("bucket", pa.string(), nullable=False),
+        pa.field("caption_original", pa.string()),
+        pa.field("caption_synthetic", pa.string()),
+        pa.field("latent_mean", pa.fixed_shape_tensor(pa.float32(), latent_shape), nullable=False),
+    ]
+    if with_latent_std:
+        fields.append(pa.field("latent_std", pa.fixed_shape_tensor(pa.float32(), latent_shape)))
+    if prompt_embeds_shape is not None:
+        fields.append(
+            pa.field("prompt_embeds", pa.fixed_shape_tensor(pa.float32(), prompt_embeds_shape))
+        )
+    if pooled_embeds_shape is not None:
+        fields.append(
+            pa.field("pooled_prompt_embeds", pa.fixed_shape_tensor(pa.float32(), pooled_embeds_shape))
+        )
+    fields += [
+        # Token ids per text encoder ("clip_l", "clip_g", "t5"), for shards that skip embeddings.
+        pa.field("input_ids", pa.map_(pa.string(), pa.list_(pa.int32()))),
+        pa.field("clip_score", pa.float32()),
+        pa.field("aesthetic_score", pa.float32()),
+        pa.field("nsfw_score", pa.float32()),
+    ]
+    return pa.schema(fields, metadata={b"raygen.shard_schema_version": str(SHARD_SCHEMA_VERSION).encode()})
+
+
+class Manifest(BaseModel):
+    """What a prep run did: written as ``manifest.json`` next to the shards."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = SHARD_SCHEMA_VERSION
+    created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    bundle_uri: str
+    bundle_digest: str | None = Field(default=None, description="content digest of the bundle")
+    config: dict[str, Any] = Field(description="the PrepConfig the run used, as JSON")
+    num_inputs: int = 0
+    num_written: int = 0
+    filtered: dict[str, int] = Field(default_factory=dict, description="filter name -> rows")
+    quarantined: dict[str, int] = Field(default_factory=dict, description="reason -> inputs")
+    quarantine_uri: str | None = None
+    shards: list[str] = Field(default_factory=list, description="shard files, relative")
+    buckets: dict[str, int] = Field(default_factory=dict, description="bucket -> rows")
+    # VAE latents are stored unscaled; training applies (latent - shift) * scale.
+    vae_scaling_factor: float | None = None
+    vae_shift_factor: float | None = None
+    stage_throughput: dict[str, float] = Field(default_factory=dict, description="stage -> rows/s")
