@@ -13,6 +13,7 @@ from schemas.config import (
     dump_config,
     load_config,
 )
+from schemas.errors import RaygenError
 
 __all__ = [
     "Config",
@@ -20,6 +21,7 @@ __all__ = [
     "DistillConfig",
     "ModelRef",
     "PrepConfig",
+    "RaygenError",
     "RayConfig",
     "ServeConfig",
     "StorageConfig",

@@ -13,10 +13,12 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from schemas.errors import RaygenError
+
 DEFAULT_DATA_ROOT = "./raygen-data"
 
 
-class ConfigError(ValueError):
+class ConfigError(RaygenError):
     """A config the user wrote cannot be used; the message names the file and the key."""
 
 
@@ -170,6 +172,16 @@ def _apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> None:
+    """Merge ``update`` into ``base`` section by section, so a file that sets
+    ``bundle.dtype`` keeps the default ``bundle.uri``."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
 def _describe(error: ValidationError, source: str) -> str:
     lines = []
     for item in error.errors():
@@ -191,7 +203,7 @@ def load_config(
 
     Later sources win. Every error names where the bad key came from.
     """
-    data: dict[str, Any] = {}
+    data: dict[str, Any] = cls().model_dump(mode="json")
     source = "defaults"
     if path is not None:
         source = str(path)
@@ -205,7 +217,7 @@ def load_config(
             raise ConfigError(f"{path}: not valid YAML: {err}") from err
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of {cls.__name__} fields at the top")
-        data = loaded or {}
+        _merge(data, loaded or {})
     for key, value in (values or {}).items():
         if value is not None:
             _apply_override(data, key.split("."), value)

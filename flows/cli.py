@@ -1,0 +1,246 @@
+"""The `raygen` command line: one subcommand per flow, one config contract for all of them.
+
+Every flow takes `--config FILE` (YAML of its config model), repeatable `--set key.path=value`
+overrides, and flags for the fields everyone sets. Precedence: defaults < file < flags < --set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from schemas.config import (
+    Config,
+    DistillConfig,
+    PrepConfig,
+    ServeConfig,
+    TrainConfig,
+    load_config,
+)
+from schemas.errors import RaygenError
+
+PROG = "raygen"
+
+EPILOG = """\
+examples:
+  raygen demo                                  build tiny bundles + a sample corpus, generate
+  raygen models tiny --out ./raygen-data/bundles
+  raygen prep --input s3://corpus/raw --output s3://corpus/shards --bundle s3://models/sd3
+  raygen prep --config configs/prep.yaml --set batch_size=32
+  raygen submit --address http://head:8265 -- prep --config configs/prep.yaml
+
+Commands run on a local Ray started in-process unless --address or $RAY_ADDRESS names a cluster.
+"""
+
+# Flows that later issues build. Their subcommands already parse and validate a config so
+# that scripts and manifests can be written against the final interface today.
+PENDING_FLOWS = {
+    "prep": "data prep (issue 3)",
+    "train": "training (issue 4)",
+    "distill": "distillation (issue 4)",
+    "serve": "the serving graph (issue 5)",
+    "generate": "the generation client (issue 5)",
+}
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="YAML file of this command's config")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="override one config field, e.g. --set storage.endpoint_url=http://minio:9000 "
+        "(repeatable; values are YAML scalars)",
+    )
+    parser.add_argument(
+        "--address",
+        help="Ray cluster to run on (sets ray.address); default: $RAY_ADDRESS, else local Ray",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Ray-native data prep, training, distillation and serving for "
+        "text-to-image and text-to-video diffusion models.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    models = commands.add_parser("models", help="build or inspect model bundles")
+    models_commands = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    tiny = models_commands.add_parser(
+        "tiny",
+        help="write tiny seeded bundles of the real model classes (for tests and the demo)",
+        description="Write tiny, seeded, deterministic bundles of the real diffusers and "
+        "transformers classes in diffusers' folder format (safetensors). No download.",
+    )
+    tiny.add_argument("--out", required=True, metavar="DIR", help="folder to write bundles into")
+    tiny.add_argument(
+        "--only", metavar="NAMES", help="comma-separated subset, e.g. t2i,t2v (default: all)"
+    )
+    tiny.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
+
+    prep = commands.add_parser(
+        "prep",
+        help="recaption and encode an image/video corpus into training shards",
+        description="Decode, filter, recaption and encode a corpus into parquet shards.",
+    )
+    _add_config_args(prep)
+    prep.add_argument("--input", metavar="URI", help="corpus folder, s3:// prefix or listing")
+    prep.add_argument("--output", metavar="URI", help="where shards and the manifest go")
+    prep.add_argument("--bundle", metavar="URI", help="model bundle whose VAE/encoders to use")
+
+    train = commands.add_parser(
+        "train",
+        help="train a diffusion transformer on prep shards with Ray Train",
+        description="Train an MMDiT / Wan transformer with rectified flow on prep shards.",
+    )
+    _add_config_args(train)
+    train.add_argument("--data", metavar="URI", help="shards written by `raygen prep`")
+    train.add_argument("--output", metavar="URI", help="run folder: checkpoints, metrics, bundle")
+    train.add_argument("--bundle", metavar="URI", help="bundle to fine-tune")
+    train.add_argument("--resume", action="store_true", default=None, help="continue the latest checkpoint")
+
+    distill = commands.add_parser(
+        "distill",
+        help="distill a teacher bundle into a few-step student",
+        description="Distill a teacher into a student that samples in 1 to 4 steps.",
+    )
+    _add_config_args(distill)
+    distill.add_argument("--teacher", metavar="URI", help="teacher bundle")
+    distill.add_argument("--data", metavar="URI", help="shards written by `raygen prep`")
+    distill.add_argument("--output", metavar="URI", help="run folder and student bundle")
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve the multi-stage generation graph on Ray Serve",
+        description="Run the generation graph (encoders, denoiser, refiner, decode, ...).",
+    )
+    _add_config_args(serve)
+    serve.add_argument("--bundle", metavar="URI", help="bundle to serve (for the defaults)")
+
+    generate = commands.add_parser(
+        "generate",
+        help="generate an image through a running raygen server",
+        description="Client for `raygen serve`.",
+    )
+    generate.add_argument("prompt", help="text prompt")
+    generate.add_argument("--out", required=True, metavar="FILE", help="output image file")
+    generate.add_argument(
+        "--url", default="http://127.0.0.1:8000", help="server URL (default: %(default)s)"
+    )
+
+    submit = commands.add_parser(
+        "submit",
+        help="run any raygen command as a Ray Job on a cluster",
+        description="Submit `raygen COMMAND ...` as a Ray Job (the repository is the job's "
+        "working_dir), stream its logs and exit with its status.",
+        epilog="example: raygen submit --address http://127.0.0.1:8265 -- models tiny --out /tmp/b",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    submit.add_argument(
+        "--address", help="Ray dashboard address, e.g. http://head:8265 (default: $RAY_ADDRESS)"
+    )
+    submit.add_argument(
+        "--no-wait", dest="wait", action="store_false", help="print the job id and return"
+    )
+    submit.add_argument(
+        "--pip",
+        action="store_true",
+        help="install the project's pip requirements in the job's runtime_env "
+        "(for clusters whose image lacks them)",
+    )
+    submit.add_argument("argv", nargs=argparse.REMAINDER, metavar="COMMAND ...")
+
+    demo = commands.add_parser(
+        "demo",
+        help="run the main job on the embedded defaults (local Ray, local storage, tiny bundles)",
+        description="Build tiny bundles and a sample corpus under one data folder, then run "
+        "every flow that exists on a local Ray.",
+    )
+    demo.add_argument(
+        "--data-dir", default="./raygen-data", metavar="DIR", help="default: %(default)s"
+    )
+    return parser
+
+
+def _flow_config(cls: type[Config], args: argparse.Namespace, flags: dict[str, Any]) -> Config:
+    values = {key: getattr(args, attr) for attr, key in flags.items()}
+    values["ray.address"] = args.address
+    return load_config(cls, args.config, args.overrides, values)
+
+
+# Flag attribute -> config key path, per flow.
+FLOW_FLAGS: dict[str, tuple[type[Config], dict[str, str]]] = {
+    "prep": (PrepConfig, {"input": "input", "output": "output", "bundle": "bundle.uri"}),
+    "train": (
+        TrainConfig,
+        {"data": "data", "output": "output", "bundle": "bundle.uri", "resume": "resume"},
+    ),
+    "distill": (DistillConfig, {"teacher": "teacher.uri", "data": "data", "output": "output"}),
+    "serve": (ServeConfig, {"bundle": "bundle.uri"}),
+}
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    from flows.models import TINY_BUNDLES, build_tiny_bundles
+
+    names = args.only.split(",") if args.only else TINY_BUNDLES
+    written = build_tiny_bundles(args.out, names=names, seed=args.seed)
+    for name, path in written.items():
+        print(f"{name}\t{path}")
+    return 0
+
+
+def _run_submit(args: argparse.Namespace) -> int:
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        raise RaygenError("name the raygen command to run, e.g. `raygen submit -- prep ...`")
+    from cluster.jobs import submit
+
+    return submit(argv, address=args.address, wait=args.wait, pip=args.pip)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from flows.demo import run_demo
+
+    run_demo(args.data_dir)
+    return 0
+
+
+HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "models": _run_models,
+    "submit": _run_submit,
+    "demo": _run_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command in FLOW_FLAGS:
+            cls, flags = FLOW_FLAGS[args.command]
+            _flow_config(cls, args, flags)
+        if args.command in PENDING_FLOWS:
+            print(
+                f"{PROG} {args.command}: {PENDING_FLOWS[args.command]} is not built yet",
+                file=sys.stderr,
+            )
+            return 1
+        return HANDLERS[args.command](args)
+    except RaygenError as err:
+        # User mistakes (bad config, bad bundle, bad storage URI) are one readable message,
+        # not a traceback; every such error names what was wrong and where.
+        print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
