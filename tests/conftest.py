@@ -1,0 +1,121 @@
+"""Shared fixtures.
+
+S3: a real S3-compatible HTTP server (moto's server mode) in a subprocess on loopback,
+with dummy credentials in ``os.environ`` so Ray workers started later inherit them. No
+in-process patching of boto3 or pyarrow: the code under test talks HTTP to a server.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from schemas.config import StorageConfig
+
+S3_REGION = "us-east-1"
+# Dummy values, distinctive so tests can assert they never show up in messages.
+S3_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "raygen-test-access-key",
+    "AWS_SECRET_ACCESS_KEY": "raygen-test-secret-key",
+    "AWS_DEFAULT_REGION": S3_REGION,
+    # No IMDS probing: off EC2 it only costs seconds before failing.
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+# Would override or confuse the dummy credentials if a developer has them set.
+S3_UNSET_ENV = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_until_answering(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"moto server exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except urllib.error.HTTPError:
+            return  # any HTTP answer means it is serving
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"moto server at {url} did not answer within 30 s:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Endpoint URL (``http://127.0.0.1:<port>``) of a moto S3 server for the whole session.
+
+    Sets dummy AWS credentials and region in ``os.environ`` (restored at the end) so that
+    this process and any subprocess started meanwhile (Ray workers) find them.
+    """
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("moto") / "server.log"
+    saved = {key: os.environ.get(key) for key in (*S3_TEST_ENV, *S3_UNSET_ENV)}
+    os.environ.update(S3_TEST_ENV)
+    for key in S3_UNSET_ENV:
+        os.environ.pop(key, None)
+    with log.open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        _wait_until_answering(endpoint, process, log)
+        yield endpoint
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def s3_client(s3_server: str) -> Any:
+    """A plain boto3 S3 client for the test server, to set up and inspect objects."""
+    return boto3.client("s3", endpoint_url=s3_server, region_name=S3_REGION)
+
+
+@pytest.fixture
+def s3_bucket(s3_client: Any) -> str:
+    """``s3://<bucket>`` of a fresh, empty bucket on the test server."""
+    name = f"test-{uuid.uuid4().hex[:20]}"
+    s3_client.create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+@pytest.fixture
+def storage_config(s3_server: str, tmp_path: Path) -> StorageConfig:
+    """A StorageConfig for the test server, with the bundle cache in this test's tmp_path."""
+    return StorageConfig(
+        endpoint_url=s3_server,
+        region=S3_REGION,
+        connect_timeout_s=2.0,
+        read_timeout_s=30.0,
+        cache_dir=str(tmp_path / "cache"),
+    )
