@@ -1,0 +1,511 @@
+"""Tiny bundles of the real model classes, built offline with seeded random weights.
+
+Each bundle is the folder `save_pretrained` writes (safetensors only), so plain diffusers and
+transformers load it with `from_pretrained(dir)`, exactly like a published checkpoint of the
+same family. Weights are random: a bundle exercises every code path (shapes, configs,
+tokenizers, schedulers) at a size that builds in about a second and runs on a CPU.
+
+Tokenizers are built from `CAPTION_WORDS` without any download: a byte-level BPE (CLIP), a
+Unigram (T5 / UMT5) and a WordPiece (BERT, for BLIP), each wrapped in the transformers class
+the real checkpoint uses.
+"""
+
+from __future__ import annotations
+
+import string
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from functools import cache
+from itertools import pairwise
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderKLWan,
+    DDIMScheduler,
+    DDPMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionUpscalePipeline,
+    UNet2DConditionModel,
+    UniPCMultistepScheduler,
+    WanPipeline,
+    WanTransformer3DModel,
+)
+from tokenizers import pre_tokenizers
+from transformers import (
+    BertTokenizer,
+    BlipConfig,
+    BlipForConditionalGeneration,
+    BlipImageProcessor,
+    BlipProcessor,
+    BlipTextConfig,
+    BlipVisionConfig,
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+    UMT5Config,
+    UMT5EncoderModel,
+)
+
+TINY_BUNDLES: tuple[str, ...] = ("t2i", "refiner", "upscaler", "t2v", "captioner", "scorer")
+
+# Lowercase ASCII only: byte-level BPE then sees each letter as itself, and every tokenizer
+# below learns whole-word tokens for common caption words (anything else splits into pieces).
+CAPTION_WORDS: tuple[str, ...] = tuple(
+    dict.fromkeys(
+        """
+        a an the of and with on in at by to from for near under over behind beside into through
+        is are two three four five six many some small large big tiny huge tall short long old
+        young new red orange yellow green blue purple pink brown black white gray grey golden
+        silver dark bright light colorful pale vivid soft warm cold wet dry sunny cloudy rainy
+        snowy foggy misty night day morning evening sunset sunrise dawn dusk summer winter autumn
+        spring photo photograph picture image painting drawing sketch illustration render
+        portrait landscape closeup close up view aerial wide shot detailed realistic cinematic
+        dramatic beautiful cute happy sad smiling sitting standing walking running flying
+        swimming eating drinking reading playing holding looking wearing riding jumping sleeping
+        lying dancing singing cooking man woman boy girl child children baby people person family
+        friends crowd couple cat cats dog dogs puppy kitten bird birds horse cow sheep fish lion
+        tiger bear elephant monkey squirrel rabbit fox deer duck owl butterfly flower flowers tree
+        trees forest grass leaf leaves garden park field farm mountain mountains hill hills river
+        lake ocean sea beach sand wave waves water sky cloud clouds sun moon star stars rain snow
+        ice fire smoke rock rocks stone desert island city town village street road bridge
+        building buildings house home room kitchen table chair bed window door wall floor roof car
+        cars bus train boat ship plane bicycle bike truck food burger pizza cake bread fruit apple
+        banana coffee tea cup plate bowl glass bottle book books phone computer lamp clock mirror
+        hat shirt dress coat shoes jacket glasses bag umbrella ball toy guitar piano art style oil
+        canvas watercolor pencil digital anime cartoon vintage modern futuristic robot castle
+        tower church temple market shop restaurant cafe lights neon reflection shadow background
+        foreground center top bottom left right side front back against together alone empty full
+        """.split()
+    )
+)
+
+
+def build_tiny_bundles(
+    out_dir: str | Path, names: Iterable[str] = TINY_BUNDLES, seed: int = 0
+) -> dict[str, Path]:
+    """Write each named tiny bundle to `out_dir/<name>` and return their folders.
+
+    A bundle is built in a staging folder next to its destination and then renamed into
+    place, so a reader never sees a half-written bundle and an existing one is replaced.
+    The same `seed` gives byte-identical files.
+    """
+    names = tuple(names)
+    unknown = [name for name in names if name not in _BUILDERS]
+    if unknown:
+        raise ValueError(f"unknown tiny bundle name(s) {unknown}; known: {list(TINY_BUNDLES)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bundles: dict[str, Path] = {}
+    for name in names:
+        bundle_dir = out_dir / name
+        with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=out_dir) as staging:
+            staged = Path(staging) / name
+            _BUILDERS[name](staged, seed)
+            if bundle_dir.exists():
+                # Move the old bundle into staging so the context manager deletes it.
+                bundle_dir.rename(Path(staging) / "replaced")
+            staged.rename(bundle_dir)
+        bundles[name] = bundle_dir
+    return bundles
+
+
+# ---------------------------------------------------------------------------------------
+# Bundles
+# ---------------------------------------------------------------------------------------
+
+
+def _build_t2i(out: Path, seed: int) -> None:
+    _sd3_pipeline(seed, transformer_seed=seed).save_pretrained(out, safe_serialization=True)
+
+
+def _build_refiner(out: Path, seed: int) -> None:
+    # Same text encoders and VAE as `t2i` (one shared text-encoder stage, one latent space
+    # for the handoff); only the transformer's weights differ (seeded like t2i's at seed + 1).
+    _sd3_pipeline(seed, transformer_seed=seed + 1).save_pretrained(out, safe_serialization=True)
+
+
+def _build_upscaler(out: Path, seed: int) -> None:
+    tokenizer = _clip_tokenizer()
+    with _seeded(seed):
+        text_encoder = CLIPTextModel(
+            _clip_text_config(tokenizer, hidden_size=32, hidden_act="gelu")
+        )
+    with _seeded(seed):
+        # x4 upscaler layout at toy width: the low-res RGB image is concatenated to the 4 latent
+        # channels (in_channels=7) and the noise level enters as a class label (1000 classes,
+        # as in stabilityai/stable-diffusion-x4-upscaler). Two levels keep one cross-attention
+        # block; groups of 8 divide both widths.
+        unet = UNet2DConditionModel(
+            sample_size=16,
+            in_channels=7,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            norm_num_groups=8,
+            cross_attention_dim=text_encoder.config.hidden_size,
+            attention_head_dim=8,
+            use_linear_projection=True,
+            num_class_embeds=1000,
+        )
+    with _seeded(seed):
+        # Three levels give the family's 4x latent downscale; 0.08333 is its scaling factor.
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            block_out_channels=(8, 16, 16),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=64,
+            scaling_factor=0.08333,
+        )
+    # Schedulers as the x4 upscaler ships them: v-prediction DDIM for denoising, DDPM to noise
+    # the low-res conditioning image.
+    noise_schedule = {"beta_schedule": "scaled_linear", "beta_start": 0.0001, "beta_end": 0.02}
+    pipeline = StableDiffusionUpscalePipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        low_res_scheduler=DDPMScheduler(**noise_schedule, clip_sample=False),
+        scheduler=DDIMScheduler(
+            **noise_schedule,
+            prediction_type="v_prediction",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        ),
+        max_noise_level=350,
+    )
+    pipeline.save_pretrained(out, safe_serialization=True)
+
+
+def _build_t2v(out: Path, seed: int) -> None:
+    tokenizer = _t5_tokenizer(model_max_length=512)
+    with _seeded(seed):
+        # UMT5 like Wan's umt5-xxl encoder, at d_model 32 instead of 4096.
+        text_encoder = UMT5EncoderModel(
+            UMT5Config(
+                vocab_size=len(tokenizer),
+                d_model=32,
+                d_kv=8,
+                num_heads=4,
+                d_ff=64,
+                num_layers=2,
+                feed_forward_proj="gated-gelu",
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        )
+    with _seeded(seed):
+        # Wan 2.1 layout: (1, 2, 2) spacetime patches over 16 latent channels. A head dim of 12
+        # splits evenly into the 3D RoPE's time/height/width parts (4 each).
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=2,
+            attention_head_dim=12,
+            in_channels=16,
+            out_channels=16,
+            text_dim=text_encoder.config.d_model,
+            freq_dim=256,
+            ffn_dim=32,
+            num_layers=2,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            eps=1e-6,
+            rope_max_seq_len=32,
+        )
+    with _seeded(seed):
+        # Wan's causal video VAE with the real 8x spatial / 4x temporal downscale (three
+        # downsamples, the last two temporal) and its latents_mean/std defaults; width 8.
+        vae = AutoencoderKLWan(
+            base_dim=8,
+            z_dim=16,
+            dim_mult=[1, 1, 1, 1],
+            num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+        )
+    # The scheduler Wan 2.1 ships: UniPC on flow-matching sigmas, shift 3.0 (its 480p value).
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
+    )
+    pipeline = WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        scheduler=scheduler,
+        transformer=transformer,
+    )
+    pipeline.save_pretrained(out, safe_serialization=True)
+
+
+def _build_captioner(out: Path, seed: int) -> None:
+    tokenizer = _bert_tokenizer()
+    # Vision: 32x32 images in 8x8 patches, 16 tokens for the decoder to cross-attend.
+    vision_config = BlipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+    )
+    # BLIP's decoder starts from [DEC] and stops at [SEP], as Salesforce/blip-* do.
+    text_config = BlipTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        encoder_hidden_size=vision_config.hidden_size,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        sep_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with _seeded(seed):
+        model = BlipForConditionalGeneration(
+            BlipConfig(
+                vision_config=vision_config.to_dict(),
+                text_config=text_config.to_dict(),
+                projection_dim=32,
+                image_text_hidden_size=32,
+            )
+        )
+    processor = BlipProcessor(
+        image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
+        tokenizer=tokenizer,
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+
+
+def _build_scorer(out: Path, seed: int) -> None:
+    tokenizer = _clip_tokenizer()
+    text_config = _clip_text_config(tokenizer, hidden_size=32, hidden_act="quick_gelu")
+    # 32x32 images in 8x8 patches: 16 patch tokens plus the class token.
+    vision_config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        hidden_act="quick_gelu",
+    )
+    with _seeded(seed):
+        model = CLIPModel(
+            CLIPConfig(
+                text_config=text_config.to_dict(),
+                vision_config=vision_config.to_dict(),
+                projection_dim=32,
+            )
+        )
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        ),
+        tokenizer=tokenizer,
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+
+
+_BUILDERS: dict[str, Callable[[Path, int], None]] = {
+    "t2i": _build_t2i,
+    "refiner": _build_refiner,
+    "upscaler": _build_upscaler,
+    "t2v": _build_t2v,
+    "captioner": _build_captioner,
+    "scorer": _build_scorer,
+}
+assert set(_BUILDERS) == set(TINY_BUNDLES)
+
+
+# ---------------------------------------------------------------------------------------
+# Shared parts
+# ---------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed weight init without changing the caller's global RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _sd3_pipeline(seed: int, transformer_seed: int) -> StableDiffusion3Pipeline:
+    clip_tokenizer = _clip_tokenizer()
+    t5_tokenizer = _t5_tokenizer(model_max_length=512)
+    # Two CLIP encoders of different widths (like SD3's CLIP-L 768 and CLIP-G 1280) so code
+    # that mixes them up fails on shapes.
+    with _seeded(seed):
+        text_encoder = CLIPTextModelWithProjection(
+            _clip_text_config(clip_tokenizer, hidden_size=32, hidden_act="quick_gelu")
+        )
+    with _seeded(seed):
+        text_encoder_2 = CLIPTextModelWithProjection(
+            _clip_text_config(clip_tokenizer, hidden_size=48, hidden_act="gelu")
+        )
+    clip_width = text_encoder.config.hidden_size + text_encoder_2.config.hidden_size  # 80
+    with _seeded(seed):
+        # T5 v1.1 style (gated-gelu). d_model 96 exceeds the 80 concatenated CLIP channels, so
+        # the pipeline's zero-padding of CLIP embeddings to the joint width is exercised.
+        text_encoder_3 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(t5_tokenizer),
+                d_model=96,
+                d_kv=16,
+                num_heads=4,
+                d_ff=128,
+                num_layers=2,
+                feed_forward_proj="gated-gelu",
+                pad_token_id=t5_tokenizer.pad_token_id,
+                eos_token_id=t5_tokenizer.eos_token_id,
+            )
+        )
+    with _seeded(transformer_seed):
+        # MMDiT with SD3's patch size 2 over 16 latent channels. sample_size 4 (latent) makes
+        # the default output 32x32 px; pos_embed_max_size 32 allows latents up to 64x64.
+        transformer = SD3Transformer2DModel(
+            sample_size=4,
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            caption_projection_dim=32,
+            joint_attention_dim=text_encoder_3.config.d_model,
+            pooled_projection_dim=clip_width,
+            pos_embed_max_size=32,
+        )
+    with _seeded(seed):
+        # SD3's VAE: four levels (8x downscale), 16 latent channels, no quant convs, and its
+        # scaling/shift factors; widths 8..32 with groups of 8.
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 16, 32, 32),
+            layers_per_block=1,
+            latent_channels=16,
+            norm_num_groups=8,
+            sample_size=32,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            scaling_factor=1.5305,
+            shift_factor=0.0609,
+        )
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=clip_tokenizer,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=t5_tokenizer,
+    )
+
+
+def _clip_text_config(
+    tokenizer: CLIPTokenizer, hidden_size: int, hidden_act: str
+) -> CLIPTextConfig:
+    # Two layers because SD3 reads the penultimate hidden state; the real eos id (not the
+    # legacy 2) makes CLIP pool at the first end-of-text token.
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        projection_dim=hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        hidden_act=hidden_act,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _clip_tokenizer() -> CLIPTokenizer:
+    """CLIP's byte-level BPE: vocab laid out as CLIP's (bytes, bytes + "</w>", merges, specials)."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    merges = _bpe_merges()
+    tokens = alphabet + [symbol + "</w>" for symbol in alphabet] + [a + b for a, b in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
+    # 77 positions, as every CLIP text encoder the pipelines pad to.
+    return CLIPTokenizer(vocab=vocab, merges=list(merges), model_max_length=77)
+
+
+@cache
+def _bpe_merges() -> tuple[tuple[str, str], ...]:
+    """Learn BPE merges on `CAPTION_WORDS` until every word is one token.
+
+    Hand-rolled rather than `tokenizers.trainers.BpeTrainer`, whose tie-breaking between
+    equally frequent pairs changes from process to process; here ties go to the smallest pair.
+    """
+    words = [[*word[:-1], word[-1] + "</w>"] for word in CAPTION_WORDS]
+    merges = []
+    while pair_counts := Counter(pair for word in words for pair in pairwise(word)):
+        best = min(pair_counts, key=lambda pair: (-pair_counts[pair], pair))
+        merges.append(best)
+        words = [_merge_pair(word, best) for word in words]
+    return tuple(merges)
+
+
+def _merge_pair(symbols: list[str], pair: tuple[str, str]) -> list[str]:
+    merged: list[str] = []
+    for symbol in symbols:
+        if merged and (merged[-1], symbol) == pair:
+            merged[-1] += symbol
+        else:
+            merged.append(symbol)
+    return merged
+
+
+def _t5_tokenizer(model_max_length: int) -> T5Tokenizer:
+    """A SentencePiece-style Unigram vocab: whole caption words, then single characters.
+
+    Scores favour one word piece over spelling a word out; characters outside the vocab map
+    to <unk>. No sentinel (<extra_id_*>) tokens: only T5's denoising pretraining uses them.
+    """
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -4.0)]
+    pieces += [("▁" + word, -8.0) for word in CAPTION_WORDS]
+    pieces += [(char, -10.0) for char in string.ascii_letters + string.digits + string.punctuation]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+
+
+def _bert_tokenizer() -> BertTokenizer:
+    """BLIP's BERT WordPiece: specials, characters (word-initial and ##continuation), words,
+    and BLIP's [DEC] decoder-start token."""
+    chars = string.ascii_lowercase + string.digits + string.punctuation
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokens += [*chars, *("##" + char for char in chars), *CAPTION_WORDS, "[DEC]"]
+    vocab = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
+    return BertTokenizer(vocab=vocab, bos_token="[DEC]", model_max_length=64)
