@@ -202,9 +202,10 @@ def _run_submit(args: argparse.Namespace) -> int:
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not argv:
         raise RaygenError("name the raygen command to run, e.g. `raygen submit -- prep ...`")
-    from cluster.jobs import submit
+    from cluster.jobs import project_requirements, submit
 
-    return submit(argv, address=args.address, wait=args.wait, pip=args.pip)
+    pip = project_requirements() if args.pip else None
+    return submit(argv, address=args.address, wait=args.wait, pip=pip)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -235,9 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 1
         return HANDLERS[args.command](args)
-    except RaygenError as err:
-        # User mistakes (bad config, bad bundle, bad storage URI) are one readable message,
-        # not a traceback; every such error names what was wrong and where.
+    except (RaygenError, ConnectionError) as err:
+        # User mistakes (bad config, bad bundle, bad storage URI, an address nothing answers
+        # at) are one readable message, not a traceback; each names what was wrong and where.
         print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
         return 2
 

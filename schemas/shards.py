@@ -8,7 +8,7 @@ every shard file holds one aspect-ratio bucket.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import pyarrow as pa
@@ -71,7 +71,7 @@ class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     schema_version: int = SHARD_SCHEMA_VERSION
-    created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     bundle_uri: str
     bundle_digest: str | None = Field(default=None, description="content digest of the bundle")
     config: dict[str, Any] = Field(description="the PrepConfig the run used, as JSON")
