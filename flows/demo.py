@@ -28,6 +28,7 @@ def generate_sample(bundle_uri: str, prompt: str, seed: int, out_path: str) -> t
     from diffusers import StableDiffusion3Pipeline
 
     pipe = load_pipeline(ModelRef(uri=bundle_uri), None, StableDiffusion3Pipeline)
+    pipe.set_progress_bar_config(disable=True)  # one image: the demo's own lines say enough
     image = pipe(
         prompt,
         num_inference_steps=4,
