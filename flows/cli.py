@@ -28,7 +28,7 @@ examples:
   raygen demo                                  build tiny bundles + a sample corpus, generate
   raygen models tiny --out ./raygen-data/bundles
   raygen prep --input s3://corpus/raw --output s3://corpus/shards --bundle s3://models/sd3
-  raygen prep --config configs/prep.yaml --set batch_size=32
+  raygen prep --config configs/prep.yaml --set caption.resources.concurrency=2
   raygen submit --address http://head:8265 -- prep --config configs/prep.yaml
 
 Commands run on a local Ray started in-process unless --address or $RAY_ADDRESS names a cluster.

@@ -81,16 +81,105 @@ def _bundle(name: str) -> ModelRef:
     return ModelRef(uri=f"{DEFAULT_DATA_ROOT}/bundles/{name}")
 
 
+class StageResources(Config):
+    """How one prep stage runs on Ray Data: its pool size, batch size and per-actor resources.
+
+    A laptop and a 100-GPU cluster differ only here.
+    """
+
+    concurrency: int = Field(default=1, ge=1, description="actors in the stage's pool")
+    batch_size: int = Field(default=8, ge=1, description="rows per call")
+    num_cpus: float = Field(default=1.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+
+
+class DecodeConfig(Config):
+    """Decoding and validating images and videos; what fails here is quarantined."""
+
+    min_side: int = Field(default=16, ge=1, description="shorter side below this: quarantined")
+    max_pixels: int = Field(
+        default=89_478_485, ge=1, description="larger images are decompression bombs (PIL's limit)"
+    )
+    max_bytes: int = Field(default=2**30, ge=1, description="larger files are quarantined")
+    video_fps: float = Field(default=8.0, gt=0, description="frames are sampled at this rate")
+    video_num_frames: int = Field(
+        default=9, ge=1, description="frames per clip; the Wan VAE takes 4k+1"
+    )
+    video_max_clips: int = Field(default=4, ge=1, description="clips kept per video")
+    shot_threshold: float = Field(
+        default=0.35, gt=0, le=1, description="mean abs frame difference that starts a new shot"
+    )
+    resources: StageResources = Field(default_factory=StageResources)
+
+    @field_validator("video_num_frames")
+    @classmethod
+    def _wan_frames(cls, value: int) -> int:
+        if (value - 1) % 4:
+            raise ValueError(f"{value} frames: the Wan VAE needs 4k+1 frames (5, 9, 13, 17, ...)")
+        return value
+
+
+class BucketConfig(Config):
+    """SDXL-style aspect-ratio buckets: about ``resolution**2`` pixels, sides a multiple of
+    ``step`` (the VAE's downscale times the transformer's patch size)."""
+
+    resolution: int = Field(default=64, ge=8)
+    step: int = Field(default=16, ge=1)
+    max_aspect: float = Field(default=2.0, ge=1.0, description="widest and tallest bucket")
+
+
+class FilterConfig(Config):
+    """Optional filters: rows below a threshold are counted and written to the filtered table."""
+
+    min_resolution: int = Field(default=0, ge=0, description="shorter side in pixels; 0: off")
+    scorer: ModelRef | None = Field(default_factory=lambda: _bundle("scorer"))
+    min_clip_score: float | None = Field(default=None, description="None: score, don't filter")
+    aesthetic: ModelRef | None = Field(default=None, description="image-classification bundle")
+    min_aesthetic_score: float | None = None
+    nsfw: ModelRef | None = Field(default=None, description="image-classification bundle")
+    max_nsfw_score: float | None = None
+    resources: StageResources = Field(default_factory=StageResources)
+
+
+class CaptionConfig(Config):
+    """Recaptioning with a vision-language model; ``model: null`` keeps original captions only."""
+
+    model: ModelRef | None = Field(default_factory=lambda: _bundle("captioner"))
+    prompt: str | None = Field(default=None, description="text prefix for conditional captioning")
+    max_new_tokens: int = Field(default=30, ge=1)
+    resources: StageResources = Field(default_factory=StageResources)
+
+
+class EncodeConfig(Config):
+    """Text and pixel encoding with the bundle's own encoders and VAE."""
+
+    text: Literal["embeddings", "tokens"] = "embeddings"
+    max_sequence_length: int = Field(default=77, ge=1, description="T5 tokens per caption")
+    latent_std: bool = Field(default=False, description="also store the latent distribution's std")
+    resources: StageResources = Field(default_factory=StageResources)
+
+
 class PrepConfig(Config):
     """`raygen prep`: a raw corpus in, training shards and a manifest out."""
 
-    input: str = Field(default=f"{DEFAULT_DATA_ROOT}/corpus", description="corpus folder or listing")
+    input: str = Field(
+        default=f"{DEFAULT_DATA_ROOT}/corpus",
+        description="folder or s3:// prefix of media (+ .txt sidecars, WebDataset .tar), "
+        "or a .parquet / .jsonl listing with `uri` and optional `caption` columns",
+    )
     output: str = Field(default=f"{DEFAULT_DATA_ROOT}/shards")
-    bundle: ModelRef = Field(default_factory=lambda: _bundle("t2i"))
-    captioner: ModelRef | None = Field(default_factory=lambda: _bundle("captioner"))
-    scorer: ModelRef | None = Field(default_factory=lambda: _bundle("scorer"))
-    resolution: int = Field(default=64, ge=8, description="target area is resolution**2 per bucket")
-    batch_size: int = Field(default=8, ge=1)
+    bundle: ModelRef = Field(
+        default_factory=lambda: _bundle("t2i"), description="images: its VAE and text encoders"
+    )
+    video_bundle: ModelRef | None = Field(
+        default_factory=lambda: _bundle("t2v"), description="videos: its VAE and text encoder"
+    )
+    decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    buckets: BucketConfig = Field(default_factory=BucketConfig)
+    filters: FilterConfig = Field(default_factory=FilterConfig)
+    caption: CaptionConfig = Field(default_factory=CaptionConfig)
+    encode: EncodeConfig = Field(default_factory=EncodeConfig)
+    rows_per_file: int = Field(default=256, ge=1, description="rows per shard file, at most")
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 

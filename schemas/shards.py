@@ -19,6 +19,9 @@ SHARD_SCHEMA_VERSION = 1
 MediaKind = Literal["image", "video"]
 
 
+CAPTION_KINDS = ("original", "synthetic")
+
+
 def shard_schema(
     latent_shape: tuple[int, ...],
     prompt_embeds_shape: tuple[int, ...] | None,
@@ -30,7 +33,10 @@ def shard_schema(
 
     latent_shape: (C, h, w) for images, (C, f, h, w) for video.
     prompt_embeds_shape: (L, D) sequence embeddings, or None when shards store tokens only.
-    pooled_embeds_shape: (D,) pooled embeddings, or None.
+    pooled_embeds_shape: (D,) pooled embeddings (SD3's CLIP), or None (Wan has none).
+
+    Both captions are encoded (``*_original`` and ``*_synthetic``, null where a caption is
+    missing): which one training uses is a training choice, made without re-encoding.
     """
     fields = [
         pa.field("sample_id", pa.string(), nullable=False),
@@ -47,17 +53,16 @@ def shard_schema(
     ]
     if with_latent_std:
         fields.append(pa.field("latent_std", pa.fixed_shape_tensor(pa.float32(), latent_shape)))
-    if prompt_embeds_shape is not None:
-        fields.append(
-            pa.field("prompt_embeds", pa.fixed_shape_tensor(pa.float32(), prompt_embeds_shape))
-        )
-    if pooled_embeds_shape is not None:
-        fields.append(
-            pa.field("pooled_prompt_embeds", pa.fixed_shape_tensor(pa.float32(), pooled_embeds_shape))
-        )
+    for kind in CAPTION_KINDS:
+        if prompt_embeds_shape is not None:
+            embeds = pa.fixed_shape_tensor(pa.float32(), prompt_embeds_shape)
+            fields.append(pa.field(f"prompt_embeds_{kind}", embeds))
+        if pooled_embeds_shape is not None:
+            pooled = pa.fixed_shape_tensor(pa.float32(), pooled_embeds_shape)
+            fields.append(pa.field(f"pooled_prompt_embeds_{kind}", pooled))
+        # Token ids per text encoder ("clip_l", "clip_g", "t5"): what tokens-only shards keep.
+        fields.append(pa.field(f"input_ids_{kind}", pa.map_(pa.string(), pa.list_(pa.int32()))))
     fields += [
-        # Token ids per text encoder ("clip_l", "clip_g", "t5"), for shards that skip embeddings.
-        pa.field("input_ids", pa.map_(pa.string(), pa.list_(pa.int32()))),
         pa.field("clip_score", pa.float32()),
         pa.field("aesthetic_score", pa.float32()),
         pa.field("nsfw_score", pa.float32()),

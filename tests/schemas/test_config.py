@@ -34,7 +34,7 @@ def test_example_configs_load(path: Path):
 
 
 def test_dump_then_load_is_identity(tmp_path: Path):
-    config = load_config(PrepConfig, overrides=["batch_size=3", "storage.region=eu-west-1"])
+    config = load_config(PrepConfig, overrides=["rows_per_file=3", "storage.region=eu-west-1"])
     path = tmp_path / "prep.yaml"
     path.write_text(dump_config(config))
     assert load_config(PrepConfig, path) == config
@@ -79,15 +79,15 @@ def test_override_values_are_yaml_scalars():
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("batch_size=0", "'batch_size'"),
+        ("caption.resources.batch_size=0", "'caption.resources.batch_size'"),
         ("bundle.dtype=int8", "'bundle.dtype'"),
-        ("batch_size", "expected key.path=value"),
-        ("batch_size.x=1", "not a section"),
+        ("rows_per_file", "expected key.path=value"),
+        ("rows_per_file.x=1", "not a section"),
     ],
 )
 def test_bad_overrides_name_the_field(override: str, message: str):
     with pytest.raises(ConfigError, match=message):
-        load_config(PrepConfig, overrides=["batch_size=2", override])
+        load_config(PrepConfig, overrides=["rows_per_file=2", override])
 
 
 def test_missing_and_malformed_files(tmp_path: Path):

@@ -22,9 +22,12 @@ def _rows(num_rows: int, latent_shape, embeds_shape, pooled_shape) -> pa.Table:
         "caption_original": ["a cat"] * num_rows,
         "caption_synthetic": [None] * num_rows,
         "latent_mean": pa.FixedShapeTensorArray.from_numpy_ndarray(latents),
-        "prompt_embeds": pa.FixedShapeTensorArray.from_numpy_ndarray(embeds),
-        "pooled_prompt_embeds": pa.FixedShapeTensorArray.from_numpy_ndarray(pooled),
-        "input_ids": [[("t5", [1, 2, 3])]] * num_rows,
+        "prompt_embeds_original": pa.FixedShapeTensorArray.from_numpy_ndarray(embeds),
+        "pooled_prompt_embeds_original": pa.FixedShapeTensorArray.from_numpy_ndarray(pooled),
+        "input_ids_original": [[("t5", [1, 2, 3])]] * num_rows,
+        "prompt_embeds_synthetic": [None] * num_rows,
+        "pooled_prompt_embeds_synthetic": [None] * num_rows,
+        "input_ids_synthetic": [None] * num_rows,
         "clip_score": [0.3] * num_rows,
         "aesthetic_score": [None] * num_rows,
         "nsfw_score": [None] * num_rows,
@@ -45,7 +48,8 @@ def test_shard_round_trips_through_plain_parquet(tmp_path):
 
 def test_optional_columns_follow_the_arguments():
     tokens_only = shard_schema((16, 1, 8, 8), None, None, with_latent_std=True)
-    assert "prompt_embeds" not in tokens_only.names
+    assert "prompt_embeds_original" not in tokens_only.names
+    assert "input_ids_synthetic" in tokens_only.names
     assert "latent_std" in tokens_only.names
     assert tokens_only.field("latent_mean").type.shape == [16, 1, 8, 8]
 
