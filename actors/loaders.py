@@ -46,3 +46,22 @@ def load_model(
     path = resolve_bundle(ref.uri, Storage(storage))
     model = model_cls.from_pretrained(path, dtype=torch_dtype(ref), **kwargs)
     return model.to(ref.device).eval()
+
+
+def load_processor(
+    ref: ModelRef, processor_cls: type[P], storage: StorageConfig | None = None, **kwargs: Any
+) -> P:
+    """The processor (tokenizer, image processor) saved in a transformers bundle folder.
+
+    Processors hold no weights, so ``ref.device`` and ``ref.dtype`` do not apply.
+    """
+    path = resolve_bundle(ref.uri, Storage(storage))
+    return processor_cls.from_pretrained(path, **kwargs)
+
+
+def load_component_config(
+    ref: ModelRef, component_cls: Any, storage: StorageConfig | None = None, subfolder: str = ""
+) -> dict[str, Any]:
+    """A diffusers component's config (``vae/config.json``) as a dict, without its weights."""
+    path = resolve_bundle(ref.uri, Storage(storage))
+    return dict(component_cls.load_config(path, subfolder=subfolder or None))

@@ -37,7 +37,6 @@ Commands run on a local Ray started in-process unless --address or $RAY_ADDRESS 
 # Flows that later issues build. Their subcommands already parse and validate a config so
 # that scripts and manifests can be written against the final interface today.
 PENDING_FLOWS = {
-    "prep": "data prep (issue 3)",
     "train": "training (issue 4)",
     "distill": "distillation (issue 4)",
     "serve": "the serving graph (issue 5)",
@@ -198,6 +197,13 @@ def _run_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_prep(config: PrepConfig) -> int:
+    from flows.prep import run_prep
+
+    run_prep(config)
+    return 0
+
+
 def _run_submit(args: argparse.Namespace) -> int:
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not argv:
@@ -215,6 +221,9 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# Flows that take their typed config.
+FLOW_HANDLERS: dict[str, Callable[[Any], int]] = {"prep": _run_prep}
+
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "models": _run_models,
     "submit": _run_submit,
@@ -228,7 +237,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command in FLOW_FLAGS:
             cls, flags = FLOW_FLAGS[args.command]
-            _flow_config(cls, args, flags)
+            config = _flow_config(cls, args, flags)
+            if args.command in FLOW_HANDLERS:
+                return FLOW_HANDLERS[args.command](config)
         if args.command in PENDING_FLOWS:
             print(
                 f"{PROG} {args.command}: {PENDING_FLOWS[args.command]} is not built yet",

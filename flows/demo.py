@@ -1,8 +1,8 @@
 """`raygen demo`: the main job on the embedded defaults, end to end on a laptop.
 
 Local Ray, local storage under one data folder, tiny bundles. It grows with every flow that
-lands: today it builds the bundles and a sample corpus, then generates an image on Ray from
-the tiny SD3 bundle with plain diffusers.
+lands: today it builds the bundles and a sample corpus (broken files included), preps the
+corpus into shards on Ray Data, then generates an image on Ray from the tiny SD3 bundle.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import ray
 from actors.loaders import load_pipeline
 from cluster.ray_runtime import init_ray
 from flows.models import build_tiny_bundles
+from flows.prep import run_prep
 from flows.samples import build_sample_corpus
-from schemas.config import ModelRef, RayConfig
+from schemas.config import ModelRef, PrepConfig, RayConfig, load_config
 
 DEMO_PROMPT = "a red circle on a blue background"
 
@@ -44,17 +45,31 @@ def run_demo(data_dir: str | Path) -> None:
     data = Path(data_dir).resolve()
     started = time.perf_counter()
 
-    print(f"[1/3] tiny model bundles -> {data / 'bundles'}")
+    print(f"[1/4] tiny model bundles -> {data / 'bundles'}")
     bundles = build_tiny_bundles(data / "bundles")
     for name, path in bundles.items():
         size_kb = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1024
         print(f"      {name:<10} {size_kb:8.0f} KiB  {path}")
 
-    print(f"[2/3] sample corpus -> {data / 'corpus'}")
+    print(f"[2/4] sample corpus -> {data / 'corpus'}")
     counts = build_sample_corpus(data / "corpus")
     print("      " + ", ".join(f"{count} {kind}" for kind, count in counts.items()))
 
-    print("[3/3] generate on Ray with the t2i bundle (StableDiffusion3Pipeline, 4 steps)")
+    print(f"[3/4] prep the corpus into shards on Ray Data -> {data / 'shards'}")
+    prep = load_config(
+        PrepConfig,
+        values={
+            "input": str(data / "corpus"),
+            "output": str(data / "shards"),
+            "bundle.uri": str(bundles["t2i"]),
+            "video_bundle.uri": str(bundles["t2v"]),
+            "caption.model.uri": str(bundles["captioner"]),
+            "filters.scorer.uri": str(bundles["scorer"]),
+        },
+    )
+    run_prep(prep)
+
+    print("[4/4] generate on Ray with the t2i bundle (StableDiffusion3Pipeline, 4 steps)")
     init_ray(RayConfig())
     out_path = data / "demo" / "sample.png"
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,4 +77,4 @@ def run_demo(data_dir: str | Path) -> None:
     print(f"      {width}x{height} image for {DEMO_PROMPT!r} -> {out_path}")
 
     print(f"done in {time.perf_counter() - started:.1f}s; everything is under {data}")
-    print("next: raygen prep / train / serve land with the next issues (see README)")
+    print("next: raygen train / distill / serve land with the next issues (see README)")

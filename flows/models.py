@@ -59,9 +59,21 @@ from transformers import (
     T5Tokenizer,
     UMT5Config,
     UMT5EncoderModel,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTImageProcessor,
 )
 
-TINY_BUNDLES: tuple[str, ...] = ("t2i", "refiner", "upscaler", "t2v", "captioner", "scorer")
+TINY_BUNDLES: tuple[str, ...] = (
+    "t2i",
+    "refiner",
+    "upscaler",
+    "t2v",
+    "captioner",
+    "scorer",
+    "aesthetic",
+    "nsfw",
+)
 
 # Lowercase ASCII only: byte-level BPE then sees each letter as itself, and every tokenizer
 # below learns whole-word tokens for common caption words (anything else splits into pieces).
@@ -331,6 +343,44 @@ def _build_scorer(out: Path, seed: int) -> None:
     processor.save_pretrained(out)
 
 
+def _build_aesthetic(out: Path, seed: int) -> None:
+    # One regression output, the shape of LAION-style aesthetic predictors: a score per image.
+    _save_image_classifier(
+        out, seed, ViTConfig(**_TINY_VIT, num_labels=1, problem_type="regression")
+    )
+
+
+def _build_nsfw(out: Path, seed: int) -> None:
+    # Labels as Falconsai/nsfw_image_detection names them; filters read the "nsfw" probability.
+    labels = {0: "normal", 1: "nsfw"}
+    config = ViTConfig(
+        **_TINY_VIT,
+        id2label=labels,
+        label2id={label: index for index, label in labels.items()},
+        problem_type="single_label_classification",
+    )
+    _save_image_classifier(out, seed, config)
+
+
+# 32x32 images in 8x8 patches: 16 patch tokens plus the class token, like the scorer's tower.
+_TINY_VIT = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": 32,
+    "patch_size": 8,
+}
+
+
+def _save_image_classifier(out: Path, seed: int, config: ViTConfig) -> None:
+    with _seeded(seed):
+        model = ViTForImageClassification(config)
+    processor = ViTImageProcessor(size={"height": 32, "width": 32})
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+
+
 _BUILDERS: dict[str, Callable[[Path, int], None]] = {
     "t2i": _build_t2i,
     "refiner": _build_refiner,
@@ -338,6 +388,8 @@ _BUILDERS: dict[str, Callable[[Path, int], None]] = {
     "t2v": _build_t2v,
     "captioner": _build_captioner,
     "scorer": _build_scorer,
+    "aesthetic": _build_aesthetic,
+    "nsfw": _build_nsfw,
 }
 assert set(_BUILDERS) == set(TINY_BUNDLES)
 

@@ -89,7 +89,9 @@ class StageResources(Config):
 
     concurrency: int = Field(default=1, ge=1, description="actors in the stage's pool")
     batch_size: int = Field(default=8, ge=1, description="rows per call")
-    num_cpus: float = Field(default=1.0, ge=0)
+    # A quarter CPU each, so every stage's pool (seven actors by default) fits on a 2-core
+    # laptop at once; Ray Data's streaming needs them all alive together.
+    num_cpus: float = Field(default=0.25, ge=0)
     num_gpus: float = Field(default=0.0, ge=0)
 
 
@@ -180,6 +182,7 @@ class PrepConfig(Config):
     caption: CaptionConfig = Field(default_factory=CaptionConfig)
     encode: EncodeConfig = Field(default_factory=EncodeConfig)
     rows_per_file: int = Field(default=256, ge=1, description="rows per shard file, at most")
+    write_concurrency: int = Field(default=1, ge=1, description="parallel shard writers")
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 

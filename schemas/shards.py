@@ -87,7 +87,13 @@ class Manifest(BaseModel):
     quarantine_uri: str | None = None
     shards: list[str] = Field(default_factory=list, description="shard files, relative")
     buckets: dict[str, int] = Field(default_factory=dict, description="bucket -> rows")
-    # VAE latents are stored unscaled; training applies (latent - shift) * scale.
-    vae_scaling_factor: float | None = None
-    vae_shift_factor: float | None = None
-    stage_throughput: dict[str, float] = Field(default_factory=dict, description="stage -> rows/s")
+    # Latents are stored unscaled; training applies the VAE's own factors, recorded here per
+    # media kind ("image": scaling_factor/shift_factor; "video": Wan's latents_mean/std).
+    vae: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    empty_prompt: str | None = Field(
+        default=None, description="safetensors file of the empty prompt's embeddings (CFG dropout)"
+    )
+    wall_seconds: float = 0.0
+    stage_throughput: dict[str, float] = Field(
+        default_factory=dict, description="stage -> rows per second of one actor's busy time"
+    )

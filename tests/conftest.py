@@ -119,3 +119,16 @@ def storage_config(s3_server: str, tmp_path: Path) -> StorageConfig:
         read_timeout_s=30.0,
         cache_dir=str(tmp_path / "cache"),
     )
+
+
+@pytest.fixture(scope="module")
+def ray_local(s3_server: str) -> Iterator[None]:
+    """A real local Ray for one test module (2 CPUs, like the machine).
+
+    Depends on ``s3_server`` so the workers it starts inherit the S3 test environment.
+    """
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()

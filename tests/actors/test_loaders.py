@@ -5,11 +5,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusion3Pipeline
+from diffusers import AutoencoderKL, StableDiffusion3Pipeline
 from PIL import Image
-from transformers import AutoProcessor, BlipForConditionalGeneration
+from transformers import AutoProcessor, BlipForConditionalGeneration, BlipProcessor
 
-from actors.loaders import load_model, load_pipeline
+from actors.loaders import load_component_config, load_model, load_pipeline, load_processor
 from cluster.storage import Storage
 from flows.models import build_tiny_bundles
 from schemas.config import ModelRef
@@ -65,3 +65,13 @@ def test_dtype_and_device_come_from_the_ref(bundles):
     )
     assert pipe.transformer.dtype == torch.bfloat16
     assert pipe.device.type == "cpu"
+
+
+def test_processor_and_component_config_load_without_weights(bundles):
+    processor = load_processor(ModelRef(uri=str(bundles["captioner"])), AutoProcessor)
+    assert isinstance(processor, BlipProcessor)
+
+    config = load_component_config(ModelRef(uri=str(bundles["t2i"])), AutoencoderKL, None, "vae")
+    vae = AutoencoderKL.from_pretrained(bundles["t2i"], subfolder="vae")
+    assert config["scaling_factor"] == vae.config.scaling_factor
+    assert config["latent_channels"] == vae.config.latent_channels

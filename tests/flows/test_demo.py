@@ -1,5 +1,6 @@
 """`raygen demo` end to end, as a new user runs it: a subprocess, a local Ray, one data folder."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,9 @@ def test_demo_builds_bundles_corpus_and_generates_on_ray(tmp_path):
         timeout=240,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "[3/3]" in result.stdout and "done in" in result.stdout
+    assert "[4/4]" in result.stdout and "done in" in result.stdout
+    manifest = json.loads((data / "shards" / "manifest.json").read_text())
+    assert manifest["num_written"] > 0 and manifest["quarantined"]
     assert sorted(p.name for p in (data / "bundles").iterdir()) == sorted(TINY_BUNDLES)
     assert any((data / "corpus").glob("*.mp4")) and any((data / "corpus").glob("photo_*"))
     image = np.asarray(Image.open(data / "demo" / "sample.png"))

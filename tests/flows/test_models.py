@@ -8,11 +8,13 @@ from diffusers import StableDiffusion3Pipeline, StableDiffusionUpscalePipeline, 
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import (
+    AutoModelForImageClassification,
     AutoProcessor,
     AutoTokenizer,
     BlipForConditionalGeneration,
     CLIPModel,
     CLIPProcessor,
+    ViTForImageClassification,
 )
 
 from flows.models import TINY_BUNDLES, build_tiny_bundles
@@ -167,6 +169,27 @@ def test_scorer_scores_images_against_texts(bundles: dict[str, Path]) -> None:
 
     assert logits_per_image.shape == (3, 2)
     assert torch.isfinite(logits_per_image).all()
+
+
+@pytest.mark.parametrize(
+    ("name", "id2label"), [("aesthetic", {0: "LABEL_0"}), ("nsfw", {0: "normal", 1: "nsfw"})]
+)
+def test_image_classifiers_score_images(
+    bundles: dict[str, Path], name: str, id2label: dict[int, str]
+) -> None:
+    processor = AutoProcessor.from_pretrained(bundles[name])
+    model = AutoModelForImageClassification.from_pretrained(bundles[name])
+    assert isinstance(model, ViTForImageClassification)
+    assert model.config.id2label == id2label
+
+    inputs = processor(images=[low_res_image(48), low_res_image(20)], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+
+    assert logits.shape == (2, len(id2label))
+    assert torch.isfinite(logits).all()
+    # The filters rank images by these scores: they must depend on the image.
+    assert not torch.equal(logits[0], logits[1])
 
 
 @pytest.mark.parametrize(

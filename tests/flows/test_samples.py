@@ -1,9 +1,21 @@
 import hashlib
+import json
+import tarfile
 
 import av
+import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
-from flows.samples import PHOTOS, SYNTHETIC_SIZES, build_sample_corpus
+from flows.samples import (
+    PHOTOS,
+    SYNTHETIC_SIZES,
+    WEBDATASET_SAMPLES,
+    build_broken_files,
+    build_sample_corpus,
+    write_listing,
+    write_webdataset_tar,
+)
 
 
 def _digest(folder):
@@ -12,8 +24,17 @@ def _digest(folder):
 
 def test_corpus_has_photos_synthetic_images_and_videos(tmp_path):
     counts = build_sample_corpus(tmp_path, num_videos=1)
-    assert counts == {"photos": len(PHOTOS), "synthetic": len(SYNTHETIC_SIZES), "videos": 1}
-    images = sorted(p for p in tmp_path.iterdir() if p.suffix in {".png", ".jpg"})
+    broken = build_broken_files(tmp_path / "broken")
+    assert counts == {
+        "photos": len(PHOTOS),
+        "synthetic": len(SYNTHETIC_SIZES),
+        "videos": 1,
+        "webdataset": WEBDATASET_SAMPLES,
+        "broken": sum(1 for reason in broken.values() if reason),
+        "unusual": sum(1 for reason in broken.values() if not reason),
+    }
+    images = sorted(p for p in tmp_path.glob("*") if p.name.startswith(("photo_", "synthetic_")))
+    images = [p for p in images if p.suffix in {".png", ".jpg"}]
     assert len(images) == len(PHOTOS) + len(SYNTHETIC_SIZES)
     for path in images:
         with Image.open(path) as image:
@@ -26,6 +47,11 @@ def test_corpus_has_photos_synthetic_images_and_videos(tmp_path):
     assert len(frames) == 17 and frames[0].shape == (48, 64, 3)
     # The square moves: first and last frames differ.
     assert (frames[0] != frames[-1]).any()
+    # The broken and unusual files are in the corpus too, byte for byte.
+    assert all(
+        (tmp_path / name).read_bytes() == (tmp_path / "broken" / name).read_bytes()
+        for name in broken
+    )
 
 
 def test_same_seed_same_corpus(tmp_path):
@@ -34,3 +60,45 @@ def test_same_seed_same_corpus(tmp_path):
     build_sample_corpus(tmp_path / "c", seed=4, num_videos=0)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
     assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
+
+
+def test_broken_files_are_what_their_names_say(tmp_path):
+    expected = build_broken_files(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(expected)
+    assert (tmp_path / "broken_empty.jpg").stat().st_size == 0
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(tmp_path / "broken_bomb.png")
+    modes = {
+        name: Image.open(tmp_path / name).mode for name in expected if name.startswith("unusual")
+    }
+    assert modes == {
+        "unusual_cmyk.jpg": "CMYK",
+        "unusual_16bit.png": "I;16",
+        "unusual_palette_alpha.png": "P",
+        "unusual_rgba.png": "RGBA",
+        "unusual_exif_rotated.jpg": "RGB",
+    }
+    assert Image.open(tmp_path / "unusual_exif_rotated.jpg").getexif()[0x0112] == 6
+
+
+def test_webdataset_tar_has_the_img2dataset_layout(tmp_path):
+    path = tmp_path / "shard.tar"
+    samples = {"000": {"jpg": b"a", "txt": b"a cat", "json": b"{}"}, "001": {"jpg": b"b"}}
+    write_webdataset_tar(path, samples)
+    with tarfile.open(path) as tar:
+        assert tar.getnames() == ["000.jpg", "000.txt", "000.json", "001.jpg"]
+        assert tar.extractfile("000.txt").read() == b"a cat"
+    first = path.read_bytes()
+    write_webdataset_tar(path, samples)
+    assert path.read_bytes() == first
+
+
+def test_listings_in_both_formats(tmp_path):
+    rows = [{"uri": "a.jpg", "caption": "a cat"}, {"uri": "/data/b.png", "caption": None}]
+    write_listing(tmp_path / "list.parquet", rows)
+    write_listing(tmp_path / "list.jsonl", rows)
+    assert pq.read_table(tmp_path / "list.parquet").to_pylist() == rows
+    lines = (tmp_path / "list.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == rows
+    with pytest.raises(ValueError, match="parquet or .jsonl"):
+        write_listing(tmp_path / "list.csv", rows)

@@ -62,7 +62,6 @@ def test_manifest_json_round_trip():
         num_written=7,
         quarantined={"truncated": 2},
         filtered={"clip_score": 1},
-        vae_scaling_factor=1.5305,
-        vae_shift_factor=0.0609,
+        vae={"image": {"scaling_factor": 1.5305, "shift_factor": 0.0609}},
     )
     assert Manifest.model_validate_json(manifest.model_dump_json()) == manifest

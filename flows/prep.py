@@ -1,0 +1,295 @@
+"""`raygen prep`: a raw image/video corpus in, training shards and a manifest out.
+
+One streaming Ray Data pipeline; every stage is an ``actors/`` class with its own resources
+from ``PrepConfig``, so the corpus is never materialised and memory stays bounded:
+
+    list inputs (driver)
+      -> FetchMedia     read bytes; expand WebDataset tars; attach captions
+      -> MediaDecoder   decode, validate (bad input -> quarantine), bucket + crop, video clips
+      -> skip written   resume: drop samples a previous run already wrote
+      -> Filters        min resolution, CLIP score, aesthetic / NSFW hooks
+      -> Captioner      synthetic captions from a vision-language model
+      -> TextEncoder    the bundle's text encoders, both captions
+      -> LatentEncoder  the bundle's VAE (AutoencoderKL for images, Wan VAE for video)
+      -> ShardWriter    parquet by bucket + quarantine / filtered tables, each file atomic
+
+Resume: the written files are the ledger. Inputs whose every row is written are not even
+read again; a partly written input (a video whose clips straddled a crash) is decoded again
+and only its missing rows go on. A re-run therefore ends with exactly one row per valid input.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow.dataset as pads
+import ray
+from safetensors.numpy import save as save_safetensors
+
+from actors.batches import restore_optional_text
+from actors.captioner import Captioner
+from actors.decode import MediaDecoder
+from actors.encoders import LatentEncoder, TextEncoder, empty_prompt_embeddings, vae_factors
+from actors.filters import Filters
+from actors.sources import FetchMedia, list_inputs
+from actors.writer import FILTERED_DIR, QUARANTINE_DIR, SHARDS_DIR, ShardWriter
+from cluster.ray_runtime import init_ray
+from cluster.storage import Storage, is_s3, join
+from schemas.config import ModelRef, PrepConfig, StageResources
+from schemas.errors import RaygenError
+from schemas.shards import Manifest
+
+MANIFEST_NAME = "manifest.json"
+EMPTY_PROMPT_NAME = "empty_prompt.safetensors"
+LEDGER_COLUMNS = ["sample_id", "source_uri", "item_uri", "item_sources", "source_rows"]
+
+
+@dataclass
+class Ledger:
+    """What earlier runs wrote, read back from the output's own files."""
+
+    sample_ids: set[str] = field(default_factory=set)
+    complete_items: set[str] = field(default_factory=set)
+
+
+def _tables(output: str, storage: Storage, folder: str, columns: list[str]) -> Any:
+    """All parquet rows under ``output/folder`` (only ``columns``), or None when empty."""
+    uri = join(output, folder)
+    if not storage.exists(uri):
+        return None
+    fs, path = storage.filesystem(uri)
+    # Hidden names are temp files of writes in flight (or killed): never data.
+    dataset = pads.dataset(path, filesystem=fs, format="parquet", ignore_prefixes=[".", "_"])
+    return dataset.to_table(columns=columns)
+
+
+def read_ledger(output: str, storage: Storage) -> Ledger:
+    """Which samples and which whole inputs are already written under ``output``."""
+    ledger = Ledger()
+    rows_per_source: Counter[str] = Counter()
+    expected_rows: dict[str, int] = {}
+    item_of: dict[str, str] = {}
+    expected_sources: dict[str, int] = {}
+    for folder in (SHARDS_DIR, QUARANTINE_DIR, FILTERED_DIR):
+        table = _tables(output, storage, folder, LEDGER_COLUMNS)
+        if table is None:
+            continue
+        columns = table.to_pydict()
+        ledger.sample_ids.update(columns["sample_id"])
+        for source, item, sources, rows in zip(
+            columns["source_uri"], columns["item_uri"], columns["item_sources"], columns["source_rows"],
+            strict=True,
+        ):
+            rows_per_source[source] += 1
+            expected_rows[source] = rows
+            item_of[source] = item
+            expected_sources[item] = sources
+    complete_sources: Counter[str] = Counter(
+        item_of[source] for source, rows in rows_per_source.items() if rows >= expected_rows[source]
+    )
+    ledger.complete_items = {
+        item for item, count in complete_sources.items() if count >= expected_sources[item]
+    }
+    return ledger
+
+
+class SkipWritten:
+    """Drop rows an earlier run already wrote (the done set comes via the object store)."""
+
+    def __init__(self, done: list[ray.ObjectRef]) -> None:
+        self.done: set[str] = ray.get(done[0])
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        keep = np.array([sample_id not in self.done for sample_id in batch["sample_id"]], dtype=bool)
+        return {name: column[keep] for name, column in batch.items()}
+
+
+def ray_stage(cls: type, stage: str) -> type:
+    """``cls`` as a Ray Data stage: its calls add ``seconds_<stage>`` per row (summed by the
+    writer into the manifest's per-stage throughput) and see missing text as None again."""
+
+    class RayStage(cls):  # type: ignore[misc, valid-type]
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            started = time.perf_counter()
+            out = super().__call__(restore_optional_text(batch))
+            elapsed = time.perf_counter() - started
+            num_rows = len(out["sample_id"])
+            # A stage that splits rows (a video into clips) copies earlier stages' seconds to
+            # every piece: rescale them so each stage's total stays what it measured.
+            for name in batch:
+                if name.startswith("seconds_") and name in out:
+                    before, after = float(np.sum(batch[name])), float(np.sum(out[name]))
+                    if after > 0:
+                        out[name] = np.asarray(out[name], dtype=np.float64) * (before / after)
+            out[f"seconds_{stage}"] = np.full(num_rows, elapsed / max(num_rows, 1))
+            return out
+
+    RayStage.__name__ = RayStage.__qualname__ = cls.__name__
+    return RayStage
+
+
+def _map(ds: ray.data.Dataset, cls: type, stage: str, resources: StageResources, **kwargs: Any):
+    return ds.map_batches(
+        ray_stage(cls, stage),
+        fn_constructor_kwargs=kwargs,
+        batch_format="numpy",
+        batch_size=resources.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=resources.concurrency),
+        num_cpus=resources.num_cpus,
+        num_gpus=resources.num_gpus,
+    )
+
+
+def _model_refs(config: PrepConfig) -> list[ModelRef]:
+    refs = [config.bundle, config.video_bundle, config.caption.model, config.filters.scorer]
+    refs += [config.filters.aesthetic, config.filters.nsfw]
+    return [ref for ref in refs if ref is not None]
+
+
+def preflight(config: PrepConfig, storage: Storage) -> None:
+    """Fail in seconds, naming the field, before any worker starts."""
+    storage.check(config.input)
+    storage.check(config.output)
+    for ref in _model_refs(config):
+        # Only that each bundle is there: workers download and load it themselves, the
+        # driver (often a small head node) never holds the weights.
+        if is_s3(ref.uri):
+            storage.check(ref.uri)
+            if not storage.exists(ref.uri):
+                raise RaygenError(f"bundle {ref.uri}: no files under it")
+        else:
+            from cluster.bundles import validate_bundle
+
+            validate_bundle(ref.uri)
+
+
+@ray.remote
+def _bundle_facts(config: PrepConfig) -> tuple[bytes, dict[str, dict[str, Any]]]:
+    """On a worker (it loads text encoders and reads VAE configs, never on the driver): the
+    empty prompt's embeddings as safetensors and the VAEs' latent factors."""
+    return save_safetensors(empty_prompt_embeddings(config)), vae_factors(config)
+
+
+def run_prep(config: PrepConfig) -> Manifest:
+    started = time.perf_counter()
+    storage = Storage(config.storage)
+    preflight(config, storage)
+
+    # ---- resume: what is already written ------------------------------------------------
+    ledger = read_ledger(config.output, storage)
+    items = list_inputs(config, storage)
+    todo = [item for item in items if item["item_uri"] not in ledger.complete_items]
+    print(
+        f"prep: {len(items)} inputs under {config.input}; "
+        f"{len(items) - len(todo)} already written, {len(todo)} to do"
+    )
+
+    # ---- the pipeline -------------------------------------------------------------------
+    init_ray(config.ray)
+    totals: Counter[str] = Counter()
+    if todo:
+        ds = ray.data.from_items(todo)
+        ds = _map(ds, FetchMedia, "fetch", config.decode.resources, config=config)
+        ds = _map(ds, MediaDecoder, "decode", config.decode.resources, config=config)
+        if ledger.sample_ids:
+            done = [ray.put(ledger.sample_ids)]
+            ds = ds.map_batches(SkipWritten, fn_constructor_kwargs={"done": done},
+                                batch_format="numpy", num_cpus=0.1,
+                                compute=ray.data.ActorPoolStrategy(size=1))
+        ds = _map(ds, Filters, "filter", config.filters.resources, config=config)
+        ds = _map(ds, Captioner, "caption", config.caption.resources, config=config)
+        ds = _map(ds, TextEncoder, "encode_text", config.encode.resources, config=config)
+        ds = _map(ds, LatentEncoder, "encode_latents", config.encode.resources, config=config)
+        ds = ds.map_batches(
+            ShardWriter,
+            fn_constructor_kwargs={"config": config},
+            batch_format="numpy",
+            batch_size=config.rows_per_file,
+            num_cpus=0.25,
+            compute=ray.data.ActorPoolStrategy(size=config.write_concurrency),
+        )
+        for stats in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for name, values in stats.items():
+                totals[name] += float(np.sum(values))
+
+    # ---- manifest -------------------------------------------------------------------------
+    manifest_uri = join(config.output, MANIFEST_NAME)
+    empty_prompt, vae = ray.get(_bundle_facts.remote(config))
+    storage.write_bytes(join(config.output, EMPTY_PROMPT_NAME), empty_prompt)
+    manifest = build_manifest(config, storage, time.perf_counter() - started, totals, vae)
+    storage.write_bytes(manifest_uri, manifest.model_dump_json(indent=2).encode())
+    print(summary(manifest, manifest_uri))
+    return manifest
+
+
+def build_manifest(
+    config: PrepConfig,
+    storage: Storage,
+    wall_seconds: float,
+    totals: Counter[str],
+    vae: dict[str, dict[str, Any]],
+) -> Manifest:
+    """Counts come from every file in the output (all runs), throughput from this run."""
+    shards = _tables(config.output, storage, SHARDS_DIR, ["source_uri", "bucket"])
+    rejects = {
+        folder: _tables(config.output, storage, folder, ["source_uri", "reason"])
+        for folder in (QUARANTINE_DIR, FILTERED_DIR)
+    }
+    sources: set[str] = set()
+    buckets: Counter[str] = Counter()
+    if shards is not None:
+        sources.update(shards.column("source_uri").to_pylist())
+        buckets.update(shards.column("bucket").to_pylist())
+    reasons: dict[str, Counter[str]] = {folder: Counter() for folder in rejects}
+    for folder, table in rejects.items():
+        if table is not None:
+            sources.update(table.column("source_uri").to_pylist())
+            reasons[folder].update(table.column("reason").to_pylist())
+    files = [
+        uri.removeprefix(config.output.rstrip("/") + "/")
+        for uri in storage.list(join(config.output, SHARDS_DIR))
+        if uri.endswith(".parquet") and "/." not in uri
+    ]
+    throughput = {
+        name.removeprefix("seconds_"): totals["rows"] / seconds
+        for name, seconds in totals.items()
+        if name.startswith("seconds_") and seconds > 0
+    }
+    return Manifest(
+        bundle_uri=config.bundle.uri,
+        config=json.loads(config.model_dump_json()),
+        num_inputs=len(sources),
+        num_written=sum(buckets.values()),
+        filtered=dict(reasons[FILTERED_DIR]),
+        quarantined=dict(reasons[QUARANTINE_DIR]),
+        quarantine_uri=join(config.output, QUARANTINE_DIR),
+        shards=sorted(files),
+        buckets=dict(sorted(buckets.items())),
+        vae=vae,
+        empty_prompt=EMPTY_PROMPT_NAME,
+        wall_seconds=wall_seconds,
+        stage_throughput=throughput,
+    )
+
+
+def summary(manifest: Manifest, manifest_uri: str) -> str:
+    out = io.StringIO()
+    out.write(f"prep: {manifest.num_written} rows written from {manifest.num_inputs} inputs "
+              f"in {manifest.wall_seconds:.1f}s\n")
+    for title, counts in (("quarantined", manifest.quarantined), ("filtered", manifest.filtered)):
+        if counts:
+            detail = ", ".join(f"{reason}: {n}" for reason, n in sorted(counts.items()))
+            out.write(f"  {title}: {sum(counts.values())} ({detail})\n")
+    buckets = ", ".join(f"{b}: {n}" for b, n in manifest.buckets.items())
+    out.write(f"  buckets: {buckets or 'none'}\n")
+    if manifest.stage_throughput:
+        rates = ", ".join(f"{s} {r:.1f}/s" for s, r in manifest.stage_throughput.items())
+        out.write(f"  per-actor throughput: {rates}\n")
+    out.write(f"  manifest: {manifest_uri}")
+    return out.getvalue()
