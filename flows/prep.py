@@ -39,6 +39,7 @@ from actors.encoders import LatentEncoder, TextEncoder, empty_prompt_embeddings,
 from actors.filters import Filters
 from actors.sources import FetchMedia, list_inputs
 from actors.writer import FILTERED_DIR, QUARANTINE_DIR, SHARDS_DIR, ShardWriter
+from cluster.bundles import validate_bundle
 from cluster.ray_runtime import init_ray
 from cluster.storage import Storage, is_s3, join
 from schemas.config import ModelRef, PrepConfig, StageResources
@@ -164,8 +165,6 @@ def preflight(config: PrepConfig, storage: Storage) -> None:
             if not storage.exists(ref.uri):
                 raise RaygenError(f"bundle {ref.uri}: no files under it")
         else:
-            from cluster.bundles import validate_bundle
-
             validate_bundle(ref.uri)
 
 
