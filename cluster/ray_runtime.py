@@ -33,7 +33,9 @@ def init_ray(config: RayConfig) -> None:
             num_cpus=config.num_cpus,
             num_gpus=config.num_gpus,
             namespace=config.namespace,
-            include_dashboard=False,
+            # The dashboard serves the State API, which Ray Train's controller polls (and
+            # users read progress from); without it Train logs a warning every second.
+            include_dashboard=True,
             logging_level=logging.WARNING,
         )
         return

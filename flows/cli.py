@@ -37,8 +37,6 @@ Commands run on a local Ray started in-process unless --address or $RAY_ADDRESS 
 # Flows that later issues build. Their subcommands already parse and validate a config so
 # that scripts and manifests can be written against the final interface today.
 PENDING_FLOWS = {
-    "train": "training (issue 4)",
-    "distill": "distillation (issue 4)",
     "serve": "the serving graph (issue 5)",
     "generate": "the generation client (issue 5)",
 }
@@ -104,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", metavar="URI", help="shards written by `raygen prep`")
     train.add_argument("--output", metavar="URI", help="run folder: checkpoints, metrics, bundle")
     train.add_argument("--bundle", metavar="URI", help="bundle to fine-tune")
-    train.add_argument("--resume", action="store_true", default=None, help="continue the latest checkpoint")
+    train.add_argument(
+        "--resume", action="store_true", default=None, help="continue the latest checkpoint"
+    )
 
     distill = commands.add_parser(
         "distill",
@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--teacher", metavar="URI", help="teacher bundle")
     distill.add_argument("--data", metavar="URI", help="shards written by `raygen prep`")
     distill.add_argument("--output", metavar="URI", help="run folder and student bundle")
+    distill.add_argument(
+        "--resume", action="store_true", default=None, help="continue the latest checkpoint"
+    )
 
     serve = commands.add_parser(
         "serve",
@@ -182,7 +185,10 @@ FLOW_FLAGS: dict[str, tuple[type[Config], dict[str, str]]] = {
         TrainConfig,
         {"data": "data", "output": "output", "bundle": "bundle.uri", "resume": "resume"},
     ),
-    "distill": (DistillConfig, {"teacher": "teacher.uri", "data": "data", "output": "output"}),
+    "distill": (
+        DistillConfig,
+        {"teacher": "teacher.uri", "data": "data", "output": "output", "resume": "resume"},
+    ),
     "serve": (ServeConfig, {"bundle": "bundle.uri"}),
 }
 
@@ -204,6 +210,20 @@ def _run_prep(config: PrepConfig) -> int:
     return 0
 
 
+def _run_train(config: TrainConfig) -> int:
+    from flows.train import run_train
+
+    run_train(config)
+    return 0
+
+
+def _run_distill(config: DistillConfig) -> int:
+    from flows.distill import run_distill
+
+    run_distill(config)
+    return 0
+
+
 def _run_submit(args: argparse.Namespace) -> int:
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not argv:
@@ -222,7 +242,11 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 # Flows that take their typed config.
-FLOW_HANDLERS: dict[str, Callable[[Any], int]] = {"prep": _run_prep}
+FLOW_HANDLERS: dict[str, Callable[[Any], int]] = {
+    "prep": _run_prep,
+    "train": _run_train,
+    "distill": _run_distill,
+}
 
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "models": _run_models,

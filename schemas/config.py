@@ -187,41 +187,84 @@ class PrepConfig(Config):
     ray: RayConfig = Field(default_factory=RayConfig)
 
 
-class TrainConfig(Config):
-    """`raygen train`: shards in, a diffusers bundle out."""
+class OptimizerConfig(Config):
+    """AdamW with linear warmup then cosine decay, and gradient-norm clipping."""
 
-    data: str = Field(default=f"{DEFAULT_DATA_ROOT}/shards")
+    learning_rate: float = Field(default=1e-4, gt=0, description="peak, reached after warmup")
+    weight_decay: float = Field(default=0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(default=2, ge=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="cosine floor / peak")
+    max_grad_norm: float | None = Field(default=1.0, gt=0, description="None: no clipping")
+
+
+class LoopConfig(Config):
+    """What every Ray Train run shares (training and distillation): workers, batching, the
+    optimizer, checkpoints, faults, metrics. One loop in flows/train.py reads it."""
+
+    data: str = Field(default=f"{DEFAULT_DATA_ROOT}/shards", description="`raygen prep` output")
     output: str = Field(default=f"{DEFAULT_DATA_ROOT}/runs/train")
-    bundle: ModelRef = Field(default_factory=lambda: _bundle("t2i"))
     num_workers: int = Field(default=2, ge=1)
     use_gpu: bool = False
-    batch_size: int = Field(default=4, ge=1, description="global batch per step")
-    learning_rate: float = Field(default=1e-4, gt=0)
-    max_steps: int = Field(default=20, ge=1)
+    cpus_per_worker: float = Field(
+        default=0.5,
+        gt=0,
+        description="Ray CPUs per worker (torch threads: rounded up); leave some for the reads",
+    )
+    parallelism: Literal["ddp", "fsdp"] = Field(
+        default="ddp", description="fsdp shards parameters, gradients and optimizer state"
+    )
+    batch_size: int = Field(default=4, ge=1, description="global samples per optimizer step")
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    gradient_checkpointing: bool = False
+    max_steps: int = Field(default=20, ge=1, description="optimizer steps")
+    caption: Literal["original", "synthetic", "mix"] = Field(
+        default="mix", description="which caption's embeddings; mix: synthetic half the time"
+    )
+    shuffle_buffer: int = Field(default=64, ge=0, description="rows in the local shuffle buffer")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    ema_decay: float = Field(default=0.999, ge=0, lt=1)
     checkpoint_every: int = Field(default=10, ge=1)
+    checkpoints_to_keep: int = Field(default=2, ge=1)
+    max_failures: int = Field(default=3, ge=0, description="worker-group restarts per run")
+    log_every: int = Field(default=1, ge=1)
+    sample_every: int = Field(default=0, ge=0, description="steps between sample grids; 0: off")
+    num_samples: int = Field(default=4, ge=1, description="grid size: fixed captions from data")
+    sample_steps: int = Field(default=8, ge=1)
     seed: int = 0
-    resume: bool = False
+    resume: bool = Field(default=False, description="continue from the latest checkpoint")
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
 
-class DistillConfig(Config):
+class TrainConfig(LoopConfig):
+    """`raygen train`: shards in, a diffusers bundle out.
+
+    The bundle gives the model family (SD3 MMDiT for images, Wan for video), the scheduler,
+    VAE and text encoders the output bundle carries; ``init`` says whether its transformer
+    weights are fine-tuned or the transformer is trained from scratch (with
+    ``transformer_config`` overrides of the bundle's transformer config)."""
+
+    bundle: ModelRef = Field(default_factory=lambda: _bundle("t2i"))
+    init: Literal["bundle", "scratch"] = "bundle"
+    transformer_config: dict[str, Any] = Field(
+        default_factory=dict, description="scratch only: overrides of the transformer config"
+    )
+    cfg_dropout: float = Field(default=0.1, ge=0, le=1, description="empty-prompt probability")
+    logit_mean: float = Field(default=0.0, description="logit-normal timestep sampling (SD3)")
+    logit_std: float = Field(default=1.0, gt=0)
+
+
+class DistillConfig(LoopConfig):
     """`raygen distill`: a teacher bundle and shards in, a few-step student bundle out."""
 
-    teacher: ModelRef = Field(default_factory=lambda: _bundle("t2i"))
-    data: str = Field(default=f"{DEFAULT_DATA_ROOT}/shards")
     output: str = Field(default=f"{DEFAULT_DATA_ROOT}/runs/distill")
-    student_steps: int = Field(default=4, ge=1, le=8)
-    num_workers: int = Field(default=2, ge=1)
-    use_gpu: bool = False
-    batch_size: int = Field(default=4, ge=1)
-    learning_rate: float = Field(default=1e-5, gt=0)
-    max_steps: int = Field(default=20, ge=1)
-    checkpoint_every: int = Field(default=10, ge=1)
-    seed: int = 0
-    resume: bool = False
-    storage: StorageConfig = Field(default_factory=StorageConfig)
-    ray: RayConfig = Field(default_factory=RayConfig)
+    teacher: ModelRef = Field(default_factory=lambda: _bundle("t2i"))
+    student_steps: int = Field(default=4, ge=1, le=8, description="the student's sampling steps")
+    guidance_scale: float = Field(default=4.5, ge=1, description="teacher CFG folded into student")
+    num_teacher_steps: int = Field(default=32, ge=2, description="teacher ODE grid")
+    target_ema_decay: float = Field(default=0.95, ge=0, lt=1, description="consistency target")
+    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(learning_rate=1e-5))
 
 
 class ServeConfig(Config):

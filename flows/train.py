@@ -1,0 +1,981 @@
+"""`raygen train`: a diffusion transformer trained on prep shards with Ray Train.
+
+One loop (``train_loop``) serves training and distillation: the objective differs
+(``RectifiedFlow`` here, ``LatentConsistencyDistillation`` in flows/distill.py), the
+machinery is shared: Ray Data shards per worker (one aspect-ratio bucket per batch), DDP or
+FSDP, AdamW + warmup/cosine, clipping, EMA, gradient accumulation, checkpoints through
+``ray.train.report`` (resumable, restarted by ``FailureConfig``), metrics, sample grids, and
+a diffusers bundle at the end.
+
+The driver plans first (``plan_run``): every config mistake it can see (bucket shapes the
+model cannot patch, latent channels that do not match, missing shards, a batch smaller than
+the worker count) fails before any worker starts, naming the field.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+import random
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from diffusers import DiffusionPipeline
+from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling
+from PIL import Image, ImageDraw
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.v2.api.callback import UserCallback
+from safetensors.numpy import load as load_safetensors_numpy
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from cluster.bundles import resolve_bundle
+from cluster.ray_runtime import init_ray
+from cluster.storage import Storage, join
+from schemas.config import ConfigError, LoopConfig, TrainConfig
+from schemas.errors import RaygenError
+from schemas.shards import Manifest
+
+# Ray Train keeps its run state (checkpoints, snapshot) under <output>/<RUN_NAME>.
+RUN_NAME = "ray-train"
+STOPPED = "stopped.json"  # why a run stopped early: written by rank 0, read by the driver
+MEDIA_BY_TRANSFORMER = {"SD3Transformer2DModel": "image", "WanTransformer3DModel": "video"}
+
+
+class TrainingError(RaygenError):
+    """A run that cannot go on: a non-finite loss, a run folder in the way."""
+
+
+# ----------------------------------------------------------------------------------------
+# The plan: what the driver checks and hands to every worker.
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Bucket:
+    name: str  # "64x64" or "9x80x48" (frames x height x width), as prep named it
+    files: list[str]
+    num_rows: int
+    latent_shape: tuple[int, ...]  # (C, h, w) or (C, f, h, w)
+    batches_per_epoch: int = 0  # per worker
+
+
+@dataclass
+class RunPlan:
+    """Everything a worker needs besides the config; small, so it travels by value."""
+
+    media: str  # "image" | "video"
+    bundle_dir: str  # local folder of the model bundle on this node (workers re-resolve)
+    bundle_uri: str
+    transformer_class: str
+    pipeline_class: str
+    buckets: dict[str, Bucket]
+    batch_per_worker: int
+    vae: dict[str, Any]  # the manifest's factors for this media kind
+    empty_prompt: dict[str, np.ndarray]  # "prompt_embeds" (L, D), "pooled_prompt_embeds" (D,)
+    samples: dict[str, np.ndarray] = field(default_factory=dict)  # fixed rows for sample grids
+    sample_bucket: str = ""
+
+
+def plan_run(config: LoopConfig, bundle_uri: str, storage: Storage) -> RunPlan:
+    manifest_uri = join(config.data, "manifest.json")
+    if not storage.exists(manifest_uri):
+        raise ConfigError(f"data: no {manifest_uri}: run `raygen prep` into {config.data} first")
+    manifest = Manifest.model_validate_json(storage.read_bytes(manifest_uri))
+    bundle_dir = resolve_bundle(bundle_uri, storage)
+    index = json.loads((bundle_dir / "model_index.json").read_text())
+    transformer_class = index["transformer"][1]
+    media = MEDIA_BY_TRANSFORMER.get(transformer_class)
+    if media is None:
+        raise ConfigError(
+            f"bundle: {bundle_uri} has a {transformer_class}; training supports "
+            f"{', '.join(MEDIA_BY_TRANSFORMER)}"
+        )
+    transformer_config = json.loads((bundle_dir / "transformer" / "config.json").read_text())
+    if isinstance(config, TrainConfig) and config.init == "scratch":
+        transformer_config.update(config.transformer_config)
+    elif isinstance(config, TrainConfig) and config.transformer_config:
+        raise ConfigError("transformer_config: only used with init: scratch")
+
+    buckets = _read_buckets(config.data, manifest, media, storage)
+    if not buckets:
+        raise ConfigError(
+            f"data: {config.data} has no {media} shards (buckets: {sorted(manifest.buckets)}); "
+            f"a {transformer_class} trains on {media} latents"
+        )
+    _check_shapes(buckets, transformer_config, transformer_class)
+
+    world = config.num_workers * config.gradient_accumulation_steps
+    if config.batch_size < config.num_workers or config.batch_size % world:
+        raise ConfigError(
+            f"batch_size: {config.batch_size} must be a multiple of num_workers x "
+            f"gradient_accumulation_steps = {config.num_workers} x "
+            f"{config.gradient_accumulation_steps}"
+        )
+    batch_per_worker = config.batch_size // world
+    for bucket in buckets.values():
+        # streaming_split(equal=True) gives each worker num_rows // num_workers rows; every
+        # worker then draws the same number of full batches from each bucket.
+        bucket.batches_per_epoch = bucket.num_rows // config.num_workers // batch_per_worker
+    usable = {name: b for name, b in buckets.items() if b.batches_per_epoch}
+    if not usable:
+        rows = {name: b.num_rows for name, b in buckets.items()}
+        raise ConfigError(
+            f"batch_size: {config.batch_size} over {config.num_workers} workers needs "
+            f"{batch_per_worker * config.num_workers} rows in a bucket; buckets have {rows}"
+        )
+    if manifest.empty_prompt is None:
+        raise ConfigError(f"data: {manifest_uri} names no empty-prompt embeddings")
+    empty = load_safetensors_numpy(storage.read_bytes(join(config.data, manifest.empty_prompt)))
+    plan = RunPlan(
+        media=media,
+        bundle_dir=str(bundle_dir),
+        bundle_uri=bundle_uri,
+        transformer_class=transformer_class,
+        pipeline_class=index["_class_name"],
+        buckets=usable,
+        batch_per_worker=batch_per_worker,
+        vae=manifest.vae[media],
+        empty_prompt={
+            k.removeprefix(f"{media}_"): v for k, v in empty.items() if k.startswith(media)
+        },
+    )
+    _check_text_widths(plan, transformer_config, transformer_class)
+    plan.sample_bucket, plan.samples = _sample_rows(plan, config.num_samples, storage)
+    return plan
+
+
+def _read_buckets(data: str, manifest: Manifest, media: str, storage: Storage) -> dict[str, Bucket]:
+    ndim = 2 if media == "image" else 3
+    buckets = {}
+    for name in sorted(manifest.buckets):
+        if len(name.split("x")) != ndim:
+            continue
+        files = sorted(
+            f for f in storage.list(join(data, "shards", name)) if f.endswith(".parquet")
+        )
+        if not files:
+            raise ConfigError(
+                f"data: the manifest lists bucket {name} but {data}/shards/{name} is empty"
+            )
+        fs, path = storage.filesystem(files[0])
+        schema = pq.read_schema(path, filesystem=fs)
+        if "prompt_embeds_original" not in schema.names:
+            raise ConfigError(
+                f"data: {data} holds tokens only (prep encode.text: tokens); training reads "
+                f"text embeddings: re-run prep with encode.text: embeddings"
+            )
+        latent_type = schema.field("latent_mean").type
+        num_rows = sum(
+            pq.read_metadata(storage.filesystem(f)[1], filesystem=fs).num_rows for f in files
+        )
+        buckets[name] = Bucket(name, files, num_rows, tuple(latent_type.shape))
+    return buckets
+
+
+def _check_shapes(
+    buckets: dict[str, Bucket], model: dict[str, Any], transformer_class: str
+) -> None:
+    channels = model["in_channels"]
+    patch = model["patch_size"]
+    patch = tuple(patch) if isinstance(patch, list) else (patch, patch)  # (t?, h, w)
+    for bucket in buckets.values():
+        shape = bucket.latent_shape
+        if shape[0] != channels:
+            raise ConfigError(
+                f"bundle: {transformer_class} takes {channels} latent channels but data bucket "
+                f"{bucket.name} holds {shape[0]}: the shards were encoded with another VAE"
+            )
+        if any(size % p for size, p in zip(shape[-len(patch) :], patch, strict=True)):
+            raise ConfigError(
+                f"data: bucket {bucket.name} has latents {'x'.join(map(str, shape[1:]))} that "
+                f"{transformer_class}'s patch_size {model['patch_size']} does not divide; "
+                f"re-run prep with buckets.step a multiple of patch x VAE factor"
+            )
+        max_size = model.get("pos_embed_max_size")
+        if max_size and max(shape[-2:]) > max_size * patch[-1]:
+            raise ConfigError(
+                f"data: bucket {bucket.name} has latents {shape[-2]}x{shape[-1]}, above "
+                f"{transformer_class}'s pos_embed_max_size {max_size} x patch {patch[-1]}"
+            )
+
+
+def _check_text_widths(plan: RunPlan, model: dict[str, Any], transformer_class: str) -> None:
+    width = model.get("joint_attention_dim") or model.get("text_dim")
+    stored = plan.empty_prompt["prompt_embeds"].shape[-1]
+    if width != stored:
+        raise ConfigError(
+            f"bundle: {transformer_class} reads text embeddings of width {width} but the data "
+            f"holds width {stored}: the shards were encoded with other text encoders"
+        )
+
+
+def _sample_rows(
+    plan: RunPlan, num_samples: int, storage: Storage
+) -> tuple[str, dict[str, np.ndarray]]:
+    """The first rows of the largest bucket: their stored embeddings stand in for fixed prompts,
+    so sample grids need no text encoder on the workers."""
+    bucket = max(plan.buckets.values(), key=lambda b: b.num_rows)
+    fs, path = storage.filesystem(bucket.files[0])
+    table = pq.read_table(path, filesystem=fs).slice(0, num_samples)
+    return bucket.name, {k: v for k, v in _embeddings_and_latents(table).items() if k != "latents"}
+
+
+# ----------------------------------------------------------------------------------------
+# Data: Arrow shards -> numpy batches, one bucket per batch.
+# ----------------------------------------------------------------------------------------
+
+
+def _tensor_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed-shape tensor column as (values, present): null rows come back as zeros."""
+    column = table.column(name).combine_chunks()
+    shape = column.type.shape
+    storage = column.storage
+    values = storage.values.to_numpy(zero_copy_only=False).reshape(len(column), *shape)
+    return values.astype(np.float32, copy=False), ~storage.is_null().to_numpy(zero_copy_only=False)
+
+
+def _embeddings_and_latents(table: pa.Table) -> dict[str, np.ndarray]:
+    batch = {"latents": _tensor_column(table, "latent_mean")[0]}
+    for kind in ("original", "synthetic"):
+        batch[f"prompt_embeds_{kind}"], batch[f"has_{kind}"] = _tensor_column(
+            table, f"prompt_embeds_{kind}"
+        )
+        if f"pooled_prompt_embeds_{kind}" in table.column_names:
+            batch[f"pooled_prompt_embeds_{kind}"] = _tensor_column(
+                table, f"pooled_prompt_embeds_{kind}"
+            )[0]
+    return batch
+
+
+def bucket_datasets(plan: RunPlan, storage: Storage) -> dict[str, ray.data.Dataset]:
+    """One dataset per bucket: a batch never mixes latent shapes."""
+    datasets = {}
+    for bucket in plan.buckets.values():
+        fs, _ = storage.filesystem(bucket.files[0])
+        paths = [storage.filesystem(f)[1] for f in bucket.files]
+        # Tasks, not actors, and a quarter CPU each: the training workers hold most CPUs and
+        # an actor pool per bucket would reserve what the reads need.
+        ds = ray.data.read_parquet(paths, filesystem=fs, num_cpus=0.25)
+        datasets[bucket.name] = ds.map_batches(
+            _embeddings_and_latents, batch_format="pyarrow", num_cpus=0.25
+        )
+    return datasets
+
+
+class BucketStream:
+    """Batches from several buckets, one bucket per batch.
+
+    Every worker draws the same bucket sequence (shuffled per epoch from the run seed), so the
+    workers of one step hold batches of one shape and every bucket's streaming split advances
+    on all workers together. The position in that sequence is the data position a checkpoint
+    records; resuming skips exactly the batches already consumed in the epoch.
+    """
+
+    def __init__(self, shards: dict[str, Any], plan: RunPlan, seed: int, shuffle_buffer: int):
+        self.shards = shards
+        self.counts = {name: b.batches_per_epoch for name, b in plan.buckets.items()}
+        self.batch_size = plan.batch_per_worker
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.epoch = 0
+        self.position = 0
+        self._order: list[str] = self._schedule(0)
+        self._iters: dict[str, Iterator[dict[str, np.ndarray]]] = {}
+
+    def _schedule(self, epoch: int) -> list[str]:
+        order = [name for name, count in self.counts.items() for _ in range(count)]
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def _iter(self, name: str) -> Iterator[dict[str, np.ndarray]]:
+        if name not in self._iters:
+            self._iters[name] = iter(
+                self.shards[name].iter_batches(
+                    batch_size=self.batch_size,
+                    batch_format="numpy",
+                    drop_last=True,
+                    local_shuffle_buffer_size=self.shuffle_buffer or None,
+                    local_shuffle_seed=self.seed * 1_000_003 + self.epoch,
+                )
+            )
+        return self._iters[name]
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self.position == len(self._order):
+            for iterator in self._iters.values():
+                for _ in iterator:  # end the epoch of every split before starting another
+                    pass
+            self._iters.clear()
+            self.epoch += 1
+            self.position = 0
+            self._order = self._schedule(self.epoch)
+        name = self._order[self.position]
+        self.position += 1
+        batch = next(self._iter(name), None)
+        assert batch is not None, f"bucket {name} ran out before its {self.counts[name]} batches"
+        return batch
+
+    def seek(self, epoch: int, position: int) -> None:
+        """Continue where a checkpoint left off: same epoch, its consumed batches skipped."""
+        self.epoch, self._order, self.position = epoch, self._schedule(epoch), 0
+        for name, count in Counter(self._order[:position]).items():
+            for _ in range(count):
+                next(self._iter(name))
+        self.position = position
+
+
+# ----------------------------------------------------------------------------------------
+# Objectives: what a step computes. The loop owns everything else.
+# ----------------------------------------------------------------------------------------
+
+
+class Objective(Protocol):
+    model: torch.nn.Module  # the trainable module: wrapped, EMA-tracked, exported
+
+    def loss(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+    def after_optimizer_step(self, model: torch.nn.Module) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def export(self, state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> None: ...
+
+
+class RectifiedFlow:
+    """SD3's training objective (Esser et al. 2024, "Scaling Rectified Flow Transformers").
+
+    x_sigma = (1 - sigma) x0 + sigma noise, the model predicts the velocity noise - x0;
+    sigma comes from logit-normal u shifted by the scheduler's shift (SD3's time shift, as
+    the bundle's scheduler samples). Classifier-free-guidance dropout swaps in the empty
+    prompt's embeddings with probability ``cfg_dropout``.
+    """
+
+    def __init__(self, config: TrainConfig, plan: RunPlan, device: torch.device) -> None:
+        transformer_cls = _diffusers_class(plan.transformer_class)
+        if config.init == "scratch":
+            model_config = transformer_cls.load_config(plan.bundle_dir, subfolder="transformer")
+            model = transformer_cls.from_config({**model_config, **config.transformer_config})
+        else:
+            model = transformer_cls.from_pretrained(plan.bundle_dir, subfolder="transformer")
+        self.model = model.to(device).train()
+        scheduler = json.loads(
+            (Path(plan.bundle_dir) / "scheduler" / "scheduler_config.json").read_text()
+        )
+        # FlowMatchEulerDiscreteScheduler calls it shift, Wan's UniPC flow_shift.
+        self.shift = float(scheduler.get("shift", scheduler.get("flow_shift", 1.0)))
+        self.num_train_timesteps = int(scheduler.get("num_train_timesteps", 1000))
+        self.config, self.plan, self.device = config, plan, device
+        self.empty = {k: torch.from_numpy(v).to(device) for k, v in plan.empty_prompt.items()}
+
+    def loss(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        latents = batch["latents"]  # (B, C, h, w) or (B, C, f, h, w), scaled
+        b = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=generator, device=self.device)
+        u = compute_density_for_timestep_sampling(
+            "logit_normal",
+            b,
+            self.config.logit_mean,
+            self.config.logit_std,
+            device=self.device,
+            generator=generator,
+        )  # (B,)
+        sigmas = self.shift * u / (1 + (self.shift - 1) * u)  # (B,)
+        sigma = sigmas.view(b, *([1] * (latents.ndim - 1)))
+        noisy = (1 - sigma) * latents + sigma * noise
+
+        drop = torch.rand(b, generator=generator, device=self.device) < self.config.cfg_dropout
+        conditioning = {
+            "encoder_hidden_states": _where_rows(
+                drop, self.empty["prompt_embeds"], batch["prompt_embeds"]
+            )
+        }
+        if "pooled_prompt_embeds" in batch:
+            conditioning["pooled_projections"] = _where_rows(
+                drop, self.empty["pooled_prompt_embeds"], batch["pooled_prompt_embeds"]
+            )
+        prediction = model(
+            hidden_states=noisy,
+            timestep=sigmas * self.num_train_timesteps,
+            return_dict=False,
+            **conditioning,
+        )[0]
+        loss = torch.nn.functional.mse_loss(prediction.float(), (noise - latents).float())
+        return loss, {"sigma_mean": sigmas.mean().item()}
+
+    def after_optimizer_step(self, model: torch.nn.Module) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def export(self, state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> None:
+        export_bundle(self.plan.bundle_dir, self.model, state_dict, out_dir)
+
+
+def export_bundle(
+    bundle_dir: str | Path,
+    model: torch.nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    out_dir: str | Path,
+) -> None:
+    """The source bundle with its transformer replaced: what diffusers and `raygen serve` load."""
+    out = Path(out_dir)
+    shutil.copytree(
+        bundle_dir, out, ignore=shutil.ignore_patterns("transformer"), dirs_exist_ok=True
+    )
+    weights = copy.deepcopy(model).to("cpu")
+    weights.load_state_dict(state_dict)
+    weights.save_pretrained(out / "transformer", safe_serialization=True)
+
+
+def _where_rows(
+    mask: torch.Tensor, replacement: torch.Tensor, values: torch.Tensor
+) -> torch.Tensor:
+    """Per row: ``replacement`` where ``mask``, else ``values`` (B, ...)."""
+    return torch.where(mask.view(-1, *([1] * (values.ndim - 1))), replacement, values)
+
+
+def _diffusers_class(name: str) -> type:
+    import diffusers
+
+    return getattr(diffusers, name)
+
+
+# ----------------------------------------------------------------------------------------
+# The loop every worker runs.
+# ----------------------------------------------------------------------------------------
+
+
+def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
+    """LR multiplier: linear warmup to 1, then cosine down to ``floor``."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _wrap(model: torch.nn.Module, parallelism: str, device: torch.device) -> torch.nn.Module:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return model
+    if parallelism == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        # Shard each transformer block, then the rest: the unit diffusers itself keeps whole.
+        for module in model.modules():
+            if type(module).__name__ in (model._no_split_modules or ()):
+                fully_shard(module)
+        return fully_shard(model)
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
+
+
+def _no_grad_sync(model: torch.nn.Module, sync: bool):
+    """Skip the gradient all-reduce on accumulation micro-steps."""
+    if sync:
+        return nullcontext()
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+        return _ResyncOnExit(model)
+    return nullcontext()
+
+
+class _ResyncOnExit:
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(self, *exc: object) -> None:
+        self.model.set_requires_gradient_sync(True)
+
+
+def _all_finite(value: torch.Tensor) -> bool:
+    """One answer for every rank, so all stop together instead of hanging in a collective."""
+    flag = torch.tensor([1.0 if torch.isfinite(value).all() else 0.0], device=value.device)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _mean_across_ranks(value: float, device: torch.device) -> float:
+    tensor = torch.tensor([value], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return tensor.item()
+
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded weights on CPU (every rank must call: FSDP gathers)."""
+    return get_model_state_dict(model, options=FULL)
+
+
+def _ema_weights(model: torch.nn.Module, ema: EMAModel) -> dict[str, torch.Tensor]:
+    ema.store(model.parameters())
+    ema.copy_to(model.parameters())
+    weights = _full_weights(model)
+    ema.restore(model.parameters())
+    return weights
+
+
+def train_loop(args: dict[str, Any]) -> None:
+    """What each Ray Train worker runs; ``args`` = config JSON, plan, objective name."""
+    config: LoopConfig = args["config_cls"].model_validate(args["config"])
+    plan: RunPlan = args["plan"]
+    rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(math.ceil(config.cpus_per_worker))
+    # Same init on every rank (DDP also broadcasts), different noise per rank and step below.
+    torch.manual_seed(config.seed)
+
+    # --- model, EMA, optimizer, schedule ---
+    objective: Objective = args["objective"](config, plan, device)
+    raw_model = objective.model
+    if config.gradient_checkpointing:
+        raw_model.enable_gradient_checkpointing()
+    model = _wrap(raw_model, config.parallelism, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optim = config.optimizer
+    optimizer = torch.optim.AdamW(
+        params, lr=optim.learning_rate, betas=optim.betas, weight_decay=optim.weight_decay
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: warmup_cosine(step, optim.warmup_steps, config.max_steps, optim.min_lr_ratio),
+    )
+    ema = EMAModel(params, decay=config.ema_decay, foreach=True)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    )
+
+    shards = {name: ray.train.get_dataset_shard(name) for name in plan.buckets}
+    stream = BucketStream(shards, plan, config.seed, config.shuffle_buffer)
+    step = 0
+
+    # --- resume: from the latest checkpoint (`--resume`, or a worker-group restart) ---
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=False)
+        # EMA first through the model's own parameters (FSDP shards them on the way in).
+        set_model_state_dict(model, state["ema"], options=StateDictOptions(full_state_dict=True))
+        ema = EMAModel(params, decay=config.ema_decay, foreach=True)
+        ema.optimization_step = state["ema_step"]
+        set_model_state_dict(model, state["model"], options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(
+            model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True)
+        )
+        schedule.load_state_dict(state["schedule"])
+        objective.load_state_dict(state["objective"])
+        step = state["step"]
+        stream.seek(state["epoch"], state["position"])
+        print(f"[raygen train] rank {rank}: resumed at step {step} from {checkpoint.path}")
+
+    # --- steps ---
+    last_report = time.perf_counter()
+    while step < config.max_steps:
+        step_start = time.perf_counter()
+        data_wait = 0.0
+        losses, extras = [], Counter()
+        optimizer.zero_grad(set_to_none=True)
+        for micro in range(config.gradient_accumulation_steps):
+            fetch_start = time.perf_counter()
+            arrays = next(stream)
+            data_wait += time.perf_counter() - fetch_start
+            generator = torch.Generator(device).manual_seed(
+                hash((config.seed, rank, step, micro)) % 2**63
+            )
+            batch = _to_model_inputs(arrays, plan, config.caption, generator, device)
+            sync = micro == config.gradient_accumulation_steps - 1
+            with _no_grad_sync(model, sync):
+                with autocast:
+                    loss, metrics = objective.loss(model, batch, generator)
+                if not _all_finite(loss.detach()):
+                    _stop(config, rank, step + 1, f"loss {loss.item()}")
+                    return
+                (loss / config.gradient_accumulation_steps).backward()
+            losses.append(loss.item())
+            extras.update(metrics)
+        max_norm = optim.max_grad_norm or math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if not _all_finite(
+            grad_norm.detach() if torch.is_tensor(grad_norm) else torch.tensor(grad_norm)
+        ):
+            _stop(config, rank, step + 1, f"gradient norm {float(grad_norm)}")
+            return
+        optimizer.step()
+        schedule.step()
+        ema.step(params)
+        objective.after_optimizer_step(raw_model)
+        step += 1
+
+        # --- metrics, samples, checkpoints ---
+        step_time = time.perf_counter() - step_start
+        metrics = {
+            "step": step,
+            "epoch": stream.epoch,
+            "loss": _mean_across_ranks(float(np.mean(losses)), device),
+            "grad_norm": float(grad_norm),
+            "lr": schedule.get_last_lr()[0],
+            "samples_per_s": config.batch_size / step_time,
+            "step_time_s": step_time,
+            "data_wait_fraction": data_wait / step_time,
+            **{k: v / config.gradient_accumulation_steps for k, v in extras.items()},
+        }
+        if config.sample_every and step % config.sample_every == 0:
+            weights = _ema_weights(model, ema)
+            if rank == 0:
+                grid = sample_grid(objective, plan, weights, config, device)
+                Storage(config.storage).write_bytes(
+                    join(config.output, "samples", f"step-{step:07d}.png"), grid
+                )
+        if step % config.checkpoint_every == 0 or step == config.max_steps:
+            state = {
+                "model": _full_weights(model),
+                "ema": _ema_weights(model, ema),
+                "ema_step": ema.optimization_step,
+                "optimizer": get_optimizer_state_dict(model, optimizer, options=FULL),
+                "schedule": schedule.state_dict(),
+                "objective": objective.state_dict(),
+                "step": step,
+                "epoch": stream.epoch,
+                "position": stream.position,
+            }
+            with tempfile.TemporaryDirectory() as folder:
+                if rank == 0:
+                    torch.save(state, Path(folder) / "state.pt")
+                ray.train.report(
+                    metrics, checkpoint=Checkpoint.from_directory(folder) if rank == 0 else None
+                )
+            last_report = time.perf_counter()
+        elif step % config.log_every == 0 or time.perf_counter() - last_report > 30:
+            ray.train.report(metrics)
+            last_report = time.perf_counter()
+
+    # --- the bundle: EMA weights in the source bundle's layout ---
+    weights = _ema_weights(model, ema)
+    if rank == 0:
+        with tempfile.TemporaryDirectory() as folder:
+            objective.export(weights, folder)
+            Storage(config.storage).upload_dir(folder, join(config.output, "bundle"))
+
+
+def _stop(config: LoopConfig, rank: int, step: int, what: str) -> None:
+    """Leave a note for the driver: a non-finite value is not a fault a restart can fix, so
+    the workers return normally (no FailureConfig retry) and the driver raises."""
+    if rank == 0:
+        note = json.dumps({"step": step, "nonfinite": what}).encode()
+        Storage(config.storage).write_bytes(join(config.output, STOPPED), note)
+
+
+def _to_model_inputs(
+    arrays: dict[str, np.ndarray],
+    plan: RunPlan,
+    caption: str,
+    generator: torch.Generator,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """Stored latents -> the model's scale; caption choice per row."""
+    latents = torch.as_tensor(arrays["latents"], device=device)
+    if plan.media == "image":
+        # (B, C, h, w): SD3's VAE factors, as its pipeline undoes them before decoding.
+        latents = (latents - plan.vae["shift_factor"]) * plan.vae["scaling_factor"]
+    else:
+        # (B, C, f, h, w): Wan's per-channel statistics.
+        mean = torch.tensor(plan.vae["latents_mean"], device=device).view(1, -1, 1, 1, 1)
+        std = torch.tensor(plan.vae["latents_std"], device=device).view(1, -1, 1, 1, 1)
+        latents = (latents - mean) / std
+    has_original = torch.as_tensor(arrays["has_original"], device=device)
+    has_synthetic = torch.as_tensor(arrays["has_synthetic"], device=device)
+    if caption == "mix":
+        coin = torch.rand(len(has_original), generator=generator, device=device) < 0.5
+        use_synthetic = has_synthetic & (coin | ~has_original)
+    elif caption == "synthetic":
+        use_synthetic = has_synthetic
+    else:
+        use_synthetic = ~has_original & has_synthetic
+    batch = {"latents": latents}
+    for key in ("prompt_embeds", "pooled_prompt_embeds"):
+        if f"{key}_original" in arrays:
+            batch[key] = _where_rows(
+                use_synthetic,
+                torch.as_tensor(arrays[f"{key}_synthetic"], device=device),
+                torch.as_tensor(arrays[f"{key}_original"], device=device),
+            )
+    return batch
+
+
+# ----------------------------------------------------------------------------------------
+# Sample grids and the loss curve.
+# ----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_grid(
+    objective: Objective,
+    plan: RunPlan,
+    weights: dict[str, torch.Tensor],
+    config: LoopConfig,
+    device: torch.device,
+) -> bytes:
+    """PNG of the fixed sample captions, generated with the given (EMA) weights."""
+    transformer = copy.deepcopy(objective.model).to(device).eval()
+    transformer.load_state_dict(weights)
+    pipe = DiffusionPipeline.from_pretrained(
+        plan.bundle_dir,
+        transformer=transformer,
+        text_encoder=None,
+        text_encoder_2=None,
+        text_encoder_3=None,
+        tokenizer=None,
+        tokenizer_2=None,
+        tokenizer_3=None,
+    ).to(device)
+    n = len(plan.samples["prompt_embeds_original"])
+    prompt = np.where(
+        plan.samples["has_synthetic"].reshape(
+            n, *[1] * (plan.samples["prompt_embeds_synthetic"].ndim - 1)
+        ),
+        plan.samples["prompt_embeds_synthetic"],
+        plan.samples["prompt_embeds_original"],
+    )
+    kwargs = {
+        "prompt_embeds": torch.from_numpy(prompt).to(device),
+        "negative_prompt_embeds": torch.from_numpy(plan.empty_prompt["prompt_embeds"])
+        .expand(n, -1, -1)
+        .to(device),
+    }
+    if "pooled_prompt_embeds" in plan.empty_prompt:
+        pooled = np.where(
+            plan.samples["has_synthetic"][:, None],
+            plan.samples["pooled_prompt_embeds_synthetic"],
+            plan.samples["pooled_prompt_embeds_original"],
+        )
+        kwargs["pooled_prompt_embeds"] = torch.from_numpy(pooled).to(device)
+        kwargs["negative_pooled_prompt_embeds"] = (
+            torch.from_numpy(plan.empty_prompt["pooled_prompt_embeds"]).expand(n, -1).to(device)
+        )
+    sizes = [int(s) for s in plan.sample_bucket.split("x")]
+    if plan.media == "video":
+        kwargs["num_frames"] = sizes[0]
+    out = pipe(
+        **kwargs,
+        height=sizes[-2],
+        width=sizes[-1],
+        num_inference_steps=config.sample_steps,
+        generator=torch.Generator(device).manual_seed(config.seed),
+        output_type="pil",
+    )
+    images = out.images if plan.media == "image" else [frames[0] for frames in out.frames]
+    if not isinstance(images[0], Image.Image):  # Wan returns arrays in [0, 1]
+        images = [Image.fromarray((np.asarray(im) * 255).round().astype(np.uint8)) for im in images]
+    return _png(_grid(images))
+
+
+def _grid(images: list[Image.Image]) -> Image.Image:
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def loss_curve_png(
+    steps: list[int], losses: list[float], size: tuple[int, int] = (640, 360)
+) -> bytes:
+    """A plain line plot of loss against step (log scale), drawn with PIL."""
+    width, height = size
+    pad = 40
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([pad, pad // 2, width - pad // 2, height - pad], outline="black")
+    if len(steps) >= 1:
+        logs = np.log10(np.maximum(np.asarray(losses, dtype=np.float64), 1e-12))
+        lo, hi = float(logs.min()), float(logs.max())
+        hi = hi if hi > lo else lo + 1.0
+        x0, x1 = steps[0], max(steps[-1], steps[0] + 1)
+        points = [
+            (
+                pad + (s - x0) / (x1 - x0) * (width - 1.5 * pad),
+                height - pad - (v - lo) / (hi - lo) * (height - 1.5 * pad),
+            )
+            for s, v in zip(steps, logs, strict=True)
+        ]
+        draw.line(points, fill="steelblue", width=2)
+        draw.text((pad, height - pad + 8), f"step {x0}", fill="black")
+        draw.text((width - 3 * pad, height - pad + 8), f"step {x1}", fill="black")
+        draw.text((4, pad // 2), f"{10**hi:.3g}", fill="black")
+        draw.text((4, height - pad - 10), f"{10**lo:.3g}", fill="black")
+    draw.text((width // 2 - 20, 4), "loss", fill="black")
+    return _png(image)
+
+
+class MetricsLog(UserCallback):
+    """On the Train controller: rank 0's metrics -> progress lines, metrics.jsonl, loss.png."""
+
+    def __init__(
+        self, output: str, storage: Storage, total_steps: int, history: list[dict]
+    ) -> None:
+        self.output, self.storage, self.total_steps = output, storage, total_steps
+        self.history = history
+
+    def after_report(
+        self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any
+    ) -> None:
+        record = {**metrics[0], "time": time.time()}
+        # A restarted worker group repeats steps after its checkpoint: keep the newest.
+        self.history = [r for r in self.history if r["step"] < record["step"]] + [record]
+        print(
+            f"[raygen] step {record['step']}/{self.total_steps} loss {record['loss']:.4f} "
+            f"grad_norm {record['grad_norm']:.3f} lr {record['lr']:.2e} "
+            f"{record['samples_per_s']:.1f} samples/s data_wait {record['data_wait_fraction']:.1%}"
+            + (" [checkpoint]" if checkpoint else ""),
+            flush=True,
+        )
+        lines = "".join(json.dumps(r) + "\n" for r in self.history)
+        self.storage.write_bytes(join(self.output, "metrics.jsonl"), lines.encode())
+        if checkpoint or record["step"] == self.total_steps:
+            curve = loss_curve_png(
+                [r["step"] for r in self.history], [r["loss"] for r in self.history]
+            )
+            self.storage.write_bytes(join(self.output, "loss.png"), curve)
+
+
+# ----------------------------------------------------------------------------------------
+# The driver.
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    output: str
+    bundle: str
+    steps: int
+    metrics: dict[str, Any]
+    checkpoint: str | None
+
+
+def run_loop(
+    config: LoopConfig, bundle_uri: str, objective: Callable[..., Objective], label: str
+) -> RunResult:
+    """Plan, start the Ray Train run, and wait for it: the part training and distillation share."""
+    storage = Storage(config.storage)
+    storage.check(config.output)
+    plan = plan_run(config, bundle_uri, storage)
+    run_state = join(config.output, RUN_NAME, "checkpoint_manager_snapshot.json")
+    if storage.exists(run_state) and not config.resume:
+        raise TrainingError(
+            f"output: {config.output} already holds a run; pass --resume (resume: true) to "
+            f"continue it, or choose another output"
+        )
+    if storage.exists(join(config.output, STOPPED)):
+        storage.delete(join(config.output, STOPPED))  # a resumed run gets another chance
+    history = []
+    if config.resume and storage.exists(join(config.output, "metrics.jsonl")):
+        text = storage.read_bytes(join(config.output, "metrics.jsonl")).decode()
+        history = [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    init_ray(config.ray)
+    fs, root = storage.filesystem(config.output)
+    print(
+        f"[raygen {label}] {plan.media} {plan.transformer_class} from {bundle_uri}: "
+        f"{config.num_workers} workers x {plan.batch_per_worker} x "
+        f"{config.gradient_accumulation_steps} accumulation, buckets "
+        + ", ".join(f"{b.name} ({b.num_rows} rows)" for b in plan.buckets.values()),
+        flush=True,
+    )
+    trainer = ray.train.torch.TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "config": config.model_dump(mode="json"),
+            "config_cls": type(config),
+            "plan": plan,
+            "objective": objective,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=config.num_workers,
+            use_gpu=config.use_gpu,
+            resources_per_worker={
+                "CPU": config.cpus_per_worker,
+                **({"GPU": 1} if config.use_gpu else {}),
+            },
+        ),
+        run_config=RunConfig(
+            name=RUN_NAME,
+            storage_path=root,
+            storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoints_to_keep),
+            callbacks=[MetricsLog(config.output, storage, config.max_steps, history)],
+        ),
+        datasets=bucket_datasets(plan, storage),
+    )
+    result = trainer.fit()
+    metrics = result.metrics or {}
+    if storage.exists(join(config.output, STOPPED)):
+        stopped = json.loads(storage.read_bytes(join(config.output, STOPPED)))
+        last = result.checkpoint.path if result.checkpoint else "none"
+        raise TrainingError(
+            f"{label} stopped at step {stopped['step']}: non-finite {stopped['nonfinite']}; "
+            f"the last good checkpoint stays: {last}"
+        )
+    return RunResult(
+        output=config.output,
+        bundle=join(config.output, "bundle"),
+        steps=int(metrics.get("step", 0)),
+        metrics=metrics,
+        checkpoint=result.checkpoint.path if result.checkpoint else None,
+    )
+
+
+def run_train(config: TrainConfig) -> RunResult:
+    result = run_loop(config, config.bundle.uri, RectifiedFlow, "train")
+    print(f"[raygen train] {result.steps} steps; bundle: {result.bundle}", flush=True)
+    return result

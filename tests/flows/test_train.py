@@ -1,0 +1,205 @@
+"""`raygen train` on a real local Ray with 2 workers, on shards `raygen prep` made: config
+mistakes caught before workers start, image and video training, resume, a worker killed
+mid-run, a non-finite loss, and an exported bundle that plain diffusers loads and samples."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusion3Pipeline, WanPipeline
+from PIL import Image
+
+from cluster.storage import Storage
+from flows.train import TrainingError, plan_run, run_train, warmup_cosine
+from schemas.config import ConfigError, TrainConfig, load_config
+
+pytestmark = pytest.mark.slow
+
+
+def _config(bundles, shards, output, **values) -> TrainConfig:
+    defaults = {
+        "data": str(shards),
+        "output": str(output),
+        "bundle.uri": str(bundles["t2i"]),
+        "num_workers": 2,
+        "cpus_per_worker": 0.5,
+        "batch_size": 4,
+        "max_steps": 4,
+        "checkpoint_every": 2,
+    }
+    return load_config(TrainConfig, values={**defaults, **values})
+
+
+def _metrics(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+def _train_worker_pids() -> list[int]:
+    """Ray titles each worker process after its actor (``ray::RayTrainWorker...``)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"ray::RayTrainWorker" in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:  # a process that ended while we looked
+            continue
+    return sorted(pids)
+
+
+def test_warmup_cosine_schedule():
+    lrs = [warmup_cosine(step, warmup=2, total=10, floor=0.1) for step in range(12)]
+    assert lrs[0] < lrs[1] < lrs[2] == 1.0  # warmup, then the peak
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:], strict=False))  # cosine decays
+    assert lrs[10] == pytest.approx(0.1) and lrs[11] == pytest.approx(0.1)  # floor
+
+
+@pytest.mark.parametrize(
+    ("values", "field", "message"),
+    [
+        ({"data": "/nonexistent/shards"}, "data", "run `raygen prep`"),
+        ({"batch_size": 3}, "batch_size", "multiple of num_workers"),
+        ({"batch_size": 64}, "batch_size", "needs 64 rows in a bucket"),
+        (
+            {"init": "scratch", "transformer_config": {"in_channels": 4, "out_channels": 4}},
+            "bundle",
+            "takes 4 latent channels",
+        ),
+        ({"init": "scratch", "transformer_config": {"patch_size": 3}}, "data", "patch_size 3"),
+        ({"transformer_config": {"num_layers": 1}}, "transformer_config", "init: scratch"),
+        (
+            {"init": "scratch", "transformer_config": {"joint_attention_dim": 64}},
+            "bundle",
+            "width 64",
+        ),
+    ],
+)
+def test_config_mistakes_fail_before_any_worker_starts(
+    tiny_bundles, prep_shards, tmp_path, values, field, message
+):
+    config = _config(tiny_bundles, prep_shards, tmp_path / "run", **values)
+    with pytest.raises(ConfigError) as err:
+        plan_run(config, config.bundle.uri, Storage())
+    assert str(err.value).startswith(f"{field}:") and message in str(err.value)
+
+
+def test_video_bundle_on_image_only_shards_names_the_data(tiny_bundles, prep_shards, tmp_path):
+    shards = tmp_path / "image-only"
+    manifest = json.loads((prep_shards / "manifest.json").read_text())
+    manifest["buckets"] = {k: v for k, v in manifest["buckets"].items() if k.count("x") == 1}
+    shards.mkdir()
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    config = _config(
+        tiny_bundles, shards, tmp_path / "run", **{"bundle.uri": str(tiny_bundles["t2v"])}
+    )
+    with pytest.raises(ConfigError, match="^data: .* has no video shards"):
+        plan_run(config, config.bundle.uri, Storage())
+
+
+def test_image_training_resumes_and_exports_a_diffusers_bundle(
+    ray_local, tiny_bundles, prep_shards, tmp_path
+):
+    output = tmp_path / "run"
+    config = _config(tiny_bundles, prep_shards, output, sample_every=2)
+    result = run_train(config)
+    assert result.steps == 4
+    records = _metrics(output)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for record in records:
+        assert np.isfinite(record["loss"]) and record["grad_norm"] > 0 and record["lr"] > 0
+        assert 0 <= record["data_wait_fraction"] <= 1 and record["samples_per_s"] > 0
+    assert Image.open(output / "loss.png").size == (640, 360)
+    assert sorted(p.name for p in (output / "samples").iterdir()) == [
+        "step-0000002.png",
+        "step-0000004.png",
+    ]
+
+    # A second run into the same output is refused unless it resumes.
+    with pytest.raises(TrainingError, match="already holds a run"):
+        run_train(config.model_copy(update={"max_steps": 6}))
+    resumed = run_train(config.model_copy(update={"max_steps": 6, "resume": True}))
+    assert resumed.steps == 6
+    assert [r["step"] for r in _metrics(output)] == [1, 2, 3, 4, 5, 6]
+
+    # The bundle loads unchanged in diffusers and samples; its transformer is the trained one.
+    pipe = StableDiffusion3Pipeline.from_pretrained(output / "bundle")
+    source = StableDiffusion3Pipeline.from_pretrained(tiny_bundles["t2i"])
+    trained = dict(pipe.transformer.named_parameters())
+    assert any(
+        not torch.equal(trained[name], param)
+        for name, param in source.transformer.named_parameters()
+    )
+    image = pipe(
+        "a red square", num_inference_steps=2, height=32, width=32, output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]  # fmt: skip
+    assert image.shape == (32, 32, 3) and np.isfinite(image).all()
+
+
+def test_video_training_exports_a_wan_bundle(ray_local, tiny_bundles, prep_shards, tmp_path):
+    output = tmp_path / "video"
+    config = _config(
+        tiny_bundles, prep_shards, output, batch_size=2, max_steps=2,
+        **{"bundle.uri": str(tiny_bundles["t2v"])},
+    )  # fmt: skip
+    assert run_train(config).steps == 2
+    pipe = WanPipeline.from_pretrained(output / "bundle")
+    frames = pipe(
+        "a coloured square", num_frames=5, height=32, width=32, num_inference_steps=2,
+        output_type="np", generator=torch.Generator().manual_seed(0),
+    ).frames[0]  # fmt: skip
+    assert frames.shape == (5, 32, 32, 3) and np.isfinite(frames).all()
+
+
+def test_killed_worker_restarts_from_the_last_checkpoint(
+    ray_local, tiny_bundles, prep_shards, tmp_path
+):
+    output = tmp_path / "killed"
+    config = _config(tiny_bundles, prep_shards, output, max_steps=9, checkpoint_every=3)
+    results: list = []
+    thread = threading.Thread(target=lambda: results.append(run_train(config)))
+    thread.start()
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        done = (output / "metrics.jsonl").exists() and len(_metrics(output)) >= 5
+        if done:
+            break
+        time.sleep(0.2)
+    before = {r["step"]: r["loss"] for r in _metrics(output)}
+    assert max(before) >= 5, "training never reached step 5"
+    workers = _train_worker_pids()
+    assert len(workers) == 2
+    os.kill(workers[-1], signal.SIGKILL)
+    thread.join(timeout=240)
+    assert not thread.is_alive() and results, "the run did not finish after the kill"
+    assert results[0].steps == 9
+    after = _metrics(output)
+    assert [r["step"] for r in after] == list(range(1, 10))
+    # Steps after the checkpoint were recomputed from it: the same losses, not a fresh start.
+    for record in after:
+        if record["step"] in before:
+            assert record["loss"] == pytest.approx(before[record["step"]], rel=1e-4)
+
+
+def test_nonfinite_loss_stops_the_run_naming_the_step(
+    ray_local, tiny_bundles, prep_shards, tmp_path
+):
+    output = tmp_path / "nan"
+    config = _config(
+        tiny_bundles, prep_shards, output, max_steps=4, checkpoint_every=1,
+        **{"optimizer.learning_rate": 1e30, "optimizer.max_grad_norm": None,
+           "optimizer.warmup_steps": 0},
+    )  # fmt: skip
+    with pytest.raises(
+        TrainingError, match=r"stopped at step \d+: non-finite .*last good checkpoint"
+    ):
+        run_train(config)
+    assert not (output / "bundle").exists()
+    assert any(p.name.startswith("checkpoint") for p in (output / "ray-train").iterdir())
