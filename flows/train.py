@@ -14,7 +14,6 @@ the worker count) fails before any worker starts, naming the field.
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 import math
@@ -455,9 +454,16 @@ def export_bundle(
     shutil.copytree(
         bundle_dir, out, ignore=shutil.ignore_patterns("transformer"), dirs_exist_ok=True
     )
-    weights = copy.deepcopy(model).to("cpu")
+    weights = unwrapped_copy(model)
     weights.load_state_dict(state_dict)
     weights.save_pretrained(out / "transformer", safe_serialization=True)
+
+
+def unwrapped_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A new CPU instance of a diffusers model's own class and config, to load full weights
+    into: FSDP2 swaps in a subclass of the model and refuses deepcopy."""
+    cls = next(c for c in type(model).__mro__ if c.__module__.startswith("diffusers."))
+    return cls.from_config(model.config)
 
 
 def _where_rows(
@@ -582,7 +588,9 @@ def train_loop(args: dict[str, Any]) -> None:
         optimizer,
         lambda step: warmup_cosine(step, optim.warmup_steps, config.max_steps, optim.min_lr_ratio),
     )
-    ema = EMAModel(params, decay=config.ema_decay, foreach=True)
+    # FSDP's DTensor parameters have no sharding rule for the fused _foreach_copy_.
+    foreach = config.parallelism != "fsdp"
+    ema = EMAModel(params, decay=config.ema_decay, foreach=foreach)
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     )
@@ -598,7 +606,7 @@ def train_loop(args: dict[str, Any]) -> None:
             state = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=False)
         # EMA first through the model's own parameters (FSDP shards them on the way in).
         set_model_state_dict(model, state["ema"], options=StateDictOptions(full_state_dict=True))
-        ema = EMAModel(params, decay=config.ema_decay, foreach=True)
+        ema = EMAModel(params, decay=config.ema_decay, foreach=foreach)
         ema.optimization_step = state["ema_step"]
         set_model_state_dict(model, state["model"], options=StateDictOptions(full_state_dict=True))
         set_optimizer_state_dict(
@@ -758,8 +766,9 @@ def sample_grid(
     device: torch.device,
 ) -> bytes:
     """PNG of the fixed sample captions, generated with the given (EMA) weights."""
-    transformer = copy.deepcopy(objective.model).to(device).eval()
+    transformer = unwrapped_copy(objective.model)
     transformer.load_state_dict(weights)
+    transformer.to(device).eval()
     pipe = DiffusionPipeline.from_pretrained(
         plan.bundle_dir,
         transformer=transformer,

@@ -143,11 +143,13 @@ def test_image_training_resumes_and_exports_a_diffusers_bundle(
     assert image.shape == (32, 32, 3) and np.isfinite(image).all()
 
 
-def test_video_training_exports_a_wan_bundle(ray_local, tiny_bundles, prep_shards, tmp_path):
+def test_video_training_with_fsdp_exports_a_wan_bundle(
+    ray_local, tiny_bundles, prep_shards, tmp_path
+):
     output = tmp_path / "video"
     config = _config(
-        tiny_bundles, prep_shards, output, batch_size=2, max_steps=2,
-        **{"bundle.uri": str(tiny_bundles["t2v"])},
+        tiny_bundles, prep_shards, output, batch_size=2, max_steps=2, parallelism="fsdp",
+        gradient_checkpointing=True, **{"bundle.uri": str(tiny_bundles["t2v"])},
     )  # fmt: skip
     assert run_train(config).steps == 2
     pipe = WanPipeline.from_pretrained(output / "bundle")
