@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import random
 import shutil
 import tempfile
@@ -932,6 +933,7 @@ def run_loop(
         history = [json.loads(line) for line in text.splitlines() if line.strip()]
 
     init_ray(config.ray)
+    _check_cpus_for_reads(config)
     fs, root = storage.filesystem(config.output)
     print(
         f"[raygen {label}] {plan.media} {plan.transformer_class} from {bundle_uri}: "
@@ -982,6 +984,22 @@ def run_loop(
         metrics=metrics,
         checkpoint=result.checkpoint.path if result.checkpoint else None,
     )
+
+
+def _check_cpus_for_reads(config: LoopConfig) -> None:
+    """Ray Data lists shard files with a task that takes one whole CPU; training workers that
+    hold the rest would leave it pending forever (no error, no progress). A fixed-size local
+    Ray is where that can be known up front; a cluster's autoscaler may add CPUs."""
+    if config.ray.address or os.environ.get("RAY_ADDRESS"):
+        return
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    left = cpus - config.num_workers * config.cpus_per_worker
+    if left < 1:
+        raise ConfigError(
+            f"cpus_per_worker: {config.num_workers} workers x {config.cpus_per_worker:g} CPUs "
+            f"leave {left:g} of local Ray's {cpus:g}; Ray Data's shard reads need 1 "
+            f"(lower cpus_per_worker or num_workers, or raise ray.num_cpus)"
+        )
 
 
 def run_train(config: TrainConfig) -> RunResult:

@@ -22,14 +22,15 @@ def test_demo_builds_bundles_corpus_and_generates_on_ray(tmp_path):
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=400,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "[4/4]" in result.stdout and "done in" in result.stdout
+    assert "[5/5]" in result.stdout and "done in" in result.stdout
     manifest = json.loads((data / "shards" / "manifest.json").read_text())
     assert manifest["num_written"] > 0 and manifest["quarantined"]
     assert sorted(p.name for p in (data / "bundles").iterdir()) == sorted(TINY_BUNDLES)
     assert any((data / "corpus").glob("*.mp4")) and any((data / "corpus").glob("photo_*"))
+    assert (data / "runs" / "train" / "bundle" / "transformer" / "config.json").exists()
     image = np.asarray(Image.open(data / "demo" / "sample.png"))
     assert image.shape == (64, 64, 3)
     assert image.std() > 0  # a decoded image, not a blank canvas

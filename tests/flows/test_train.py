@@ -205,3 +205,11 @@ def test_nonfinite_loss_stops_the_run_naming_the_step(
         run_train(config)
     assert not (output / "bundle").exists()
     assert any(p.name.startswith("checkpoint") for p in (output / "ray-train").iterdir())
+
+
+def test_workers_that_leave_no_cpu_for_the_reads_are_refused(
+    ray_local, tiny_bundles, prep_shards, tmp_path
+):
+    config = _config(tiny_bundles, prep_shards, tmp_path / "run", cpus_per_worker=1)
+    with pytest.raises(ConfigError, match=r"^cpus_per_worker: 2 workers x 1 CPUs leave 0 "):
+        run_train(config)
