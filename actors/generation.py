@@ -1,0 +1,480 @@
+"""The serving graph's generation stages: text encoders, denoiser (base or refiner), VAE decode
+and x4 super-resolution, each a plain class that loads once from a bundle folder.
+
+Every stage computes exactly what diffusers' monolithic pipeline computes: the text encoders
+and the super-resolution stage call the pipeline's own code, the denoiser repeats
+``StableDiffusion3Pipeline.__call__``'s loop (same initial noise per seed, same guidance, the
+bundle's scheduler doing every step) and the decoder its tail. Splitting a generation into
+stages therefore changes no pixel; ``tests/actors/test_generation.py`` checks it against the
+pipelines.
+
+Tensors leave a stage on the CPU, so Ray's object store can hand them to a stage on any
+machine. A ``bundle_dir`` is a local folder in diffusers' layout (resolve ``s3://`` first).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionUpscalePipeline,
+)
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
+    calculate_shift,
+    retrieve_timesteps,
+)
+from diffusers.utils.torch_utils import randn_tensor
+
+ImageType = Literal["uint8", "float32"]
+# StableDiffusion3Pipeline's components a stage leaves unloaded: everything but the text
+# encoders (and their tokenizers), and everything but the VAE.
+_NOT_TEXT = ("transformer", "vae")
+_NOT_VAE = (
+    "transformer",
+    "text_encoder",
+    "text_encoder_2",
+    "text_encoder_3",
+    "tokenizer",
+    "tokenizer_2",
+    "tokenizer_3",
+)
+
+
+@dataclass(frozen=True)
+class PromptEmbeddings:
+    """One prompt's conditioning, as ``StableDiffusion3Pipeline.encode_prompt`` returns it for
+    a batch of one. L = the CLIP positions + ``max_sequence_length`` T5 positions."""
+
+    prompt_embeds: torch.Tensor  # (L, D)
+    pooled_prompt_embeds: torch.Tensor  # (D_pooled,)
+    negative_prompt_embeds: torch.Tensor  # (L, D)
+    negative_pooled_prompt_embeds: torch.Tensor  # (D_pooled,)
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> PromptEmbeddings:
+        return PromptEmbeddings(
+            *(getattr(self, field.name).to(device, dtype) for field in fields(self))
+        )
+
+
+@dataclass(frozen=True)
+class DenoiseRequest:
+    """One image's denoising: its conditioning, seed and guidance, the shared settings a batch
+    is keyed on, and an optional SDXL-style handoff.
+
+    ``denoising_end`` stops at that fraction of the schedule and returns still-noisy latents;
+    ``denoising_start`` (with the ``latents`` a previous stage stopped at) continues from that
+    fraction. The handoff step is SDXL's: the first step whose timestep is below
+    ``(1 - fraction) * num_train_timesteps``, so a base with ``denoising_end=f`` and a refiner
+    with ``denoising_start=f`` together run each step of the schedule once. ``seed`` draws the
+    initial noise; a request that continues from ``latents`` draws none.
+    """
+
+    embeddings: PromptEmbeddings
+    seed: int
+    guidance_scale: float
+    height: int
+    width: int
+    num_inference_steps: int
+    denoising_start: float | None = None
+    denoising_end: float | None = None
+    latents: torch.Tensor | None = None  # (C, h, w), where a previous stage stopped
+
+    def __post_init__(self) -> None:
+        for name in ("denoising_start", "denoising_end"):
+            fraction = getattr(self, name)
+            if fraction is not None and not 0.0 < fraction < 1.0:
+                raise ValueError(f"{name} must be in (0, 1), got {fraction}")
+        if (self.denoising_start is None) != (self.latents is None):
+            raise ValueError("denoising_start and latents go together: give both or neither")
+        if (
+            self.denoising_start is not None
+            and self.denoising_end is not None
+            and self.denoising_start >= self.denoising_end
+        ):
+            raise ValueError(
+                f"denoising_start {self.denoising_start} must be below "
+                f"denoising_end {self.denoising_end}"
+            )
+
+    @property
+    def batch_key(self) -> tuple[int, int, int, int]:
+        """Requests denoise together only if these agree: (height, width,
+        num_inference_steps, sequence length L of the embeddings)."""
+        return (
+            self.height,
+            self.width,
+            self.num_inference_steps,
+            self.embeddings.prompt_embeds.shape[0],
+        )
+
+
+class PromptEncoder:
+    """SD3's three text encoders (CLIP-L, CLIP-G, T5) through the pipeline's own
+    ``encode_prompt``, behind an LRU cache of per-text embeddings.
+
+    A text is encoded once per (text, max_sequence_length) while it stays among the
+    ``cache_size`` most recently used; ``misses`` counts the texts the encoders ran on,
+    ``hits`` every other lookup (a prompt or negative prompt that needed no encoder run). A negative prompt of None is the empty text, as in the
+    pipeline. Cached tensors live on the CPU and are returned as they are: treat them as
+    read-only.
+    """
+
+    def __init__(
+        self,
+        bundle_dir: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        cache_size: int = 1024,
+    ) -> None:
+        if cache_size < 0:
+            raise ValueError(f"cache_size must be >= 0, got {cache_size}")
+        self.pipe = StableDiffusion3Pipeline.from_pretrained(
+            bundle_dir, dtype=dtype, **dict.fromkeys(_NOT_TEXT)
+        ).to(device)
+        self.cache_size = cache_size
+        # (text, max_sequence_length) -> ((L, D), (D_pooled,)), least recently used first.
+        self._cache: OrderedDict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def encode(
+        self,
+        prompts: Sequence[str],
+        negative_prompts: Sequence[str | None] | None = None,
+        max_sequence_length: int = 256,
+    ) -> list[PromptEmbeddings]:
+        """Embeddings per prompt; all texts not in the cache go through the encoders as one
+        batch."""
+        if negative_prompts is None:
+            negative_prompts = [None] * len(prompts)
+        if len(negative_prompts) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(negative_prompts)} negative prompts")
+        negatives = [negative or "" for negative in negative_prompts]
+        texts = [*prompts, *negatives]
+        keys = [(text, max_sequence_length) for text in texts]
+        missing = [key for key in dict.fromkeys(keys) if key not in self._cache]
+        self.misses += len(missing)
+        self.hits += len(keys) - len(missing)
+
+        found = {key: self._cache[key] for key in keys if key in self._cache}
+        for key in found:
+            self._cache.move_to_end(key)
+        if missing:
+            found.update(self._encode([text for text, _ in missing], max_sequence_length))
+            for key in missing:
+                self._cache[key] = found[key]
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+
+        embeddings = []
+        for prompt, negative in zip(prompts, negatives, strict=True):
+            prompt_embeds, pooled = found[(prompt, max_sequence_length)]
+            negative_embeds, negative_pooled = found[(negative, max_sequence_length)]
+            embeddings.append(
+                PromptEmbeddings(prompt_embeds, pooled, negative_embeds, negative_pooled)
+            )
+        return embeddings
+
+    def _encode(
+        self, texts: list[str], max_sequence_length: int
+    ) -> dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]:
+        # A negative prompt goes through the same code as a prompt (encode_prompt encodes
+        # both with clip_skip None), so one call without guidance encodes either kind.
+        with torch.no_grad():
+            prompt_embeds, _, pooled, _ = self.pipe.encode_prompt(
+                prompt=texts,
+                prompt_2=None,
+                prompt_3=None,
+                do_classifier_free_guidance=False,
+                max_sequence_length=max_sequence_length,
+            )  # (B, L, D), (B, D_pooled)
+        # A copy per text: a view would keep (and pickle) the whole batch's storage.
+        return {
+            (text, max_sequence_length): (
+                prompt_embeds[index].to("cpu", copy=True),
+                pooled[index].to("cpu", copy=True),
+            )
+            for index, text in enumerate(texts)
+        }
+
+
+class Denoiser:
+    """The bundle's SD3 transformer and scheduler: the base model or an SDXL-style refiner.
+
+    ``denoise`` runs a batch of requests that share ``DenoiseRequest.batch_key``; each step is
+    one transformer forward over [uncond of the guided requests..., cond of all...], and the
+    scheduler owns the step math. A call builds its own schedulers, so nothing carries over
+    from one call to the next.
+    """
+
+    def __init__(
+        self,
+        bundle_dir: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.transformer = (
+            SD3Transformer2DModel.from_pretrained(bundle_dir, subfolder="transformer", dtype=dtype)
+            .to(self.device)
+            .eval()
+        )
+        # A template only: each call steps fresh copies of it.
+        self.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
+            bundle_dir, subfolder="scheduler"
+        )
+        vae_config = AutoencoderKL.load_config(bundle_dir, subfolder="vae")
+        # StableDiffusion3Pipeline's latent downscale: one halving per VAE level but the last.
+        self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+    def denoise(
+        self,
+        requests: Sequence[DenoiseRequest],
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[torch.Tensor]:
+        """Latents (C, h, w) per request, in the pipeline's latent space (before the VAE's
+        scaling), on the CPU. ``progress(steps_done, num_steps)`` follows each step of the
+        call."""
+        if not requests:
+            raise ValueError("denoise needs at least one request")
+        height, width, num_inference_steps, _ = key = requests[0].batch_key
+        for request in requests:
+            if request.batch_key != key:
+                raise ValueError(
+                    "requests in one denoise call must share (height, width, "
+                    f"num_inference_steps, sequence length): {request.batch_key} != {key}"
+                )
+        multiple = self.vae_scale_factor * self.transformer.config.patch_size
+        if height % multiple or width % multiple:
+            raise ValueError(f"height and width must be multiples of {multiple}: {height}x{width}")
+        latent_shape = (
+            1,
+            self.transformer.config.in_channels,
+            height // self.vae_scale_factor,
+            width // self.vae_scale_factor,
+        )
+        timesteps = self._scheduler(num_inference_steps, latent_shape).timesteps  # (N,)
+
+        # Each request runs the steps [begin, end) of the shared schedule; one scheduler per
+        # distinct range, started at its first step as SDXL's img2img does at a handoff.
+        spans = [
+            (
+                self._handoff(request.denoising_start, timesteps, 0),
+                self._handoff(request.denoising_end, timesteps, len(timesteps)),
+            )
+            for request in requests
+        ]
+        schedulers = {}
+        for begin, end in dict.fromkeys(spans):
+            schedulers[begin, end] = self._scheduler(num_inference_steps, latent_shape)
+            schedulers[begin, end].set_begin_index(begin)
+        latents = [self._initial_latents(request, latent_shape) for request in requests]
+        embeddings = [request.embeddings.to(self.device, self.dtype) for request in requests]
+
+        first_step = min(begin for begin, _ in spans)
+        last_step = max(end for _, end in spans)
+        with torch.no_grad():
+            for step in range(first_step, last_step):
+                t = timesteps[step]
+                active = [i for i, (begin, end) in enumerate(spans) if begin <= step < end]
+                predictions = self._predict(t, active, requests, embeddings, latents)
+                for span, scheduler in schedulers.items():
+                    members = [i for i in active if spans[i] == span]
+                    if not members:
+                        continue
+                    stepped = scheduler.step(
+                        torch.stack([predictions[i] for i in members]),
+                        t,
+                        torch.stack([latents[i] for i in members]),
+                        return_dict=False,
+                    )[0]  # (M, C, h, w)
+                    for i, sample in zip(members, stepped, strict=True):
+                        latents[i] = sample
+                if progress is not None:
+                    progress(step + 1 - first_step, last_step - first_step)
+        # A copy each: a view would keep (and pickle) the whole batch's storage.
+        return [sample.to("cpu", copy=True) for sample in latents]
+
+    def _predict(
+        self,
+        t: torch.Tensor,
+        active: list[int],
+        requests: Sequence[DenoiseRequest],
+        embeddings: list[PromptEmbeddings],
+        latents: list[torch.Tensor],
+    ) -> dict[int, torch.Tensor]:
+        """The guided prediction (C, h, w) of each active request at timestep ``t``, from one
+        transformer forward over [uncond of the guided requests..., cond of all active...]."""
+        # The pipeline runs no unconditional pass at guidance_scale <= 1.
+        guided = [i for i in active if requests[i].guidance_scale > 1]
+        rows = guided + active
+        noise_pred = self.transformer(
+            hidden_states=torch.stack([latents[i] for i in rows]),  # (G + A, C, h, w)
+            timestep=t.expand(len(rows)),
+            encoder_hidden_states=torch.stack(
+                [embeddings[i].negative_prompt_embeds for i in guided]
+                + [embeddings[i].prompt_embeds for i in active]
+            ),  # (G + A, L, D)
+            pooled_projections=torch.stack(
+                [embeddings[i].negative_pooled_prompt_embeds for i in guided]
+                + [embeddings[i].pooled_prompt_embeds for i in active]
+            ),  # (G + A, D_pooled)
+            return_dict=False,
+        )[0]  # (G + A, C, h, w)
+        uncond = dict(zip(guided, noise_pred[: len(guided)], strict=True))
+        cond = dict(zip(active, noise_pred[len(guided) :], strict=True))
+        for i in guided:
+            # The pipeline's guidance, with this request's scale.
+            cond[i] = uncond[i] + requests[i].guidance_scale * (cond[i] - uncond[i])
+        return cond
+
+    def _scheduler(
+        self, num_inference_steps: int, latent_shape: tuple[int, ...]
+    ) -> FlowMatchEulerDiscreteScheduler:
+        """A fresh scheduler with the pipeline's timesteps (the step index lives in it)."""
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
+        kwargs = {}
+        if scheduler.config.get("use_dynamic_shifting", None):
+            # As StableDiffusion3Pipeline.__call__: the shift follows the image token count.
+            patch_size = self.transformer.config.patch_size
+            image_seq_len = (latent_shape[2] // patch_size) * (latent_shape[3] // patch_size)
+            kwargs["mu"] = calculate_shift(
+                image_seq_len,
+                scheduler.config.get("base_image_seq_len", 256),
+                scheduler.config.get("max_image_seq_len", 4096),
+                scheduler.config.get("base_shift", 0.5),
+                scheduler.config.get("max_shift", 1.16),
+            )
+        retrieve_timesteps(scheduler, num_inference_steps, self.device, **kwargs)
+        return scheduler
+
+    def _handoff(self, fraction: float | None, timesteps: torch.Tensor, default: int) -> int:
+        """SDXL's handoff step: how many timesteps are at or above the cutoff."""
+        if fraction is None:
+            return default
+        num_train_timesteps = self.scheduler.config.num_train_timesteps
+        cutoff = int(round(num_train_timesteps - fraction * num_train_timesteps))
+        return int((timesteps >= cutoff).sum())
+
+    def _initial_latents(
+        self, request: DenoiseRequest, latent_shape: tuple[int, ...]
+    ) -> torch.Tensor:
+        if request.latents is not None:
+            if request.latents.shape != latent_shape[1:]:
+                raise ValueError(
+                    f"latents of shape {tuple(request.latents.shape)} do not fit "
+                    f"{request.width}x{request.height}: expected {latent_shape[1:]}"
+                )
+            return request.latents.to(self.device, self.dtype)  # (C, h, w)
+        # What StableDiffusion3Pipeline draws for one prompt given a seeded CPU generator.
+        generator = torch.Generator("cpu").manual_seed(request.seed)
+        noise = randn_tensor(
+            latent_shape, generator=generator, device=self.device, dtype=self.dtype
+        )
+        return noise[0]  # (C, h, w)
+
+
+class VaeDecoder:
+    """The bundle's VAE: latents to images, as ``StableDiffusion3Pipeline``'s tail does."""
+
+    def __init__(
+        self,
+        bundle_dir: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.pipe = StableDiffusion3Pipeline.from_pretrained(
+            bundle_dir, dtype=dtype, **dict.fromkeys(_NOT_VAE)
+        ).to(device)
+
+    def decode(
+        self, latents: Sequence[torch.Tensor], output_type: ImageType = "uint8"
+    ) -> list[np.ndarray]:
+        """(H, W, 3) images from (C, h, w) latents of one shape: uint8, or float32 in [0, 1]
+        (the pipeline's ``output_type="np"``)."""
+        shapes = {tuple(sample.shape) for sample in latents}
+        if len(shapes) != 1:
+            raise ValueError(f"latents in one decode call must share a shape, got {shapes}")
+        vae = self.pipe.vae
+        batch = torch.stack(list(latents)).to(vae.device, vae.dtype)  # (B, C, h, w)
+        batch = batch / vae.config.scaling_factor + vae.config.shift_factor
+        with torch.no_grad():
+            pixels = vae.decode(batch, return_dict=False)[0]  # (B, 3, H, W)
+        images = self.pipe.image_processor.postprocess(pixels, output_type="np")
+        return list(_as_type(images, output_type))
+
+
+class Upscaler:
+    """An x4 super-resolution stage (StableDiffusionUpscalePipeline bundle), called as is.
+
+    Its ``noise_level`` is Imagen's conditioning augmentation: the low-res image is noised to
+    that level (by the bundle's ``low_res_scheduler``) and the UNet is told the level.
+    """
+
+    def __init__(
+        self,
+        bundle_dir: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.pipe = StableDiffusionUpscalePipeline.from_pretrained(bundle_dir, dtype=dtype).to(
+            device
+        )
+        self.pipe.set_progress_bar_config(disable=True)
+
+    def upscale(
+        self,
+        images: Sequence[np.ndarray],
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        *,
+        noise_level: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        negative_prompts: Sequence[str | None] | None = None,
+        output_type: ImageType = "uint8",
+    ) -> list[np.ndarray]:
+        """(4H, 4W, 3) images from uint8 (H, W, 3) ones of one size, one prompt and seed each.
+
+        Each image gets the noise a pipeline call for it alone with a CPU generator seeded
+        with its seed would draw.
+        """
+        if not len(images) == len(prompts) == len(seeds):
+            raise ValueError(f"{len(images)} images, {len(prompts)} prompts, {len(seeds)} seeds")
+        shapes = {image.shape for image in images}
+        if len(shapes) != 1:
+            raise ValueError(f"images in one upscale call must share a size, got {shapes}")
+        if negative_prompts is not None:
+            # The pipeline's own stand-in for a missing negative prompt.
+            negative_prompts = [negative or "" for negative in negative_prompts]
+        # uint8 -> [0, 1], as the pipeline's processor reads a PIL image.
+        pixels = np.stack(images).astype(np.float32) / 255  # (B, H, W, 3)
+        upscaled = self.pipe(
+            prompt=list(prompts),
+            image=pixels,
+            negative_prompt=negative_prompts,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            noise_level=noise_level,
+            generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
+            output_type="np",
+        ).images  # (B, 4H, 4W, 3) in [0, 1]
+        return list(_as_type(upscaled, output_type))
+
+
+def _as_type(images: np.ndarray, output_type: ImageType) -> np.ndarray:
+    if output_type == "float32":
+        return images
+    # Quantized as VaeImageProcessor.numpy_to_pil does.
+    return (images * 255).round().astype(np.uint8)
