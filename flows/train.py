@@ -620,7 +620,6 @@ def train_loop(args: dict[str, Any]) -> None:
         print(f"[raygen train] rank {rank}: resumed at step {step} from {checkpoint.path}")
 
     # --- steps ---
-    last_report = time.perf_counter()
     while step < config.max_steps:
         step_start = time.perf_counter()
         data_wait = 0.0
@@ -695,10 +694,9 @@ def train_loop(args: dict[str, Any]) -> None:
                 ray.train.report(
                     metrics, checkpoint=Checkpoint.from_directory(folder) if rank == 0 else None
                 )
-            last_report = time.perf_counter()
-        elif step % config.log_every == 0 or time.perf_counter() - last_report > 30:
+        elif step % config.log_every == 0:
+            # Every rank reports on the same steps: report is a collective.
             ray.train.report(metrics)
-            last_report = time.perf_counter()
 
     # --- the bundle: EMA weights in the source bundle's layout ---
     weights = _ema_weights(model, ema)
