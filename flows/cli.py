@@ -7,6 +7,7 @@ overrides, and flags for the fields everyone sets. Precedence: defaults < file <
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -36,10 +37,7 @@ Commands run on a local Ray started in-process unless --address or $RAY_ADDRESS 
 
 # Flows that later issues build. Their subcommands already parse and validate a config so
 # that scripts and manifests can be written against the final interface today.
-PENDING_FLOWS = {
-    "serve": "the serving graph (issue 5)",
-    "generate": "the generation client (issue 5)",
-}
+PENDING_FLOWS: dict[str, str] = {}
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -130,12 +128,49 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser(
         "generate",
         help="generate an image through a running raygen server",
-        description="Client for `raygen serve`.",
+        description="Client for `raygen serve` (POST /v1/generate). Settings left out take "
+        "the server's defaults.",
     )
     generate.add_argument("prompt", help="text prompt")
-    generate.add_argument("--out", required=True, metavar="FILE", help="output image file")
+    generate.add_argument(
+        "--out", required=True, metavar="FILE", help="output PNG (FILE-<i>.png for several)"
+    )
     generate.add_argument(
         "--url", default="http://127.0.0.1:8000", help="server URL (default: %(default)s)"
+    )
+    generate.add_argument(
+        "--api-key",
+        default=os.environ.get("RAYGEN_API_KEY"),
+        help="bearer API key (default: $RAYGEN_API_KEY)",
+    )
+    generate.add_argument("--negative-prompt", metavar="TEXT")
+    generate.add_argument("--num-inference-steps", "--steps", type=int, metavar="N")
+    generate.add_argument("--guidance-scale", type=float, metavar="G")
+    generate.add_argument("--height", type=int, metavar="PX")
+    generate.add_argument("--width", type=int, metavar="PX")
+    generate.add_argument("--seed", type=int)
+    generate.add_argument("--num-images", dest="num_images_per_prompt", type=int, metavar="N")
+    generate.add_argument(
+        "--refiner", action="store_true", default=None, help="hand off to the refiner stage"
+    )
+    generate.add_argument("--upscale", type=int, metavar="N", help="super-resolution stages")
+
+    watermark = commands.add_parser(
+        "watermark",
+        help="check images for raygen's invisible watermark",
+        description="Every image `raygen serve` returns carries an invisible watermark.",
+    )
+    watermark_commands = watermark.add_subparsers(
+        dest="watermark_command", metavar="ACTION", required=True
+    )
+    detect = watermark_commands.add_parser(
+        "detect",
+        help="say whether images carry the watermark (exit 1 if any does not)",
+        description="Read the watermark of each image file (PNG or another lossless format).",
+    )
+    detect.add_argument("files", nargs="+", metavar="FILE")
+    detect.add_argument(
+        "--key", default="raygen", help="the server's safety.watermark_key (default: %(default)s)"
     )
 
     submit = commands.add_parser(
@@ -224,6 +259,77 @@ def _run_distill(config: DistillConfig) -> int:
     return 0
 
 
+def _run_serve(config: ServeConfig) -> int:
+    from flows.serve import run_serve
+
+    run_serve(config)
+    return 0
+
+
+# `raygen generate` flags that are GenerateRequest fields.
+_GENERATE_FIELDS = (
+    "negative_prompt",
+    "num_inference_steps",
+    "guidance_scale",
+    "height",
+    "width",
+    "seed",
+    "num_images_per_prompt",
+    "refiner",
+    "upscale",
+)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from flows.serve import ServerError, generate_image, write_images
+    from schemas.api import GenerateRequest
+
+    fields = {name: getattr(args, name) for name in _GENERATE_FIELDS}
+    try:
+        request = GenerateRequest(
+            prompt=args.prompt,
+            **{name: value for name, value in fields.items() if value is not None},
+        )
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in item['loc'])}: {item['msg']}" for item in err.errors()
+        )
+        raise RaygenError(f"invalid request: {problems}") from None
+    try:
+        response = generate_image(args.url, request, api_key=args.api_key)
+    except ServerError as err:
+        raise RaygenError(str(err)) from None
+    for path in write_images(response, args.out):
+        print(path)
+    timings = ", ".join(
+        f"{stage} {seconds:.2f}s" for stage, seconds in response.stage_seconds.items()
+    )
+    print(f"seed {response.seed}; {timings}")
+    return 0
+
+
+def _run_watermark(args: argparse.Namespace) -> int:
+    import numpy as np
+    from PIL import Image
+
+    from actors.safety import detect_watermark
+
+    all_marked = True
+    for path in args.files:
+        try:
+            with Image.open(path) as image:
+                pixels = np.asarray(image.convert("RGB"))
+        except OSError as err:
+            raise RaygenError(f"{path}: cannot read image: {err}") from None
+        reading = detect_watermark(pixels, args.key)
+        verdict = "watermarked" if reading.present else "no watermark"
+        print(f"{path}: {verdict} ({reading.matched_bits}/{reading.num_bits} bits match)")
+        all_marked &= reading.present
+    return 0 if all_marked else 1
+
+
 def _run_submit(args: argparse.Namespace) -> int:
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not argv:
@@ -246,10 +352,13 @@ FLOW_HANDLERS: dict[str, Callable[[Any], int]] = {
     "prep": _run_prep,
     "train": _run_train,
     "distill": _run_distill,
+    "serve": _run_serve,
 }
 
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "models": _run_models,
+    "generate": _run_generate,
+    "watermark": _run_watermark,
     "submit": _run_submit,
     "demo": _run_demo,
 }

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_PROMPT_CHARS = 2000
+ResponseFormat = Literal["b64_json", "url"]
 
 
 class ApiModel(BaseModel):
@@ -25,18 +26,71 @@ class GenerateRequest(ApiModel):
     refiner: bool = False
     denoising_end: float = Field(default=0.8, gt=0.0, lt=1.0, description="base/refiner handoff")
     upscale: int = Field(default=0, ge=0, description="super-resolution stages to run")
-    response_format: Literal["b64_json", "url"] = "b64_json"
+    response_format: ResponseFormat = "b64_json"
+    model: str | None = Field(default=None, description="the served model's name, if given")
+    timeout_s: float | None = Field(
+        default=None, gt=0, description="at most the server's request_timeout_s"
+    )
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_has_text(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt is blank")
+        return value
 
 
 class GeneratedImage(ApiModel):
-    b64_json: str | None = None
+    b64_json: str | None = Field(default=None, description="the PNG, base64")
     url: str | None = None
+    revised_prompt: str | None = None
 
 
 class GenerateResponse(ApiModel):
     images: list[GeneratedImage]
-    seed: int
+    seed: int = Field(description="the first image's seed; image i used seed + i")
+    seeds: list[int]
+    model: str
+    nsfw_content_detected: list[bool] = Field(description="per image: blacked out if true")
     stage_seconds: dict[str, float] = Field(description="stage name -> seconds spent")
+
+
+class ImageGenerationRequest(ApiModel):
+    """OpenAI's ``POST /v1/images/generations`` body (the fields that apply to a diffusion
+    model), plus raygen's optional diffusers-named extensions (``extra_body`` in the
+    ``openai`` client)."""
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    model: str | None = None
+    n: int = Field(default=1, ge=1, le=10)
+    size: str = Field(default="1024x1024", pattern=r"^[0-9]+x[0-9]+$", description="WIDTHxHEIGHT")
+    response_format: ResponseFormat = "b64_json"
+    output_format: Literal["png"] = "png"
+    user: str | None = None
+    safety_identifier: str | None = None
+    negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    num_inference_steps: int = Field(default=28, ge=1, le=200)
+    guidance_scale: float = Field(default=7.0, ge=0.0, le=30.0)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_has_text(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt is blank")
+        return value
+
+
+class ImageGenerationResponse(BaseModel):
+    """OpenAI's images response; raygen adds the seeds and the time in each stage."""
+
+    created: int
+    data: list[GeneratedImage]
+    output_format: Literal["png"] = "png"
+    seed: int
+    seeds: list[int]
+    nsfw_content_detected: list[bool]
+    stage_seconds: dict[str, float]
 
 
 class VideoRequest(ApiModel):

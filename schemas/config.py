@@ -267,19 +267,138 @@ class DistillConfig(LoopConfig):
     optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(learning_rate=1e-5))
 
 
+class AutoscalingConfig(Config):
+    """Ray Serve autoscaling of one stage: replicas follow the requests in flight per replica.
+
+    ``min_replicas: 0`` scales the stage to zero when idle; the next request starts one.
+    """
+
+    min_replicas: int = Field(default=1, ge=0)
+    initial_replicas: int | None = Field(default=None, ge=0, description="default: min_replicas")
+    max_replicas: int = Field(default=1, ge=1)
+    target_ongoing_requests: float = Field(default=2.0, gt=0, description="per replica")
+    upscale_delay_s: float = Field(default=30.0, ge=0)
+    downscale_delay_s: float = Field(default=600.0, ge=0)
+
+    @field_validator("max_replicas")
+    @classmethod
+    def _max_not_below_min(cls, value: int, info: Any) -> int:
+        minimum = info.data.get("min_replicas")
+        if minimum is not None and value < minimum:
+            raise ValueError(f"max_replicas {value} is below min_replicas {minimum}")
+        return value
+
+
+class DeploymentSettings(Config):
+    """How one serving stage runs as a Ray Serve deployment: replicas, resources, queues and
+    (for the text encoders and the denoisers) dynamic batching.
+
+    A laptop and a GPU cluster differ only here (``num_gpus: 1`` and ``device: cuda`` on the
+    stage's model).
+    """
+
+    num_replicas: int = Field(default=1, ge=1, description="fixed count when autoscaling is null")
+    autoscaling: AutoscalingConfig | None = None
+    # A tenth of a CPU each, so the whole graph fits a 2-core laptop.
+    num_cpus: float = Field(default=0.1, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    max_ongoing_requests: int = Field(default=8, ge=1, description="in flight per replica")
+    max_queued_requests: int = Field(
+        default=64, ge=1, description="waiting for a replica; beyond them: 503 with Retry-After"
+    )
+    max_batch_size: int = Field(default=4, ge=1, description="batched stages only")
+    batch_wait_timeout_s: float = Field(
+        default=0.01, ge=0, description="batched stages only: how long a batch waits to fill"
+    )
+
+    @field_validator("max_batch_size")
+    @classmethod
+    def _batch_fits_in_flight(cls, value: int, info: Any) -> int:
+        ongoing = info.data.get("max_ongoing_requests")
+        if ongoing is not None and value > ongoing:
+            # A replica never holds more requests than max_ongoing_requests, so a larger batch
+            # could never fill.
+            raise ValueError(f"max_batch_size {value} exceeds max_ongoing_requests {ongoing}")
+        return value
+
+
+class ServeDeployments(Config):
+    """One deployment per stage of the serving graph."""
+
+    ingress: DeploymentSettings = Field(
+        default_factory=lambda: DeploymentSettings(max_ongoing_requests=32)
+    )
+    text_encoder: DeploymentSettings = Field(default_factory=DeploymentSettings)
+    base: DeploymentSettings = Field(default_factory=DeploymentSettings)
+    refiner: DeploymentSettings = Field(default_factory=DeploymentSettings)
+    vae_decode: DeploymentSettings = Field(default_factory=DeploymentSettings)
+    safety: DeploymentSettings = Field(default_factory=DeploymentSettings)
+
+
+class SuperResolutionStage(Config):
+    """One x4 super-resolution stage (a StableDiffusionUpscalePipeline bundle)."""
+
+    model: ModelRef = Field(default_factory=lambda: _bundle("upscaler"))
+    noise_level: int = Field(
+        default=20, ge=0, description="conditioning augmentation: noise added to the low-res input"
+    )
+    num_inference_steps: int = Field(default=20, ge=1)
+    guidance_scale: float = Field(default=0.0, ge=0)
+    deployment: DeploymentSettings = Field(default_factory=DeploymentSettings)
+
+
+class SafetyConfig(Config):
+    """Prompt filter before any model runs; image check and invisible watermark after decode."""
+
+    blocklist: list[str] = Field(
+        default_factory=list,
+        description="words or phrases; a prompt containing one (any case) is refused",
+    )
+    image_checker: ModelRef | None = Field(
+        default=None, description="image-classification bundle with an 'nsfw' label; null: off"
+    )
+    max_nsfw_score: float = Field(
+        default=0.5, ge=0, le=1, description="images scoring above it are replaced by black"
+    )
+    watermark_key: str = Field(
+        default="raygen", min_length=1, description="the watermark's bits derive from it"
+    )
+
+
 class ServeConfig(Config):
     """`raygen serve`: the multi-stage generation graph behind one HTTP API."""
 
-    bundle: ModelRef = Field(default_factory=lambda: _bundle("t2i"))
+    model_name: str = Field(default="raygen", description="the API's `model` field accepts it")
+    bundle: ModelRef = Field(
+        default_factory=lambda: _bundle("t2i"), description="base: text encoders, DiT, VAE"
+    )
+    refiner: ModelRef | None = Field(
+        default=None, description="SD3 bundle sharing the base's latent space; null: none"
+    )
+    super_resolution: list[SuperResolutionStage] = Field(
+        default_factory=list, description="x4 stages a request may run, in order"
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     max_height: int = Field(default=1024, ge=8)
     max_width: int = Field(default=1024, ge=8)
+    max_images_per_request: int = Field(default=4, ge=1)
+    max_sequence_length: int = Field(default=256, ge=1, description="T5 tokens per prompt")
+    text_cache_size: int = Field(default=1024, ge=0, description="prompt embeddings kept (LRU)")
+    request_timeout_s: float = Field(
+        default=300.0, gt=0, description="beyond it: 504, and the request's remaining work stops"
+    )
+    retry_after_s: float = Field(default=5.0, ge=0, description="Retry-After of a 503")
     api_keys_env: str | None = Field(
         default=None,
         description="name of an environment variable holding comma-separated API keys",
     )
-    output: str = Field(default=f"{DEFAULT_DATA_ROOT}/outputs")
+    output: str = Field(
+        default=f"{DEFAULT_DATA_ROOT}/outputs", description="where `url` images are stored"
+    )
+    url_expires_s: int = Field(default=3600, ge=1, description="presigned URLs (s3:// output)")
+    safety: SafetyConfig = Field(default_factory=SafetyConfig)
+    deployments: ServeDeployments = Field(default_factory=ServeDeployments)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 

@@ -2,12 +2,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from flows.cli import PENDING_FLOWS, build_parser, main
+from actors.safety import embed_watermark
+from flows.cli import build_parser, main
 
 REPO = Path(__file__).parents[2]
-SUBCOMMANDS = ["models", "prep", "train", "distill", "serve", "generate", "submit", "demo"]
+SUBCOMMANDS = [
+    "models", "prep", "train", "distill", "serve", "generate", "watermark", "submit", "demo"
+]  # fmt: skip
 
 
 def test_every_subcommand_is_registered():
@@ -16,7 +21,10 @@ def test_every_subcommand_is_registered():
     assert sorted(choices) == sorted(SUBCOMMANDS)
 
 
-@pytest.mark.parametrize("command", [[], *[[name] for name in SUBCOMMANDS], ["models", "tiny"]])
+@pytest.mark.parametrize(
+    "command",
+    [[], *[[name] for name in SUBCOMMANDS], ["models", "tiny"], ["watermark", "detect"]],
+)
 def test_help_is_useful(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([*command, "--help"])
@@ -35,12 +43,27 @@ def test_module_entry_point_runs():
         assert name in result.stdout
 
 
-@pytest.mark.parametrize("command", sorted(PENDING_FLOWS))
-def test_pending_flows_say_so_in_one_line(command, capsys):
-    argv = [command, "a prompt", "--out", "x.png"] if command == "generate" else [command]
-    assert main(argv) == 1
+def test_generate_without_a_server_is_one_line(tmp_path, capsys):
+    out = tmp_path / "x.png"
+    assert main(["generate", "a prompt", "--out", str(out), "--url", "http://127.0.0.1:1"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "not built yet" in err
+    assert len(err.splitlines()) == 1 and "cannot reach raygen server" in err
+    assert not out.exists()
+    # Bad settings are refused before anything is sent.
+    assert main(["generate", "a prompt", "--out", str(out), "--steps", "0"]) == 2
+    assert "num_inference_steps" in capsys.readouterr().err
+
+
+def test_watermark_detect_exits_by_verdict(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    plain = rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    Image.fromarray(plain).save(tmp_path / "plain.png")
+    Image.fromarray(embed_watermark(plain, "k1")).save(tmp_path / "marked.png")
+    assert main(["watermark", "detect", str(tmp_path / "marked.png"), "--key", "k1"]) == 0
+    assert "marked.png: watermarked (32/32 bits match)" in capsys.readouterr().out
+    assert main(["watermark", "detect", str(tmp_path / "plain.png"), "--key", "k1"]) == 1
+    assert "plain.png: no watermark" in capsys.readouterr().out
+    assert main(["watermark", "detect", str(tmp_path / "absent.png")]) == 2
 
 
 def test_config_error_is_one_message_naming_key_and_file(tmp_path, capsys):

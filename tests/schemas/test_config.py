@@ -56,16 +56,16 @@ def test_unknown_override_key_is_an_error():
 
 def test_precedence_defaults_file_flags_set(tmp_path: Path):
     path = tmp_path / "train.yaml"
-    path.write_text("max_steps: 7\nlearning_rate: 0.5\ndata: ./from-file\n")
+    path.write_text("max_steps: 7\noptimizer:\n  learning_rate: 0.5\ndata: ./from-file\n")
     config = load_config(
         TrainConfig,
         path,
-        overrides=["learning_rate=0.25", "ray.num_cpus=2", "bundle.dtype=bfloat16"],
+        overrides=["optimizer.learning_rate=0.25", "ray.num_cpus=2", "bundle.dtype=bfloat16"],
         values={"data": "s3://bucket/shards", "output": None},
     )
     assert config.max_steps == 7  # file
     assert config.data == "s3://bucket/shards"  # flag beats file
-    assert config.learning_rate == 0.25  # --set beats file
+    assert config.optimizer.learning_rate == 0.25  # --set beats file
     assert config.output == TrainConfig().output  # a flag left unset changes nothing
     assert config.ray.num_cpus == 2
     assert config.bundle.dtype == "bfloat16"

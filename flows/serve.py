@@ -1,0 +1,814 @@
+"""`raygen serve`: multi-stage text-to-image generation on Ray Serve.
+
+Each stage is one deployment wrapping an ``actors/`` class, with its own replicas (or
+autoscaling, scale to zero included), resources, queue bounds and batching, all from
+``ServeConfig``::
+
+    ingress (FastAPI: auth, validation, prompt filter, native and OpenAI routes)
+      -> text_encoder (CLIP + T5, LRU cache; batched)
+      -> base (SD3 DiT, CFG as one forward; requests batched by shape and step count)
+      -> refiner (optional per request: the base stops at denoising_end, it continues)
+      -> vae_decode
+      -> super_resolution_1..n (optional per request: x4 stages, noise-level conditioning)
+      -> safety (image check, invisible watermark, PNG)
+
+Latents, embeddings and images travel between stages as handle-call arguments and results,
+so through Ray's object store. ``build_app`` is the one place the graph is built: ``raygen
+serve`` runs it locally, and ``serve run flows.serve:app_builder config=serve.yaml`` or a
+Serve config file's ``import_path: flows.serve:app_builder`` (``args: {config: ...}``) deploy
+the same graph.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the routes' annotations at runtime,
+# and Serve's class-based views cannot resolve them as strings.
+import asyncio
+import base64
+import hashlib
+import hmac
+import io
+import os
+import random
+import re
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from PIL import Image
+from ray import serve
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
+
+from actors.generation import Denoiser, DenoiseRequest, PromptEncoder, Upscaler, VaeDecoder
+from actors.safety import ImageSafetyChecker, PromptFilter, embed_watermark
+from cluster.bundles import resolve_bundle
+from cluster.ray_runtime import init_ray
+from cluster.storage import Storage, is_s3, local_path
+from schemas.api import (
+    GeneratedImage,
+    GenerateRequest,
+    GenerateResponse,
+    ImageGenerationRequest,
+    ImageGenerationResponse,
+)
+from schemas.config import (
+    ConfigError,
+    DeploymentSettings,
+    ModelRef,
+    SafetyConfig,
+    ServeConfig,
+    StorageConfig,
+    SuperResolutionStage,
+    load_config,
+)
+
+APP_NAME = "raygen"
+IMAGES_FOLDER = "images"
+_IMAGE_NAME = re.compile(r"^[0-9a-f]{32}\.png$")
+
+api = FastAPI(
+    title="raygen",
+    description="Multi-stage text-to-image generation: native and OpenAI-compatible routes.",
+)
+
+
+def _torch_dtype(model: ModelRef) -> torch.dtype:
+    return getattr(torch, model.dtype)
+
+
+def _local_bundle(model: ModelRef, storage: StorageConfig) -> str:
+    return str(resolve_bundle(model.uri, Storage(storage)))
+
+
+# ---------------------------------------------------------------------------------------
+# Stages
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EncodeItem:
+    """One request's texts for the shared text encoders."""
+
+    prompt: str
+    negative_prompt: str | None
+    max_sequence_length: int
+
+
+@serve.deployment
+class TextEncoderStage:
+    """CLIP + T5 for every stage that needs embeddings; concurrent requests' uncached texts
+    go through the encoders as one batch."""
+
+    def __init__(
+        self,
+        model: ModelRef,
+        storage: StorageConfig,
+        settings: DeploymentSettings,
+        cache_size: int,
+    ) -> None:
+        self.encoder = PromptEncoder(
+            _local_bundle(model, storage),
+            device=model.device,
+            dtype=_torch_dtype(model),
+            cache_size=cache_size,
+        )
+        self.encode.set_max_batch_size(settings.max_batch_size)
+        self.encode.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        self.num_requests = 0
+
+    @serve.batch
+    async def encode(self, items: list[EncodeItem]) -> list[Any]:
+        self.num_requests += len(items)
+        groups: dict[int, list[int]] = defaultdict(list)
+        for index, item in enumerate(items):
+            groups[item.max_sequence_length].append(index)
+        results: list[Any] = [None] * len(items)
+        for max_sequence_length, indices in groups.items():
+            embeddings = await asyncio.to_thread(
+                self.encoder.encode,
+                [items[i].prompt for i in indices],
+                [items[i].negative_prompt for i in indices],
+                max_sequence_length,
+            )
+            for index, embedding in zip(indices, embeddings, strict=True):
+                results[index] = embedding
+        return results
+
+    async def stats(self) -> dict[str, int]:
+        return {
+            "requests": self.num_requests,
+            "cache_hits": self.encoder.hits,
+            "cache_misses": self.encoder.misses,
+        }
+
+
+@serve.deployment
+class DenoiserStage:
+    """The base DiT or the refiner: concurrent requests that share (height, width, steps,
+    sequence length) denoise together, one transformer forward per step for all of them and
+    both halves of their classifier-free guidance."""
+
+    def __init__(
+        self, model: ModelRef, storage: StorageConfig, settings: DeploymentSettings
+    ) -> None:
+        self.denoiser = Denoiser(
+            _local_bundle(model, storage), device=model.device, dtype=_torch_dtype(model)
+        )
+        self.denoise.set_max_batch_size(settings.max_batch_size)
+        self.denoise.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        self.num_requests = 0
+        self.batch_sizes: Counter[int] = Counter()  # requests per call -> calls
+
+    async def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE's downscale times the patch size."""
+        return self.denoiser.vae_scale_factor * self.denoiser.transformer.config.patch_size
+
+    @serve.batch
+    async def denoise(self, requests: list[DenoiseRequest]) -> list[torch.Tensor]:
+        self.num_requests += len(requests)
+        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for index, request in enumerate(requests):
+            groups[request.batch_key].append(index)
+        results: list[Any] = [None] * len(requests)
+        for indices in groups.values():
+            self.batch_sizes[len(indices)] += 1
+            latents = await asyncio.to_thread(self.denoiser.denoise, [requests[i] for i in indices])
+            for index, sample in zip(indices, latents, strict=True):
+                results[index] = sample  # (C, h, w)
+        return results
+
+    async def stats(self) -> dict[str, Any]:
+        return {"requests": self.num_requests, "batch_sizes": dict(self.batch_sizes)}
+
+
+@serve.deployment
+class VaeDecodeStage:
+    def __init__(self, model: ModelRef, storage: StorageConfig) -> None:
+        self.decoder = VaeDecoder(
+            _local_bundle(model, storage), device=model.device, dtype=_torch_dtype(model)
+        )
+        self.num_requests = 0
+
+    async def decode(self, latents: list[torch.Tensor], output_type: str) -> list[np.ndarray]:
+        self.num_requests += 1
+        return await asyncio.to_thread(self.decoder.decode, latents, output_type)
+
+    async def stats(self) -> dict[str, int]:
+        return {"requests": self.num_requests}
+
+
+@serve.deployment
+class SuperResolutionDeployment:
+    """One x4 stage of the cascade; its noise level, steps and guidance come from config."""
+
+    def __init__(self, stage: SuperResolutionStage, storage: StorageConfig) -> None:
+        self.stage = stage
+        self.upscaler = Upscaler(
+            _local_bundle(stage.model, storage),
+            device=stage.model.device,
+            dtype=_torch_dtype(stage.model),
+        )
+        # The pipeline keeps per-call state on itself: one call at a time.
+        self.lock = asyncio.Lock()
+        self.num_requests = 0
+
+    async def upscale(
+        self,
+        images: list[np.ndarray],
+        prompt: str,
+        negative_prompt: str | None,
+        seeds: list[int],
+    ) -> list[np.ndarray]:
+        self.num_requests += 1
+        async with self.lock:
+            return await asyncio.to_thread(
+                self.upscaler.upscale,
+                images,
+                [prompt] * len(images),
+                seeds,
+                noise_level=self.stage.noise_level,
+                num_inference_steps=self.stage.num_inference_steps,
+                guidance_scale=self.stage.guidance_scale,
+                negative_prompts=[negative_prompt] * len(images),
+            )
+
+    async def stats(self) -> dict[str, int]:
+        return {"requests": self.num_requests}
+
+
+@serve.deployment
+class SafetyStage:
+    """The last stage: image safety check (when configured), invisible watermark, PNG."""
+
+    def __init__(self, safety: SafetyConfig, storage: StorageConfig) -> None:
+        self.watermark_key = safety.watermark_key
+        self.checker = None
+        if safety.image_checker is not None:
+            self.checker = ImageSafetyChecker(
+                _local_bundle(safety.image_checker, storage),
+                safety.max_nsfw_score,
+                device=safety.image_checker.device,
+                dtype=_torch_dtype(safety.image_checker),
+            )
+        self.num_requests = 0
+
+    async def finish(self, images: list[np.ndarray]) -> tuple[list[bytes], list[bool]]:
+        """PNG bytes of each uint8 image, and whether the checker blacked it out."""
+        self.num_requests += 1
+        return await asyncio.to_thread(self._finish, images)
+
+    def _finish(self, images: list[np.ndarray]) -> tuple[list[bytes], list[bool]]:
+        flagged = [False] * len(images)
+        if self.checker is not None:
+            images, flagged = self.checker.check(images)
+        pngs = [_png(embed_watermark(image, self.watermark_key)) for image in images]
+        return pngs, flagged
+
+    async def stats(self) -> dict[str, int]:
+        return {"requests": self.num_requests}
+
+
+def _png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------
+# Ingress
+# ---------------------------------------------------------------------------------------
+
+
+def _authorize(request: Request) -> None:
+    """Bearer API keys, when the server has any: 401 without a key, 403 with a wrong one.
+
+    A FastAPI dependency, so it runs before the body is validated: an unauthenticated caller
+    learns nothing about the API from validation errors.
+    """
+    digests: list[bytes] | None = request.app.state.api_key_digests
+    if digests is None:
+        return
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise HTTPException(
+            401,
+            "missing API key: send 'Authorization: Bearer <key>'",
+            {"WWW-Authenticate": "Bearer"},
+        )
+    digest = hashlib.sha256(key.strip().encode()).digest()
+    # Compare every key, in constant time, so timing tells nothing about which is close.
+    if not any([hmac.compare_digest(digest, known) for known in digests]):
+        raise HTTPException(403, "invalid API key")
+
+
+def _invalid(field: str, value: Any, message: str) -> RequestValidationError:
+    """A 422 in FastAPI's own shape, naming the request field."""
+    return RequestValidationError(
+        [{"loc": ("body", field), "msg": message, "type": "value_error", "input": value}]
+    )
+
+
+@dataclass
+class _Run:
+    """One request's progress: seconds per stage, and the stage calls still in flight (the
+    ones a timeout cancels)."""
+
+    stage_seconds: dict[str, float]
+    in_flight: set[DeploymentResponse]
+
+    async def call(self, stage: str, *responses: DeploymentResponse) -> list[Any]:
+        start = time.perf_counter()
+        self.in_flight.update(responses)
+        results = await asyncio.gather(*responses)
+        # Only finished calls leave: on a timeout, the ones still listed get cancelled.
+        self.in_flight.difference_update(responses)
+        self.stage_seconds[stage] = time.perf_counter() - start
+        return list(results)
+
+
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    """Routes, auth, validation and the prompt filter; drives a request through the stages."""
+
+    def __init__(
+        self,
+        config: ServeConfig,
+        api_key_digests: list[bytes] | None,
+        text_encoder: DeploymentHandle,
+        base: DeploymentHandle,
+        refiner: DeploymentHandle | None,
+        vae_decode: DeploymentHandle,
+        super_resolution: list[DeploymentHandle],
+        safety: DeploymentHandle,
+    ) -> None:
+        self.config = config
+        api.state.api_key_digests = api_key_digests
+        self.prompt_filter = PromptFilter(config.safety.blocklist)
+        self.storage = Storage(config.storage)
+        self.text_encoder = text_encoder
+        self.base = base
+        self.refiner = refiner
+        self.vae_decode = vae_decode
+        self.super_resolution = super_resolution
+        self.safety = safety
+        self._size_multiple: int | None = None
+
+    def _stages(self) -> dict[str, DeploymentHandle]:
+        stages = {"text_encoder": self.text_encoder, "base": self.base}
+        if self.refiner is not None:
+            stages["refiner"] = self.refiner
+        stages["vae_decode"] = self.vae_decode
+        for index, handle in enumerate(self.super_resolution, start=1):
+            stages[f"super_resolution_{index}"] = handle
+        stages["safety"] = self.safety
+        return stages
+
+    @api.get("/health")
+    async def health(self) -> dict[str, Any]:
+        return {"status": "ok", "model": self.config.model_name, "stages": list(self._stages())}
+
+    @api.get("/v1/stats", dependencies=[Depends(_authorize)])
+    async def stats(self) -> dict[str, Any]:
+        """Per stage (the replica that answered): requests served, encoder cache hits and
+        misses, the denoisers' batch sizes."""
+        stages = self._stages()
+        results = await asyncio.gather(*(handle.stats.remote() for handle in stages.values()))
+        return dict(zip(stages, results, strict=True))
+
+    @api.post("/v1/generate", response_model=GenerateResponse, dependencies=[Depends(_authorize)])
+    async def generate(self, body: GenerateRequest, request: Request) -> GenerateResponse:
+        seeds = await self._admit(body, {})
+        (images, flagged), stage_seconds = await self._within_time_limit(
+            body, lambda run: self._images(body, seeds, request, run)
+        )
+        return GenerateResponse(
+            images=images,
+            seed=seeds[0],
+            seeds=seeds,
+            model=self.config.model_name,
+            nsfw_content_detected=flagged,
+            stage_seconds=stage_seconds,
+        )
+
+    @api.post(
+        "/v1/images/generations",
+        response_model=ImageGenerationResponse,
+        dependencies=[Depends(_authorize)],
+    )
+    async def images_generations(
+        self, body: ImageGenerationRequest, request: Request
+    ) -> ImageGenerationResponse:
+        """OpenAI's image generation route, so the official ``openai`` client works."""
+        width, height = (int(side) for side in body.size.split("x"))
+        # Already validated field by field; the checks left (sizes, counts) are the server's
+        # own, and name the OpenAI fields.
+        native = GenerateRequest.model_construct(
+            prompt=body.prompt,
+            negative_prompt=body.negative_prompt,
+            num_inference_steps=body.num_inference_steps,
+            guidance_scale=body.guidance_scale,
+            height=height,
+            width=width,
+            seed=body.seed,
+            num_images_per_prompt=body.n,
+            model=body.model,
+            response_format=body.response_format,
+        )
+        fields = {"height": "size", "width": "size", "num_images_per_prompt": "n"}
+        seeds = await self._admit(native, fields)
+        (images, flagged), stage_seconds = await self._within_time_limit(
+            native, lambda run: self._images(native, seeds, request, run)
+        )
+        return ImageGenerationResponse(
+            created=int(time.time()),
+            data=images,
+            seed=seeds[0],
+            seeds=seeds,
+            nsfw_content_detected=flagged,
+            stage_seconds=stage_seconds,
+        )
+
+    @api.get("/v1/files/{name}")
+    async def file(self, name: str) -> Response:
+        """An image stored for a ``url`` response. No auth: the name is 128 random bits, so
+        the URL itself is the capability (as a presigned S3 URL is)."""
+        if not _IMAGE_NAME.match(name):
+            raise HTTPException(404, "no such image")
+        uri = Storage.join(self.config.output, IMAGES_FOLDER, name)
+        try:
+            data = await asyncio.to_thread(self.storage.read_bytes, uri)
+        except ValueError:
+            raise HTTPException(404, "no such image") from None
+        return Response(data, media_type="image/png")
+
+    async def pixels(self, body: GenerateRequest) -> dict[str, Any]:
+        """Not a route: the float32 images (H, W, 3) in [0, 1] straight from the VAE, before
+        the safety stage (so neither checked nor watermarked), for parity checks against
+        diffusers and for trusted callers inside the cluster."""
+        if body.upscale:
+            raise ValueError("pixels() returns VAE output: upscale must be 0")
+        seeds = await self._admit(body, {})
+        images, stage_seconds = await self._within_time_limit(
+            body, lambda run: self._run_stages(body, seeds, "float32", run)
+        )
+        return {"images": images, "seeds": seeds, "stage_seconds": stage_seconds}
+
+    # ---- the graph ------------------------------------------------------------------
+
+    async def _admit(self, body: GenerateRequest, fields: dict[str, str]) -> list[int]:
+        """Validate against this server and run the prompt filter, before any model runs;
+        returns the seed of each image. ``fields`` renames fields in 422s (OpenAI's names)."""
+        await self._validate(body, fields)
+        blocked = self.prompt_filter.match(body.prompt)
+        if blocked is not None:
+            raise HTTPException(
+                400,
+                {
+                    "code": "prompt_blocked",
+                    "field": "prompt",
+                    "reason": f"the prompt contains the blocked term {blocked!r}",
+                },
+            )
+        num_images = body.num_images_per_prompt
+        first = body.seed if body.seed is not None else random.randrange(2**63 - num_images)
+        return [first + index for index in range(num_images)]
+
+    async def _within_time_limit(
+        self, body: GenerateRequest, work: Callable[[_Run], Awaitable[Any]]
+    ) -> tuple[Any, dict[str, float]]:
+        """``work``'s result and the seconds in each stage, or a 504 once the request's time
+        limit passes, with the stage calls in flight cancelled and no later stage started."""
+        run = _Run(stage_seconds={}, in_flight=set())
+        timeout_s = body.timeout_s or self.config.request_timeout_s
+        start = time.perf_counter()
+        try:
+            result = await asyncio.wait_for(work(run), timeout_s)
+        except TimeoutError:
+            for response in run.in_flight:
+                response.cancel()
+            raise HTTPException(
+                504, f"generation exceeded its time limit of {timeout_s:g} s and was cancelled"
+            ) from None
+        run.stage_seconds["total"] = time.perf_counter() - start
+        return result, run.stage_seconds
+
+    async def _run_stages(
+        self, body: GenerateRequest, seeds: list[int], output_type: str, run: _Run
+    ) -> list[np.ndarray]:
+        [embeddings] = await run.call(
+            "text_encoder",
+            self.text_encoder.encode.remote(
+                EncodeItem(body.prompt, body.negative_prompt, self.config.max_sequence_length)
+            ),
+        )
+        common = {
+            "embeddings": embeddings,
+            "guidance_scale": body.guidance_scale,
+            "height": body.height,
+            "width": body.width,
+            "num_inference_steps": body.num_inference_steps,
+        }
+        handoff = body.denoising_end if body.refiner else None
+        latents = await run.call(
+            "base",
+            *(
+                self.base.denoise.remote(DenoiseRequest(**common, seed=seed, denoising_end=handoff))
+                for seed in seeds
+            ),
+        )
+        if body.refiner:
+            latents = await run.call(
+                "refiner",
+                *(
+                    self.refiner.denoise.remote(
+                        DenoiseRequest(**common, seed=seed, denoising_start=handoff, latents=sample)
+                    )
+                    for seed, sample in zip(seeds, latents, strict=True)
+                ),
+            )
+        [images] = await run.call("vae_decode", self.vae_decode.decode.remote(latents, output_type))
+        for index, stage in enumerate(self.super_resolution[: body.upscale], start=1):
+            [images] = await run.call(
+                f"super_resolution_{index}",
+                stage.upscale.remote(images, body.prompt, body.negative_prompt, seeds),
+            )
+        return images
+
+    async def _images(
+        self,
+        body: GenerateRequest,
+        seeds: list[int],
+        request: Request,
+        run: _Run,
+    ) -> tuple[list[GeneratedImage], list[bool]]:
+        """The stages, then safety check, watermark and PNG; inline base64 or a stored
+        image's URL. Returns the images and which ones the safety check blacked out."""
+        images = await self._run_stages(body, seeds, "uint8", run)
+        [(pngs, flagged)] = await run.call("safety", self.safety.finish.remote(images))
+        if body.response_format == "b64_json":
+            return [
+                GeneratedImage(b64_json=base64.b64encode(png).decode()) for png in pngs
+            ], flagged
+        start = time.perf_counter()
+        stored = await asyncio.gather(*(self._store(png, request) for png in pngs))
+        run.stage_seconds["store"] = time.perf_counter() - start
+        return list(stored), flagged
+
+    async def _store(self, png: bytes, request: Request) -> GeneratedImage:
+        name = f"{uuid.uuid4().hex}.png"
+        uri = Storage.join(self.config.output, IMAGES_FOLDER, name)
+        await asyncio.to_thread(self.storage.write_bytes, uri, png)
+        if is_s3(uri):
+            url = await asyncio.to_thread(
+                self.storage.presigned_url, uri, self.config.url_expires_s
+            )
+        else:
+            url = str(request.url_for("file", name=name))
+        return GeneratedImage(url=url)
+
+    async def _validate(self, body: GenerateRequest, fields: dict[str, str]) -> None:
+        """The checks that depend on this server: its sizes, stages, model name and limits."""
+        config = self.config
+
+        def invalid(field: str, value: Any, message: str) -> RequestValidationError:
+            if field in fields:  # an OpenAI field that sets this one (size: height and width)
+                return _invalid(fields[field], value, f"{field} {message}")
+            return _invalid(field, value, message)
+
+        if body.model is not None and body.model != config.model_name:
+            raise invalid(
+                "model", body.model, f"unknown model; this server serves {config.model_name!r}"
+            )
+        if self._size_multiple is None:
+            self._size_multiple = await self.base.size_multiple.remote()
+        multiple = self._size_multiple
+        for field, value, maximum in (
+            ("height", body.height, config.max_height),
+            ("width", body.width, config.max_width),
+        ):
+            if value < multiple or value % multiple:
+                raise invalid(
+                    field, value, f"must be a multiple of {multiple} (VAE downscale x patch size)"
+                )
+            if value > maximum:
+                raise invalid(field, value, f"must be at most {maximum}")
+        if body.num_images_per_prompt > config.max_images_per_request:
+            raise invalid(
+                "num_images_per_prompt",
+                body.num_images_per_prompt,
+                f"at most {config.max_images_per_request} images per request",
+            )
+        if body.refiner and self.refiner is None:
+            raise invalid("refiner", body.refiner, "this server has no refiner stage")
+        if body.upscale > len(self.super_resolution):
+            raise invalid(
+                "upscale",
+                body.upscale,
+                f"this server has {len(self.super_resolution)} super-resolution stages",
+            )
+        if body.timeout_s is not None and body.timeout_s > config.request_timeout_s:
+            raise invalid(
+                "timeout_s", body.timeout_s, f"must be at most {config.request_timeout_s:g}"
+            )
+
+
+# ---------------------------------------------------------------------------------------
+# Building and running the graph
+# ---------------------------------------------------------------------------------------
+
+
+def deployment_options(
+    name: str, settings: DeploymentSettings, retry_after_s: float
+) -> dict[str, Any]:
+    """A stage's Serve deployment options from its settings."""
+    options: dict[str, Any] = {
+        "name": name,
+        "ray_actor_options": {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus},
+        "max_ongoing_requests": settings.max_ongoing_requests,
+        "max_queued_requests": settings.max_queued_requests,
+        # Beyond the queue: 503 with Retry-After, whichever stage is full.
+        "backpressure_config": {"status_code": 503, "retry_after_s": retry_after_s},
+    }
+    if settings.autoscaling is None:
+        options["num_replicas"] = settings.num_replicas
+    else:
+        options["autoscaling_config"] = settings.autoscaling.model_dump(exclude_none=True)
+    return options
+
+
+def api_key_digests(config: ServeConfig) -> list[bytes] | None:
+    """SHA-256 digests of the keys in ``$api_keys_env``; only digests leave this process."""
+    if config.api_keys_env is None:
+        return None
+    keys = [key.strip() for key in os.environ.get(config.api_keys_env, "").split(",")]
+    keys = [key for key in keys if key]
+    if not keys:
+        raise ConfigError(
+            f"api_keys_env: environment variable {config.api_keys_env} is unset or holds no "
+            "keys; set it to comma-separated keys, or set api_keys_env: null to serve without auth"
+        )
+    return [hashlib.sha256(key.encode()).digest() for key in keys]
+
+
+def build_app(config: ServeConfig) -> serve.Application:
+    """The whole graph, one deployment per stage, from one config."""
+    config = _absolute_local_paths(config)
+    deployments, retry = config.deployments, config.retry_after_s
+    storage = config.storage
+
+    def bind(cls: Any, name: str, settings: DeploymentSettings, *args: Any) -> Any:
+        return cls.options(**deployment_options(name, settings, retry)).bind(*args)
+
+    text_encoder = bind(
+        TextEncoderStage,
+        "text_encoder",
+        deployments.text_encoder,
+        config.bundle,
+        storage,
+        deployments.text_encoder,
+        config.text_cache_size,
+    )
+    base = bind(DenoiserStage, "base", deployments.base, config.bundle, storage, deployments.base)
+    refiner = None
+    if config.refiner is not None:
+        refiner = bind(
+            DenoiserStage,
+            "refiner",
+            deployments.refiner,
+            config.refiner,
+            storage,
+            deployments.refiner,
+        )
+    vae_decode = bind(VaeDecodeStage, "vae_decode", deployments.vae_decode, config.bundle, storage)
+    super_resolution = [
+        bind(
+            SuperResolutionDeployment, f"super_resolution_{index}", stage.deployment, stage, storage
+        )
+        for index, stage in enumerate(config.super_resolution, start=1)
+    ]
+    safety = bind(SafetyStage, "safety", deployments.safety, config.safety, storage)
+    return bind(
+        Ingress,
+        "ingress",
+        deployments.ingress,
+        config,
+        api_key_digests(config),
+        text_encoder,
+        base,
+        refiner,
+        vae_decode,
+        super_resolution,
+        safety,
+    )
+
+
+def app_builder(args: dict[str, str]) -> serve.Application:
+    """Entry for ``serve run flows.serve:app_builder config=serve.yaml [key.path=value ...]``
+    and Serve config files (``import_path: flows.serve:app_builder``, ``args: {config: ...}``).
+    """
+    args = dict(args)
+    path = args.pop("config", None)
+    return build_app(
+        load_config(ServeConfig, path, [f"{key}={value}" for key, value in args.items()])
+    )
+
+
+def run_serve(config: ServeConfig) -> None:
+    """`raygen serve`: start the graph on Ray (local unless configured) and serve until
+    interrupted."""
+    init_ray(config.ray)
+    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=True)
+
+
+def _absolute_local_paths(config: ServeConfig) -> ServeConfig:
+    """Local paths made absolute here, so replicas started in another folder find them."""
+
+    def absolute(uri: str) -> str:
+        return uri if is_s3(uri) else str(local_path(uri).absolute())
+
+    def model(ref: ModelRef | None) -> ModelRef | None:
+        return None if ref is None else ref.model_copy(update={"uri": absolute(ref.uri)})
+
+    return config.model_copy(
+        update={
+            "bundle": model(config.bundle),
+            "refiner": model(config.refiner),
+            "super_resolution": [
+                stage.model_copy(update={"model": model(stage.model)})
+                for stage in config.super_resolution
+            ],
+            "safety": config.safety.model_copy(
+                update={"image_checker": model(config.safety.image_checker)}
+            ),
+            "output": absolute(config.output),
+        }
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Client
+# ---------------------------------------------------------------------------------------
+
+
+def generate_image(
+    url: str,
+    request: GenerateRequest,
+    api_key: str | None = None,
+    timeout_s: float = 600.0,
+) -> GenerateResponse:
+    """Call a running server's ``POST /v1/generate``."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    call = urllib.request.Request(
+        f"{url.rstrip('/')}/v1/generate",
+        data=request.model_dump_json(exclude_none=True).encode(),
+        headers=headers,
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(call, timeout=timeout_s) as response:
+            return GenerateResponse.model_validate_json(response.read())
+    except urllib.error.HTTPError as err:
+        detail = err.read().decode(errors="replace")
+        try:
+            detail = json.dumps(json.loads(detail)["detail"])
+        except (ValueError, KeyError, TypeError):
+            pass
+        raise ServerError(err.code, detail) from None
+    except urllib.error.URLError as err:
+        raise ConnectionError(f"cannot reach raygen server at {url}: {err.reason}") from None
+
+
+class ServerError(ValueError):
+    """The server refused a request; ``status`` is its HTTP status."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(f"server answered {status}: {detail}")
+        self.status = status
+
+
+def write_images(response: GenerateResponse, out: str) -> list[str]:
+    """Write the response's images: ``out`` for one, ``stem-<i>.suffix`` for several."""
+    root, suffix = os.path.splitext(out)
+    paths = []
+    for index, image in enumerate(response.images):
+        if image.b64_json is None:
+            raise ValueError("expected inline images (response_format b64_json)")
+        path = out if len(response.images) == 1 else f"{root}-{index}{suffix or '.png'}"
+        with open(path, "wb") as handle:
+            handle.write(base64.b64decode(image.b64_json))
+        paths.append(path)
+    return paths

@@ -1,0 +1,571 @@
+"""The serving graph on a real local Ray Serve with tiny bundles: parity with diffusers'
+pipelines (base alone and base + refiner), the HTTP API (native and OpenAI routes, auth,
+validation, prompt filter, watermark, URLs on S3), batching, overload and timeouts, and
+the `raygen generate` client.
+
+Parity is checked on float32 pixels through the ingress deployment's ``pixels`` method (the
+same stages and code path as the routes, stopping before the safety stage), because every
+image the routes return carries the invisible watermark, which changes pixels on purpose;
+the PNGs the routes return are checked against the pipeline's uint8 image to the watermark's
+size.
+"""
+
+import base64
+import io
+import json
+import os
+import urllib.error
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusion3Pipeline
+from PIL import Image
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from actors.safety import detect_watermark
+from flows.cli import main
+from flows.models import build_tiny_bundles
+from flows.serve import APP_NAME, api_key_digests, app_builder, build_app, deployment_options
+from schemas.api import GenerateRequest
+from schemas.config import ConfigError, DeploymentSettings, ServeConfig, StorageConfig
+from tests.conftest import S3_REGION, free_port
+
+API_KEYS_ENV = "RAYGEN_TEST_SERVE_API_KEYS"
+# Distinctive, so the test can check that no log line ever holds one.
+API_KEY = "rk-test-7c1e9b2f40d8"
+SECOND_KEY = "rk-test-second-55aa"
+WRONG_KEY = "rk-test-wrong-0f3d61"
+
+HEIGHT, WIDTH = 32, 48
+NUM_STEPS = 6
+MAX_SEQUENCE_LENGTH = 16
+DENOISING_END = 0.8
+TOLERANCE = 1e-4  # max abs difference of float32 pixels in [0, 1]
+PROMPT = "two dogs running on the beach at sunset"
+NEGATIVE_PROMPT = "blurry dark photo"
+BLOCKED = "forbidden fruit"
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str
+    ingress: DeploymentHandle
+    config: ServeConfig
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_tiny_bundles(
+        tmp_path_factory.mktemp("bundles"), names=["t2i", "refiner", "upscaler", "nsfw"]
+    )
+
+
+@pytest.fixture(scope="module")
+def output_bucket(s3_client: Any) -> str:
+    name = f"serve-{uuid.uuid4().hex[:16]}"
+    s3_client.create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+def serve_config(
+    bundles: dict[str, Path], output: str, storage: StorageConfig, api_keys_env: str | None
+) -> ServeConfig:
+    # Every stage at a tenth of a CPU: seven replicas fit the 2-CPU local Ray.
+    stage = {"num_cpus": 0.1}
+    return ServeConfig.model_validate(
+        {
+            "bundle": {"uri": str(bundles["t2i"])},
+            "refiner": {"uri": str(bundles["refiner"])},
+            "super_resolution": [
+                {
+                    "model": {"uri": str(bundles["upscaler"])},
+                    "noise_level": 20,
+                    "num_inference_steps": 2,
+                    "deployment": stage,
+                }
+            ],
+            "max_height": 64,
+            "max_width": 64,
+            "max_images_per_request": 2,
+            "max_sequence_length": MAX_SEQUENCE_LENGTH,
+            "request_timeout_s": 60,
+            "retry_after_s": 2,
+            "api_keys_env": api_keys_env,
+            "output": output,
+            "safety": {
+                "blocklist": [BLOCKED],
+                "image_checker": {"uri": str(bundles["nsfw"])},
+                # The tiny classifier's scores are random: check every image, flag none.
+                "max_nsfw_score": 1.0,
+            },
+            "deployments": {
+                "ingress": stage,
+                "text_encoder": stage,
+                # Two requests in a batch, two more waiting (a request of n images makes n
+                # calls at once): the overload test overflows them.
+                "base": {
+                    **stage,
+                    "max_ongoing_requests": 2,
+                    "max_batch_size": 2,
+                    "batch_wait_timeout_s": 0.1,
+                    "max_queued_requests": 2,
+                },
+                "refiner": stage,
+                "vae_decode": stage,
+                "safety": stage,
+            },
+            "storage": storage.model_dump(),
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def server(
+    bundles: dict[str, Path],
+    output_bucket: str,
+    s3_server: str,
+    ray_local: None,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Server:
+    storage = StorageConfig(
+        endpoint_url=s3_server,
+        region=S3_REGION,
+        cache_dir=str(tmp_path_factory.mktemp("cache")),
+    )
+    os.environ[API_KEYS_ENV] = f"{API_KEY}, {SECOND_KEY}"
+    config = serve_config(bundles, f"{output_bucket}/outputs", storage, API_KEYS_ENV)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        ingress = serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+        yield Server(f"http://127.0.0.1:{port}", ingress, config)
+    finally:
+        serve.shutdown()
+        os.environ.pop(API_KEYS_ENV, None)
+
+
+def call(
+    server: Server,
+    path: str,
+    body: dict[str, Any] | None = None,
+    key: str | None = API_KEY,
+) -> tuple[int, dict[str, str], Any]:
+    """(status, headers, JSON body or raw bytes) of a GET (no body) or POST."""
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(server.url + path, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            status, head, payload = response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as err:
+        status, head, payload = err.code, dict(err.headers), err.read()
+    if head.get("content-type", "").startswith("application/json"):
+        return status, head, json.loads(payload)
+    return status, head, payload
+
+
+def generate(server: Server, **fields: Any) -> dict[str, Any]:
+    body = {"height": HEIGHT, "width": WIDTH, "num_inference_steps": NUM_STEPS, **fields}
+    status, _, payload = call(server, "/v1/generate", body)
+    assert status == 200, payload
+    return payload
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    image = Image.open(io.BytesIO(data))
+    assert image.format == "PNG"
+    return np.asarray(image)
+
+
+def stats(server: Server) -> dict[str, Any]:
+    status, _, payload = call(server, "/v1/stats")
+    assert status == 200, payload
+    return payload
+
+
+def sd3_pipeline(bundle_dir: Path) -> StableDiffusion3Pipeline:
+    pipe = StableDiffusion3Pipeline.from_pretrained(bundle_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pipeline_call(pipe: StableDiffusion3Pipeline, seed: int, **kwargs: Any) -> Any:
+    return pipe(
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE_PROMPT,
+        num_inference_steps=NUM_STEPS,
+        guidance_scale=3.5,
+        height=HEIGHT,
+        width=WIDTH,
+        generator=torch.Generator().manual_seed(seed),
+        max_sequence_length=MAX_SEQUENCE_LENGTH,
+        **kwargs,
+    ).images
+
+
+def max_abs(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
+
+
+def staged_pixels(server: Server, **fields: Any) -> np.ndarray:
+    request = GenerateRequest(
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE_PROMPT,
+        guidance_scale=3.5,
+        height=HEIGHT,
+        width=WIDTH,
+        num_inference_steps=NUM_STEPS,
+        **fields,
+    )
+    result = server.ingress.pixels.remote(request).result()
+    [image] = result["images"]
+    assert image.dtype == np.float32 and image.shape == (HEIGHT, WIDTH, 3)
+    return image
+
+
+# ---- parity ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_base_only_graph_equals_the_pipeline(server, bundles):
+    staged = staged_pixels(server, seed=11)
+    pipe = sd3_pipeline(bundles["t2i"])
+    reference = pipeline_call(pipe, 11, output_type="np")[0]
+    diff = max_abs(staged, reference)
+    print(f"base-only parity: max abs float32 pixel diff {diff:.3g}")
+    assert diff <= TOLERANCE
+
+    # Over HTTP the same image comes back as a watermarked PNG: the pipeline's uint8 image
+    # plus a change of a few levels that the detector reads back.
+    payload = generate(
+        server, prompt=PROMPT, negative_prompt=NEGATIVE_PROMPT, guidance_scale=3.5, seed=11
+    )
+    assert payload["seed"] == 11 and payload["seeds"] == [11]
+    assert payload["nsfw_content_detected"] == [False]
+    image = decode_png(base64.b64decode(payload["images"][0]["b64_json"]))
+    plain = pipeline_call(pipe, 11, output_type="pil")[0]
+    plain = np.asarray(plain)
+    assert image.shape == plain.shape == (HEIGHT, WIDTH, 3)
+    change = image.astype(np.float64) - plain
+    assert 10 * np.log10(255**2 / np.mean(change**2)) > 40  # PSNR in dB
+    assert detect_watermark(image, server.config.safety.watermark_key).present
+    # A plain diffusers image carries none.
+    assert not detect_watermark(plain, server.config.safety.watermark_key).present
+    for stage in ("text_encoder", "base", "vae_decode", "safety", "total"):
+        assert payload["stage_seconds"][stage] > 0
+
+
+@pytest.mark.slow
+def test_base_then_refiner_equals_the_diffusers_handoff(server, bundles):
+    staged = staged_pixels(server, seed=12, refiner=True, denoising_end=DENOISING_END)
+
+    # diffusers' base pipeline interrupted at SDXL's handoff step, its latents continued by
+    # the refiner pipeline over the rest of the base schedule (as in test_generation.py).
+    base_pipe, refiner_pipe = sd3_pipeline(bundles["t2i"]), sd3_pipeline(bundles["refiner"])
+    scheduler = base_pipe.scheduler
+    scheduler.set_timesteps(NUM_STEPS)
+    num_train_timesteps = scheduler.config.num_train_timesteps
+    cutoff = int(round(num_train_timesteps - DENOISING_END * num_train_timesteps))
+    handoff = int((scheduler.timesteps >= cutoff).sum())
+    assert 0 < handoff < NUM_STEPS
+
+    def stop_at_handoff(pipe, step, timestep, callback_kwargs):
+        if step + 1 == handoff:
+            pipe._interrupt = True
+        return callback_kwargs
+
+    latents = pipeline_call(
+        base_pipe, 12, callback_on_step_end=stop_at_handoff, output_type="latent"
+    )
+    unshifted = np.linspace(scheduler.sigma_max, scheduler.sigma_min, NUM_STEPS)[handoff:]
+    reference = pipeline_call(
+        refiner_pipe, 12, latents=latents, sigmas=unshifted.tolist(), output_type="np"
+    )[0]
+    diff = max_abs(staged, reference)
+    print(f"base+refiner parity: max abs float32 pixel diff {diff:.3g}")
+    assert diff <= TOLERANCE
+    assert max_abs(staged, staged_pixels(server, seed=12)) > 0.01  # the refiner mattered
+
+
+# ---- routes ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_health_needs_no_key(server):
+    status, _, payload = call(server, "/health", key=None)
+    assert status == 200 and payload["status"] == "ok"
+    assert payload["stages"] == [
+        "text_encoder",
+        "base",
+        "refiner",
+        "vae_decode",
+        "super_resolution_1",
+        "safety",
+    ]
+
+
+@pytest.mark.slow
+def test_api_keys_401_403_and_never_logged(server):
+    body = {"prompt": "a cat", "height": HEIGHT, "width": WIDTH, "num_inference_steps": 2}
+    status, headers, payload = call(server, "/v1/generate", body, key=None)
+    assert status == 401 and headers.get("www-authenticate") == "Bearer", payload
+    # Auth comes before validation: a caller without a key learns nothing about the body.
+    assert call(server, "/v1/generate", {"prompt": ""}, key=None)[0] == 401
+    assert call(server, "/v1/generate", body, key=WRONG_KEY)[0] == 403
+    assert call(server, "/v1/stats", key=WRONG_KEY)[0] == 403
+    assert call(server, "/v1/images/generations", {"prompt": "x"}, key=None)[0] == 401
+    assert call(server, "/v1/generate", body, key=SECOND_KEY)[0] == 200
+
+    # Only digests reach the replicas, and no log file under the Ray session holds a key.
+    import ray
+
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    for path in (session / "logs").rglob("*"):
+        if path.is_file():
+            text = path.read_bytes()
+            for key in (API_KEY, SECOND_KEY, WRONG_KEY):
+                assert key.encode() not in text, f"{key} in {path}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"height": 40}, "height"),  # not a multiple of 16
+        ({"width": 80}, "width"),  # above max_width 64
+        ({"height": 8}, "height"),  # below the size multiple
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"num_inference_steps": 201}, "num_inference_steps"),
+        ({"guidance_scale": 31}, "guidance_scale"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "   "}, "prompt"),
+        ({"prompt": "x" * 2001}, "prompt"),
+        ({"num_images_per_prompt": 3}, "num_images_per_prompt"),  # above the server's 2
+        ({"upscale": 2}, "upscale"),  # one stage configured
+        ({"model": "sd-unknown"}, "model"),
+        ({"denoising_end": 1.0}, "denoising_end"),
+        ({"timeout_s": 61}, "timeout_s"),
+        ({"colour": "red"}, "colour"),
+    ],
+)
+def test_invalid_requests_are_422_naming_the_field(server, body, field):
+    full = {"prompt": "a cat", "height": HEIGHT, "width": WIDTH, **body}
+    status, _, payload = call(server, "/v1/generate", full)
+    assert status == 422, payload
+    assert [item["loc"][-1] for item in payload["detail"]] == [field], payload
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"size": "40x32"}, "size"),
+        ({"size": "1024x1024"}, "size"),  # above the server's maximum
+        ({"size": "big"}, "size"),
+        ({"n": 3}, "n"),
+        ({"n": 11}, "n"),
+        ({"quality": "hd"}, "quality"),
+    ],
+)
+def test_openai_route_422_names_openai_fields(server, body, field):
+    full = {"prompt": "a cat", "size": f"{WIDTH}x{HEIGHT}", **body}
+    status, _, payload = call(server, "/v1/images/generations", full)
+    assert status == 422, payload
+    assert [item["loc"][-1] for item in payload["detail"]] == [field], payload
+
+
+@pytest.mark.slow
+def test_blocked_prompt_is_refused_before_any_stage_runs(server):
+    before = stats(server)
+    status, _, payload = call(
+        server, "/v1/generate", {"prompt": "a Forbidden-Fruit tart", "height": 32, "width": 32}
+    )
+    assert status == 400, payload
+    assert payload["detail"]["field"] == "prompt"
+    assert BLOCKED in payload["detail"]["reason"]
+    status, _, payload = call(
+        server, "/v1/images/generations", {"prompt": "FORBIDDEN fruit", "size": "32x32"}
+    )
+    assert status == 400 and payload["detail"]["code"] == "prompt_blocked"
+    after = stats(server)
+    for stage in ("text_encoder", "base", "vae_decode", "safety"):
+        assert after[stage]["requests"] == before[stage]["requests"], stage
+
+
+@pytest.mark.slow
+def test_a_repeated_prompt_hits_the_embedding_cache(server):
+    prompt = f"a lighthouse in a storm {uuid.uuid4().hex[:6]}"
+    first = stats(server)["text_encoder"]
+    generate(server, prompt=prompt, seed=1)
+    second = stats(server)["text_encoder"]
+    # The new prompt ran the encoders; the empty negative prompt is cached by now.
+    assert second["cache_misses"] == first["cache_misses"] + 1
+    generate(server, prompt=prompt, seed=2)
+    third = stats(server)["text_encoder"]
+    assert third["cache_misses"] == second["cache_misses"]
+    assert third["cache_hits"] == second["cache_hits"] + 2  # the prompt and the negative
+
+
+@pytest.mark.slow
+def test_refiner_and_super_resolution_stages(server):
+    payload = generate(server, prompt="a red barn", seed=3, refiner=True, upscale=1)
+    image = decode_png(base64.b64decode(payload["images"][0]["b64_json"]))
+    assert image.shape == (HEIGHT * 4, WIDTH * 4, 3)
+    assert detect_watermark(image, server.config.safety.watermark_key).present
+    assert set(payload["stage_seconds"]) >= {"refiner", "super_resolution_1"}
+
+
+@pytest.mark.slow
+def test_openai_client_b64_json_and_url(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
+    response = client.images.generate(
+        model="raygen",
+        prompt="a blue bicycle",
+        n=2,
+        size=f"{WIDTH}x{HEIGHT}",
+        response_format="b64_json",
+        extra_body={"num_inference_steps": 3, "seed": 5},
+    )
+    assert len(response.data) == 2
+    images = [decode_png(base64.b64decode(item.b64_json)) for item in response.data]
+    for image in images:
+        assert image.shape == (HEIGHT, WIDTH, 3)
+        assert detect_watermark(image, server.config.safety.watermark_key).present
+    assert max_abs(images[0], images[1]) > 0  # seeds 5 and 6
+    extra = response.model_extra or {}
+    assert extra["seeds"] == [5, 6] and extra["stage_seconds"]["base"] > 0
+
+    # url: the output is on S3, so a presigned URL anyone can GET until it expires.
+    response = client.images.generate(
+        prompt="a blue bicycle",
+        size=f"{WIDTH}x{HEIGHT}",
+        response_format="url",
+        extra_body={"num_inference_steps": 3, "seed": 5},
+    )
+    [item] = response.data
+    assert item.url.startswith(server.config.storage.endpoint_url)
+    assert "Signature" in item.url or "X-Amz-Signature" in item.url
+    with urllib.request.urlopen(item.url, timeout=30) as fetched:
+        stored = fetched.read()
+    np.testing.assert_array_equal(decode_png(stored), images[0])
+    # The ingress serves the stored file too (the URL local output gets), no key needed.
+    name = item.url.split("?")[0].rsplit("/", 1)[-1]
+    status, headers, payload = call(server, f"/v1/files/{name}", key=None)
+    assert status == 200 and headers["content-type"] == "image/png" and payload == stored
+    assert call(server, "/v1/files/..%2Fsecret.png", key=None)[0] == 404
+
+
+@pytest.mark.slow
+def test_concurrent_requests_batch_and_overflow_is_503_with_retry_after(server):
+    body = {
+        "prompt": "a crowded market",
+        "height": HEIGHT,
+        "width": WIDTH,
+        "num_inference_steps": 100,
+        "seed": 0,
+    }
+    with ThreadPoolExecutor(10) as pool:
+        results = list(pool.map(lambda _: call(server, "/v1/generate", body), range(10)))
+    statuses = sorted(status for status, _, _ in results)
+    assert 200 in statuses and 503 in statuses, statuses
+    assert set(statuses) == {200, 503}, statuses
+    for status, headers, _ in results:
+        if status == 503:
+            assert headers.get("retry-after") == "2"
+    # Concurrent requests of one shape and step count shared a denoise call.
+    assert stats(server)["base"]["batch_sizes"].get("2", 0) >= 1  # JSON keys are strings
+
+
+@pytest.mark.slow
+def test_a_request_over_its_time_limit_is_504_and_stops(server):
+    decoded = stats(server)["vae_decode"]["requests"]
+    body = {
+        "prompt": "a slow painting",
+        "height": 64,
+        "width": 64,
+        "num_inference_steps": 200,
+        "timeout_s": 0.5,
+    }
+    status, _, payload = call(server, "/v1/generate", body)
+    assert status == 504, payload
+    # The next request waits for the base replica to be free, so by the time it returns the
+    # timed-out one has left the graph: it never reached the decoder.
+    generate(server, prompt="a quick sketch", num_inference_steps=2)
+    assert stats(server)["vae_decode"]["requests"] == decoded + 1
+
+
+@pytest.mark.slow
+def test_raygen_generate_writes_a_png(server, tmp_path, capsys):
+    out = tmp_path / "lighthouse.png"
+    argv = [
+        "generate", "a lighthouse", "--out", str(out), "--url", server.url,
+        "--api-key", API_KEY, "--height", "32", "--width", "48", "--steps", "3", "--seed", "4",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert str(out) in printed and "seed 4" in printed
+    image = decode_png(out.read_bytes())
+    assert image.shape == (32, 48, 3)
+    assert main(["watermark", "detect", str(out)]) == 0
+    assert "watermarked" in capsys.readouterr().out
+
+    assert main([*argv[:-2], "--seed", "4", "--api-key", WRONG_KEY]) == 2
+    # Ray forwards replica logs to this process's stderr too: keep the client's own lines.
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("raygen")]
+    assert len(err) == 1 and "403" in err[0] and WRONG_KEY not in err[0]
+
+
+# ---- building the graph (no Ray needed) ----------------------------------------------
+
+
+@pytest.mark.parametrize("autoscaled", [False, True])
+def test_deployment_options_follow_the_settings(autoscaled):
+    settings = DeploymentSettings.model_validate(
+        {
+            "num_cpus": 0.5,
+            "num_gpus": 1,
+            "max_ongoing_requests": 4,
+            "max_queued_requests": 10,
+            **({"autoscaling": {"min_replicas": 0, "max_replicas": 3}} if autoscaled else {}),
+        }
+    )
+    options = deployment_options("base", settings, retry_after_s=7)
+    assert options["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 1}
+    assert options["max_ongoing_requests"] == 4 and options["max_queued_requests"] == 10
+    assert options["backpressure_config"] == {"status_code": 503, "retry_after_s": 7}
+    if autoscaled:
+        assert "num_replicas" not in options
+        assert options["autoscaling_config"]["min_replicas"] == 0  # scale to zero
+        assert options["autoscaling_config"]["max_replicas"] == 3
+    else:
+        assert options["num_replicas"] == 1 and "autoscaling_config" not in options
+
+
+def test_settings_and_keys_are_checked_up_front(monkeypatch):
+    with pytest.raises(ValueError, match="exceeds max_ongoing_requests"):
+        DeploymentSettings(max_ongoing_requests=2, max_batch_size=4)
+    monkeypatch.delenv("RAYGEN_TEST_UNSET_KEYS", raising=False)
+    with pytest.raises(ConfigError, match="RAYGEN_TEST_UNSET_KEYS"):
+        api_key_digests(ServeConfig(api_keys_env="RAYGEN_TEST_UNSET_KEYS"))
+    monkeypatch.setenv("RAYGEN_TEST_UNSET_KEYS", "a, b,")
+    assert len(api_key_digests(ServeConfig(api_keys_env="RAYGEN_TEST_UNSET_KEYS"))) == 2
+
+
+def test_app_builder_takes_a_config_file_and_overrides(tmp_path):
+    config = tmp_path / "serve.yaml"
+    config.write_text("max_height: 512\nrefiner:\n  uri: /models/refiner\n")
+    app = app_builder({"config": str(config), "deployments.base.num_gpus": "1"})
+    assert isinstance(app, serve.Application)
+    with pytest.raises(ConfigError, match="unknown key 'max_heigth'"):
+        app_builder({"max_heigth": "5"})
