@@ -12,6 +12,11 @@ autoscaling, scale to zero included), resources, queue bounds and batching, all 
       -> super_resolution_1..n (optional per request: x4 stages, noise-level conditioning)
       -> safety (image check, invisible watermark, PNG)
 
+    video (when configured; asynchronous jobs: POST /v1/videos, GET/DELETE /v1/videos/{id}):
+    ingress -> video_jobs (job records; drives each job)
+      -> video_text_encoder (UMT5) -> video_denoiser (Wan DiT; streams progress per step)
+      -> video_vae_decode (Wan VAE, MP4) -> storage
+
 Latents, embeddings and images travel between stages as handle-call arguments and results,
 so through Ray's object store. ``build_app`` is the one place the graph is built: ``raygen
 serve`` runs it locally, and ``serve run flows.serve:app_builder config=serve.yaml`` or a
@@ -31,8 +36,8 @@ import random
 import re
 import time
 import uuid
-from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable
+from collections import Counter, OrderedDict, defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,13 +45,22 @@ import numpy as np
 import torch
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from actors.generation import Denoiser, DenoiseRequest, PromptEncoder, Upscaler, VaeDecoder
 from actors.safety import ImageSafetyChecker, PromptFilter, embed_watermark
+from actors.video import (
+    VideoDecoder,
+    VideoDenoiser,
+    VideoDenoiseRequest,
+    VideoEmbeddings,
+    VideoPromptEncoder,
+    encode_mp4,
+    to_uint8,
+)
 from cluster.bundles import resolve_bundle
 from cluster.ray_runtime import init_ray
 from cluster.storage import Storage, is_s3, local_path
@@ -56,6 +70,8 @@ from schemas.api import (
     GenerateResponse,
     ImageGenerationRequest,
     ImageGenerationResponse,
+    VideoJob,
+    VideoRequest,
 )
 from schemas.config import (
     ConfigError,
@@ -63,6 +79,7 @@ from schemas.config import (
     ModelRef,
     SafetyConfig,
     ServeConfig,
+    ServeVideoConfig,
     StorageConfig,
     SuperResolutionStage,
     load_config,
@@ -70,7 +87,10 @@ from schemas.config import (
 
 APP_NAME = "raygen"
 IMAGES_FOLDER = "images"
-_IMAGE_NAME = re.compile(r"^[0-9a-f]{32}\.png$")
+VIDEOS_FOLDER = "videos"
+# Stored outputs by suffix: (folder under `output`, media type).
+_FILES = {".png": (IMAGES_FOLDER, "image/png"), ".mp4": (VIDEOS_FOLDER, "video/mp4")}
+_FILE_NAME = re.compile(r"^[0-9a-f]{32}(\.png|\.mp4)$")
 
 api = FastAPI(
     title="raygen",
@@ -281,6 +301,228 @@ def _png(image: np.ndarray) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------
+# Video stages (asynchronous jobs)
+# ---------------------------------------------------------------------------------------
+
+
+@serve.deployment
+class VideoTextEncoderStage:
+    def __init__(self, model: ModelRef, storage: StorageConfig) -> None:
+        self.encoder = VideoPromptEncoder(
+            _local_bundle(model, storage), device=model.device, dtype=_torch_dtype(model)
+        )
+        self.num_requests = 0
+
+    async def encode(
+        self,
+        prompt: str,
+        negative_prompt: str | None,
+        guidance_scale: float,
+        max_sequence_length: int,
+    ) -> VideoEmbeddings:
+        self.num_requests += 1
+        return await asyncio.to_thread(
+            self.encoder.encode, prompt, negative_prompt, guidance_scale, max_sequence_length
+        )
+
+    async def stats(self) -> dict[str, int]:
+        return {"requests": self.num_requests}
+
+
+@serve.deployment
+class VideoDenoiserStage:
+    """The video DiT. ``denoise`` streams ``(steps done, None)`` after each step and
+    ``(num_steps, latents)`` last; each step runs in its own thread call, so a cancelled
+    call stops between steps."""
+
+    def __init__(self, model: ModelRef, storage: StorageConfig) -> None:
+        self.denoiser = VideoDenoiser(
+            _local_bundle(model, storage), device=model.device, dtype=_torch_dtype(model)
+        )
+        self.num_requests = 0
+        self.num_steps = 0
+
+    async def shape_factors(self) -> tuple[int, int]:
+        """(sides' multiple: VAE spatial downscale x patch, the VAE's temporal downscale)."""
+        return self.denoiser.size_multiple, self.denoiser.vae_scale_factor_temporal
+
+    async def denoise(
+        self, request: VideoDenoiseRequest
+    ) -> AsyncIterator[tuple[int, torch.Tensor | None]]:
+        self.num_requests += 1
+        steps = self.denoiser.steps(request)
+        while True:
+            step, latents = await asyncio.to_thread(next, steps)
+            self.num_steps += 1
+            yield step, latents
+            if latents is not None:
+                return
+
+    async def stats(self) -> dict[str, int]:
+        return {"requests": self.num_requests, "steps": self.num_steps}
+
+
+@serve.deployment
+class VideoDecodeStage:
+    """Wan VAE decode, then H.264 MP4."""
+
+    def __init__(self, model: ModelRef, storage: StorageConfig) -> None:
+        self.decoder = VideoDecoder(
+            _local_bundle(model, storage), device=model.device, dtype=_torch_dtype(model)
+        )
+        self.num_requests = 0
+
+    async def mp4(self, latents: torch.Tensor, fps: int) -> bytes:
+        self.num_requests += 1
+        return await asyncio.to_thread(self._mp4, latents, fps)
+
+    def _mp4(self, latents: torch.Tensor, fps: int) -> bytes:
+        return encode_mp4(to_uint8(self.decoder.decode(latents)), fps)
+
+    async def stats(self) -> dict[str, int]:
+        return {"requests": self.num_requests}
+
+
+_FINISHED = ("succeeded", "failed", "cancelled")
+
+
+@dataclass
+class _Job:
+    record: VideoJob
+    task: asyncio.Task | None = None
+    uri: str | None = None  # the stored MP4, once succeeded
+
+
+@serve.deployment
+class VideoJobs:
+    """Every video job's record, and the task that drives it through the video stages.
+
+    One replica (config enforces it), so every ingress replica sees the same jobs; it is part
+    of the app, so the records live and go with it. At most ``max_running_jobs`` jobs run
+    at once, the rest wait as ``queued``; finished records beyond ``max_finished_jobs`` are
+    dropped oldest first.
+    """
+
+    def __init__(
+        self,
+        video: ServeVideoConfig,
+        output: str,
+        storage: StorageConfig,
+        text_encoder: DeploymentHandle,
+        denoiser: DeploymentHandle,
+        vae_decode: DeploymentHandle,
+    ) -> None:
+        self.video = video
+        self.output = output
+        self.storage = Storage(storage)
+        self.text_encoder = text_encoder
+        self.denoiser = denoiser
+        self.vae_decode = vae_decode
+        self.running = asyncio.Semaphore(video.max_running_jobs)
+        self.jobs: OrderedDict[str, _Job] = OrderedDict()
+
+    async def shape_factors(self) -> tuple[int, int]:
+        return await self.denoiser.shape_factors.remote()
+
+    async def submit(self, body: VideoRequest, seed: int) -> VideoJob | None:
+        """The new job, queued; None when ``max_jobs`` are already queued or running."""
+        active = sum(job.record.status not in _FINISHED for job in self.jobs.values())
+        if active >= self.video.max_jobs:
+            return None
+        record = VideoJob(
+            id=uuid.uuid4().hex, status="queued", num_steps=body.num_inference_steps, seed=seed
+        )
+        job = _Job(record)
+        self.jobs[record.id] = job
+        job.task = asyncio.create_task(self._run(job, body))
+        self._forget_old()
+        return record.model_copy()
+
+    async def get(self, job_id: str) -> tuple[VideoJob, str | None] | None:
+        """The record and the stored MP4's URI, or None for an unknown id."""
+        job = self.jobs.get(job_id)
+        return None if job is None else (job.record.model_copy(), job.uri)
+
+    async def cancel(self, job_id: str) -> VideoJob | None:
+        """Cancel a queued or running job (a running one stops between denoising steps); a
+        finished one stays as it is. None for an unknown id."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return None
+        if job.record.status not in _FINISHED:
+            job.record.status = "cancelled"
+            assert job.task is not None
+            job.task.cancel()
+        return job.record.model_copy()
+
+    async def stats(self) -> dict[str, int]:
+        return dict(Counter(job.record.status for job in self.jobs.values()))
+
+    async def _run(self, job: _Job, body: VideoRequest) -> None:
+        record = job.record
+        in_flight: list[Any] = []
+
+        async def stage(name: str, response: Any) -> Any:
+            start = time.perf_counter()
+            in_flight[:] = [response]
+            result = await response
+            record.stage_seconds[name] = time.perf_counter() - start
+            return result
+
+        try:
+            async with self.running:
+                record.status = "running"
+                start = time.perf_counter()
+                embeddings = await stage(
+                    "text_encoder",
+                    self.text_encoder.encode.remote(
+                        body.prompt,
+                        body.negative_prompt,
+                        body.guidance_scale,
+                        self.video.max_sequence_length,
+                    ),
+                )
+                request = VideoDenoiseRequest(
+                    embeddings=embeddings,
+                    seed=record.seed,
+                    height=body.height,
+                    width=body.width,
+                    num_frames=body.num_frames,
+                    num_inference_steps=body.num_inference_steps,
+                    guidance_scale=body.guidance_scale,
+                )
+                denoise_start = time.perf_counter()
+                steps = self.denoiser.options(stream=True).denoise.remote(request)
+                in_flight[:] = [steps]
+                async for step, sample in steps:
+                    record.step = step
+                    latents = sample  # (C, F, h, w) with the last step, None before
+                record.stage_seconds["denoiser"] = time.perf_counter() - denoise_start
+                mp4 = await stage("vae_decode", self.vae_decode.mp4.remote(latents, body.fps))
+                uri = Storage.join(self.output, VIDEOS_FOLDER, f"{uuid.uuid4().hex}.mp4")
+                store_start = time.perf_counter()
+                await asyncio.to_thread(self.storage.write_bytes, uri, mp4)
+                record.stage_seconds["store"] = time.perf_counter() - store_start
+                record.stage_seconds["total"] = time.perf_counter() - start
+                job.uri = uri
+                record.status = "succeeded"
+        except asyncio.CancelledError:
+            for response in in_flight:
+                response.cancel()
+            record.status = "cancelled"
+        except Exception as err:  # the job's failure is its record's, not this replica's
+            record.status = "failed"
+            record.error = f"{type(err).__name__}: {err}"
+        finally:
+            self._forget_old()
+
+    def _forget_old(self) -> None:
+        finished = [key for key, job in self.jobs.items() if job.record.status in _FINISHED]
+        for key in finished[: max(0, len(finished) - self.video.max_finished_jobs)]:
+            del self.jobs[key]
+
+
+# ---------------------------------------------------------------------------------------
 # Ingress
 # ---------------------------------------------------------------------------------------
 
@@ -347,6 +589,7 @@ class Ingress:
         vae_decode: DeploymentHandle,
         super_resolution: list[DeploymentHandle],
         safety: DeploymentHandle,
+        video_jobs: DeploymentHandle | None = None,
     ) -> None:
         self.config = config
         api.state.api_key_digests = api_key_digests
@@ -358,7 +601,9 @@ class Ingress:
         self.vae_decode = vae_decode
         self.super_resolution = super_resolution
         self.safety = safety
+        self.video_jobs = video_jobs
         self._size_multiple: int | None = None
+        self._video_shape_factors: tuple[int, int] | None = None
 
     def _stages(self) -> dict[str, DeploymentHandle]:
         stages = {"text_encoder": self.text_encoder, "base": self.base}
@@ -368,6 +613,8 @@ class Ingress:
         for index, handle in enumerate(self.super_resolution, start=1):
             stages[f"super_resolution_{index}"] = handle
         stages["safety"] = self.safety
+        if self.video_jobs is not None:
+            stages["video_jobs"] = self.video_jobs
         return stages
 
     @api.get("/health")
@@ -437,16 +684,97 @@ class Ingress:
 
     @api.get("/v1/files/{name}")
     async def file(self, name: str) -> Response:
-        """An image stored for a ``url`` response. No auth: the name is 128 random bits, so
-        the URL itself is the capability (as a presigned S3 URL is)."""
-        if not _IMAGE_NAME.match(name):
-            raise HTTPException(404, "no such image")
-        uri = Storage.join(self.config.output, IMAGES_FOLDER, name)
+        """An image or video stored for a URL response. No auth: the name is 128 random bits,
+        so the URL itself is the capability (as a presigned S3 URL is)."""
+        match = _FILE_NAME.match(name)
+        if not match:
+            raise HTTPException(404, "no such file")
+        folder, media_type = _FILES[match.group(1)]
+        uri = Storage.join(self.config.output, folder, name)
         try:
             data = await asyncio.to_thread(self.storage.read_bytes, uri)
         except ValueError:
-            raise HTTPException(404, "no such image") from None
-        return Response(data, media_type="image/png")
+            raise HTTPException(404, "no such file") from None
+        return Response(data, media_type=media_type)
+
+    # ---- video jobs -----------------------------------------------------------------
+
+    @api.post(
+        "/v1/videos",
+        status_code=202,
+        response_model=VideoJob,
+        dependencies=[Depends(_authorize)],
+    )
+    async def create_video(self, body: VideoRequest) -> Any:
+        """Queue a video job; poll ``GET /v1/videos/{id}`` for its progress and URL."""
+        jobs = self._video_jobs()
+        await self._validate_video(body)
+        self._filter_prompt(body.prompt)
+        seed = body.seed if body.seed is not None else random.randrange(2**63)
+        job = await jobs.submit.remote(body, seed)
+        if job is None:
+            return JSONResponse(
+                {"detail": "too many video jobs queued; retry later"},
+                status_code=503,
+                headers={"Retry-After": f"{self.config.retry_after_s:g}"},
+            )
+        return job
+
+    @api.get("/v1/videos/{job_id}", response_model=VideoJob, dependencies=[Depends(_authorize)])
+    async def video(self, job_id: str, request: Request) -> VideoJob:
+        """The job's status and progress (step of num_steps); once succeeded, the MP4's URL."""
+        found = await self._video_jobs().get.remote(job_id)
+        if found is None:
+            raise HTTPException(404, "no such video job")
+        job, uri = found
+        if uri is not None:
+            if is_s3(uri):
+                job.url = await asyncio.to_thread(
+                    self.storage.presigned_url, uri, self.config.url_expires_s
+                )
+            else:
+                job.url = str(request.url_for("file", name=uri.rsplit("/", 1)[-1]))
+        return job
+
+    @api.delete("/v1/videos/{job_id}", response_model=VideoJob, dependencies=[Depends(_authorize)])
+    async def cancel_video(self, job_id: str) -> VideoJob:
+        """Cancel a queued or running job (a running one stops between denoising steps); a
+        finished job is returned unchanged."""
+        job = await self._video_jobs().cancel.remote(job_id)
+        if job is None:
+            raise HTTPException(404, "no such video job")
+        return job
+
+    def _video_jobs(self) -> DeploymentHandle:
+        if self.video_jobs is None:
+            raise HTTPException(404, "this server has no video model (config: video)")
+        return self.video_jobs
+
+    async def _validate_video(self, body: VideoRequest) -> None:
+        """The checks that depend on this server: the video VAE's factors and the limits."""
+        video = self.config.video
+        assert video is not None and self.video_jobs is not None
+        if self._video_shape_factors is None:
+            self._video_shape_factors = await self.video_jobs.shape_factors.remote()
+        multiple, temporal = self._video_shape_factors
+        for field, value, maximum in (
+            ("height", body.height, video.max_height),
+            ("width", body.width, video.max_width),
+        ):
+            if value < multiple or value % multiple:
+                raise _invalid(
+                    field, value, f"must be a multiple of {multiple} (VAE downscale x patch size)"
+                )
+            if value > maximum:
+                raise _invalid(field, value, f"must be at most {maximum}")
+        if (body.num_frames - 1) % temporal:
+            raise _invalid(
+                "num_frames",
+                body.num_frames,
+                f"num_frames - 1 must be a multiple of {temporal} (the VAE's temporal downscale)",
+            )
+        if body.num_frames > video.max_num_frames:
+            raise _invalid("num_frames", body.num_frames, f"must be at most {video.max_num_frames}")
 
     async def pixels(self, body: GenerateRequest) -> dict[str, Any]:
         """Not a route: the float32 images (H, W, 3) in [0, 1] straight from the VAE, before
@@ -466,7 +794,13 @@ class Ingress:
         """Validate against this server and run the prompt filter, before any model runs;
         returns the seed of each image. ``fields`` renames fields in 422s (OpenAI's names)."""
         await self._validate(body, fields)
-        blocked = self.prompt_filter.match(body.prompt)
+        self._filter_prompt(body.prompt)
+        num_images = body.num_images_per_prompt
+        first = body.seed if body.seed is not None else random.randrange(2**63 - num_images)
+        return [first + index for index in range(num_images)]
+
+    def _filter_prompt(self, prompt: str) -> None:
+        blocked = self.prompt_filter.match(prompt)
         if blocked is not None:
             raise HTTPException(
                 400,
@@ -476,9 +810,6 @@ class Ingress:
                     "reason": f"the prompt contains the blocked term {blocked!r}",
                 },
             )
-        num_images = body.num_images_per_prompt
-        first = body.seed if body.seed is not None else random.randrange(2**63 - num_images)
-        return [first + index for index in range(num_images)]
 
     async def _within_time_limit(
         self, body: GenerateRequest, work: Callable[[_Run], Awaitable[Any]]
@@ -694,6 +1025,38 @@ def build_app(config: ServeConfig) -> serve.Application:
         for index, stage in enumerate(config.super_resolution, start=1)
     ]
     safety = bind(SafetyStage, "safety", deployments.safety, config.safety, storage)
+    video_jobs = None
+    if config.video is not None:
+        video, video_deployments = config.video, config.video.deployments
+        video_jobs = bind(
+            VideoJobs,
+            "video_jobs",
+            video_deployments.jobs,
+            video,
+            config.output,
+            storage,
+            bind(
+                VideoTextEncoderStage,
+                "video_text_encoder",
+                video_deployments.text_encoder,
+                video.bundle,
+                storage,
+            ),
+            bind(
+                VideoDenoiserStage,
+                "video_denoiser",
+                video_deployments.denoiser,
+                video.bundle,
+                storage,
+            ),
+            bind(
+                VideoDecodeStage,
+                "video_vae_decode",
+                video_deployments.vae_decode,
+                video.bundle,
+                storage,
+            ),
+        )
     return bind(
         Ingress,
         "ingress",
@@ -706,6 +1069,7 @@ def build_app(config: ServeConfig) -> serve.Application:
         vae_decode,
         super_resolution,
         safety,
+        video_jobs,
     )
 
 
@@ -749,6 +1113,9 @@ def _absolute_local_paths(config: ServeConfig) -> ServeConfig:
                 update={"image_checker": model(config.safety.image_checker)}
             ),
             "output": absolute(config.output),
+            "video": None
+            if config.video is None
+            else config.video.model_copy(update={"bundle": model(config.video.bundle)}),
         }
     )
 

@@ -810,6 +810,7 @@ def sample_grid(
         height=sizes[-2],
         width=sizes[-1],
         num_inference_steps=config.sample_steps,
+        guidance_scale=config.sample_guidance_scale,
         generator=torch.Generator(device).manual_seed(config.seed),
         output_type="pil",
     )
@@ -911,12 +912,22 @@ class RunResult:
 
 
 def run_loop(
-    config: LoopConfig, bundle_uri: str, objective: Callable[..., Objective], label: str
+    config: LoopConfig,
+    bundle_uri: str,
+    objective: Callable[..., Objective],
+    label: str,
+    media: tuple[str, ...] = ("image", "video"),
 ) -> RunResult:
-    """Plan, start the Ray Train run, and wait for it: the part training and distillation share."""
+    """Plan, start the Ray Train run, and wait for it: the part training and distillation share.
+    ``media``: what the objective can train (a bundle of another kind is a config error)."""
     storage = Storage(config.storage)
     storage.check(config.output)
     plan = plan_run(config, bundle_uri, storage)
+    if plan.media not in media:
+        raise ConfigError(
+            f"{'teacher' if label == 'distill' else 'bundle'}: {bundle_uri} is a "
+            f"{plan.transformer_class} ({plan.media}); {label} takes {' or '.join(media)} models"
+        )
     run_state = join(config.output, RUN_NAME, "checkpoint_manager_snapshot.json")
     if storage.exists(run_state) and not config.resume:
         raise TrainingError(

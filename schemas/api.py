@@ -102,13 +102,23 @@ class VideoRequest(ApiModel):
     width: int = Field(default=832, ge=8)
     num_frames: int = Field(default=81, ge=1)
     fps: int = Field(default=16, ge=1, le=60)
-    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    seed: int | None = Field(default=None, ge=0, lt=2**63, description="random when omitted")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_has_text(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt is blank")
+        return value
 
 
 VideoStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
 class VideoJob(ApiModel):
+    """A video job as ``/v1/videos`` reports it: ``step`` of ``num_steps`` denoising steps
+    done; ``url`` once succeeded (presigned for s3:// output)."""
+
     id: str
     status: VideoStatus
     step: int = 0

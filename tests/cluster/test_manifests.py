@@ -2,12 +2,15 @@
 
 A manifest is only read by `ray up` or KubeRay on a real cluster, long after a change that
 broke it; these checks catch that at test time: Ray's own schema for the cluster launcher,
-and for RayJobs the entrypoint parsed by the real CLI parser with the config it names.
+for RayJobs the entrypoint parsed by the real CLI parser with the config it names, and for
+the RayService Serve's own schema, its import path resolved to the real app builder and
+its args built into the app.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import shlex
 from pathlib import Path
 from typing import Any
@@ -15,11 +18,14 @@ from urllib.parse import urlparse
 
 import pytest
 import yaml
+from ray import serve
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.runtime_env import RuntimeEnv
+from ray.serve.schema import ServeDeploySchema
 
+from flows import serve as serve_flow
 from flows.cli import FLOW_FLAGS, build_parser
-from schemas.config import load_config
+from schemas.config import DeploymentSettings, ServeConfig, load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = sorted((REPO_ROOT / "cluster" / "manifests").glob("*.yaml"))
@@ -59,6 +65,18 @@ RAYCLUSTER_SPEC_FIELDS = {
     "managedBy",
     "gcsFaultToleranceOptions",
 }
+# KubeRay's v1 RayServiceSpec.
+RAYSERVICE_SPEC_FIELDS = {
+    "serveConfigV2",
+    "rayClusterConfig",
+    "upgradeStrategy",
+    "serviceUnhealthySecondThreshold",
+    "deploymentUnhealthySecondThreshold",
+    "serveService",
+    "excludeHeadPodFromServeSvc",
+    "managedBy",
+    "rayClusterDeletionDelaySeconds",
+}
 HEAD_GROUP_FIELDS = {"rayStartParams", "template", "serviceType", "headService", "enableIngress"}
 WORKER_GROUP_FIELDS = {
     "groupName",
@@ -81,8 +99,8 @@ def _load(path: Path) -> dict[str, Any]:
 
 
 def _kind(manifest: dict[str, Any]) -> str:
-    if manifest.get("kind") == "RayJob":
-        return "RayJob"
+    if manifest.get("kind") in ("RayJob", "RayService"):
+        return manifest["kind"]
     if {"cluster_name", "provider", "available_node_types"} <= manifest.keys():
         return "ray-up"
     return "unknown"
@@ -90,6 +108,7 @@ def _kind(manifest: dict[str, Any]) -> str:
 
 RAYJOBS = [p for p in MANIFESTS if _kind(_load(p)) == "RayJob"]
 RAY_UP = [p for p in MANIFESTS if _kind(_load(p)) == "ray-up"]
+RAYSERVICES = [p for p in MANIFESTS if _kind(_load(p)) == "RayService"]
 
 
 def _ids(paths: list[Path]) -> list[str]:
@@ -97,9 +116,12 @@ def _ids(paths: list[Path]) -> list[str]:
 
 
 def test_expected_manifests_exist() -> None:
-    assert {"ray-cluster-aws.yaml", "rayjob-prep.yaml", "rayjob-train.yaml"} <= {
-        p.name for p in MANIFESTS
-    }
+    assert {
+        "ray-cluster-aws.yaml",
+        "rayjob-prep.yaml",
+        "rayjob-train.yaml",
+        "rayservice.yaml",
+    } <= {p.name for p in MANIFESTS}
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=_ids(MANIFESTS))
@@ -211,6 +233,105 @@ def test_train_job_fits_its_workers() -> None:
 
     assert config.use_gpu
     assert sum(g["maxReplicas"] * _gpus(g) for g in groups) >= config.num_workers
+
+
+# --- KubeRay RayService ------------------------------------------------------------------
+
+
+def _serve_app(path: Path) -> Any:
+    """The one Serve application of the RayService, checked against Serve's own schema."""
+    serve_config = ServeDeploySchema.model_validate(
+        yaml.safe_load(_load(path)["spec"]["serveConfigV2"])
+    )
+    [app] = serve_config.applications
+    return app
+
+
+def _serve_config(app: Any) -> ServeConfig:
+    """The ServeConfig the app builder makes of the app's args (the config path is relative
+    to the working_dir: the repository)."""
+    args = dict(app.args)
+    config_path = REPO_ROOT / args.pop("config")
+    assert config_path.parent == REPO_ROOT / "configs" and config_path.is_file(), config_path
+    return load_config(ServeConfig, config_path, [f"{key}={value}" for key, value in args.items()])
+
+
+@pytest.mark.parametrize("path", RAYSERVICES, ids=_ids(RAYSERVICES))
+def test_rayservice_fields_and_ray_release(path: Path) -> None:
+    service = _load(path)
+    spec = service["spec"]
+    cluster = spec["rayClusterConfig"]
+    assert service["apiVersion"] == "ray.io/v1" and service["metadata"]["name"]
+    assert spec.keys() <= RAYSERVICE_SPEC_FIELDS, spec.keys() - RAYSERVICE_SPEC_FIELDS
+    assert cluster.keys() <= RAYCLUSTER_SPEC_FIELDS, cluster.keys() - RAYCLUSTER_SPEC_FIELDS
+    assert cluster["headGroupSpec"].keys() <= HEAD_GROUP_FIELDS
+    groups = cluster["workerGroupSpecs"]
+    for group in groups:
+        assert group.keys() <= WORKER_GROUP_FIELDS, group.keys() - WORKER_GROUP_FIELDS
+        assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], group
+    images = [c["image"] for c in _containers(cluster["headGroupSpec"]["template"])]
+    images += [c["image"] for g in groups for c in _containers(g["template"])]
+    releases = {_load(p)["spec"]["rayClusterSpec"]["rayVersion"] for p in RAYJOBS}
+    for image in images:
+        repo, _, tag = image.partition(":")
+        assert repo == "rayproject/ray" and tag.split("-")[0] == cluster["rayVersion"], image
+    assert cluster["rayVersion"] in releases
+    assert [g for g in groups if _gpus(g) > 0], "no worker group requests nvidia.com/gpu"
+
+
+@pytest.mark.parametrize("path", RAYSERVICES, ids=_ids(RAYSERVICES))
+def test_rayservice_import_path_is_the_app_builder_and_its_args_validate(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = _serve_app(path)
+    module, _, attr = app.import_path.partition(":")
+    assert getattr(importlib.import_module(module), attr) is serve_flow.app_builder
+
+    config = _serve_config(app)  # raises if a key or value is wrong
+    models = [config.bundle, config.refiner, config.video and config.video.bundle]
+    assert all(model is not None and model.uri.startswith("s3://") for model in models), models
+    assert config.output.startswith("s3://")
+
+    # What Serve does with it: call the builder with the args, from the working_dir, with
+    # the pods' environment (the API keys' variable set from the secret).
+    monkeypatch.chdir(REPO_ROOT)
+    if config.api_keys_env is not None:
+        monkeypatch.setenv(config.api_keys_env, "rk-manifest-test")
+    assert isinstance(serve_flow.app_builder(app.args), serve.Application)
+
+    env = app.runtime_env
+    RuntimeEnv(**env)
+    assert urlparse(env["working_dir"]).scheme in {"https", "s3", "gs"}, env["working_dir"]
+    assert f"raygen @ {env['working_dir']}" in env["pip"]["packages"]
+
+
+@pytest.mark.parametrize("path", RAYSERVICES, ids=_ids(RAYSERVICES))
+def test_rayservice_stages_fit_the_gpu_workers(path: Path) -> None:
+    config = _serve_config(_serve_app(path))
+    assert config.video is not None
+    stages: list[DeploymentSettings] = [
+        *(getattr(config.deployments, name) for name in type(config.deployments).model_fields),
+        *(
+            getattr(config.video.deployments, n)
+            for n in type(config.video.deployments).model_fields
+        ),
+        *(stage.deployment for stage in config.super_resolution),
+    ]
+
+    def most(settings: DeploymentSettings) -> int:
+        return (
+            settings.num_replicas
+            if settings.autoscaling is None
+            else settings.autoscaling.max_replicas
+        )
+
+    # Every stage at its most replicas must find GPUs, or autoscaling stalls at a pending
+    # replica; and a stage on cuda must ask for a GPU.
+    groups = _load(path)["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    gpus = sum(g["maxReplicas"] * _gpus(g) for g in groups)
+    assert sum(most(s) * s.num_gpus for s in stages) <= gpus
+    assert config.bundle.device.startswith("cuda") and config.deployments.base.num_gpus >= 1
+    assert config.video.deployments.denoiser.num_gpus >= 1
 
 
 # --- ray up (cluster launcher) -------------------------------------------------------------

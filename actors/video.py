@@ -1,0 +1,244 @@
+"""The video graph's stages (Wan family): UMT5 text encoder, video transformer, video VAE
+decode, and MP4 encoding, each a plain class that loads once from a bundle folder.
+
+Every stage computes exactly what ``WanPipeline.__call__`` computes: the encoder calls the
+pipeline's own ``encode_prompt``, the denoiser repeats its loop (same initial noise per
+seed, conditional and unconditional forwards, the bundle's scheduler doing every step) and
+the decoder its tail. ``tests/actors/test_video.py`` checks the staged video against the
+pipeline.
+
+The denoiser is a generator over steps, so a caller can report progress and stop between
+steps. Tensors leave a stage on the CPU, so Ray's object store can hand them to a stage on
+any machine. A ``bundle_dir`` is a local folder in diffusers' layout (resolve ``s3://``
+first).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+from diffusers import AutoencoderKLWan, WanPipeline
+from diffusers.utils.torch_utils import randn_tensor
+
+# WanPipeline's components a stage leaves unloaded.
+_NOT_TEXT = ("transformer", "vae")
+_NOT_TRANSFORMER = ("text_encoder", "tokenizer", "vae")
+_NOT_VAE = ("transformer", "text_encoder", "tokenizer")
+
+
+@dataclass(frozen=True)
+class VideoEmbeddings:
+    """One prompt's UMT5 conditioning, as ``WanPipeline.encode_prompt`` returns it for a
+    batch of one; the negative one is None when the request has no guidance."""
+
+    prompt_embeds: torch.Tensor  # (L, D)
+    negative_prompt_embeds: torch.Tensor | None  # (L, D)
+
+
+@dataclass(frozen=True)
+class VideoDenoiseRequest:
+    embeddings: VideoEmbeddings
+    seed: int
+    height: int
+    width: int
+    num_frames: int
+    num_inference_steps: int
+    guidance_scale: float
+
+
+class VideoPromptEncoder:
+    """The bundle's UMT5 encoder through ``WanPipeline.encode_prompt``."""
+
+    def __init__(
+        self,
+        bundle_dir: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.pipe = WanPipeline.from_pretrained(
+            bundle_dir, dtype=dtype, **dict.fromkeys(_NOT_TEXT)
+        ).to(device)
+
+    def encode(
+        self,
+        prompt: str,
+        negative_prompt: str | None,
+        guidance_scale: float,
+        max_sequence_length: int,
+    ) -> VideoEmbeddings:
+        # The pipeline encodes a negative prompt (None: the empty text) only with guidance.
+        guided = guidance_scale > 1.0
+        with torch.no_grad():
+            prompt_embeds, negative_embeds = self.pipe.encode_prompt(
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                do_classifier_free_guidance=guided,
+                max_sequence_length=max_sequence_length,
+                device=self.pipe.device,
+            )  # (1, L, D) each
+        return VideoEmbeddings(
+            prompt_embeds[0].to("cpu", copy=True),
+            None if negative_embeds is None else negative_embeds[0].to("cpu", copy=True),
+        )
+
+
+class VideoDenoiser:
+    """The bundle's video transformer and scheduler.
+
+    ``steps`` yields after every denoising step, so the caller decides between steps whether
+    to go on; each call builds its own scheduler (UniPC keeps history across steps), so
+    nothing carries over from one video to the next.
+    """
+
+    def __init__(
+        self,
+        bundle_dir: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.device = torch.device(device)
+        pipe = WanPipeline.from_pretrained(
+            bundle_dir, dtype=dtype, **dict.fromkeys(_NOT_TRANSFORMER)
+        )
+        self.transformer = pipe.transformer.to(self.device).eval()
+        # A template only: each video steps a fresh copy of it.
+        self.scheduler = pipe.scheduler
+        vae_config = AutoencoderKLWan.load_config(bundle_dir, subfolder="vae")
+        self.vae_scale_factor_temporal = vae_config["scale_factor_temporal"]
+        self.vae_scale_factor_spatial = vae_config["scale_factor_spatial"]
+
+    @property
+    def size_multiple(self) -> int:
+        """Video sides must be multiples of this: the VAE's downscale times the patch size."""
+        _, patch_height, patch_width = self.transformer.config.patch_size
+        assert patch_height == patch_width, "Wan patches are square"
+        return self.vae_scale_factor_spatial * patch_height
+
+    def check(self, height: int, width: int, num_frames: int) -> None:
+        multiple = self.size_multiple
+        if height % multiple or width % multiple:
+            raise ValueError(f"height and width must be multiples of {multiple}: {height}x{width}")
+        if (num_frames - 1) % self.vae_scale_factor_temporal:
+            raise ValueError(
+                f"num_frames - 1 must be a multiple of {self.vae_scale_factor_temporal}, "
+                f"got {num_frames}"
+            )
+
+    def steps(self, request: VideoDenoiseRequest) -> Iterator[tuple[int, torch.Tensor | None]]:
+        """After each step: (steps done, None); after the last: (num_steps, latents
+        (C, F, h, w)) in the pipeline's latent space, before the VAE's normalization, on the
+        CPU."""
+        self.check(request.height, request.width, request.num_frames)
+        scheduler = type(self.scheduler).from_config(self.scheduler.config)
+        scheduler.set_timesteps(request.num_inference_steps, device=self.device)
+        scheduler.set_begin_index(0)
+        timesteps = scheduler.timesteps  # (N,)
+        latents = self._initial_latents(request)  # (1, C, F, h, w), float32 as the pipeline
+        dtype = self.transformer.dtype
+        prompt_embeds = request.embeddings.prompt_embeds[None].to(self.device, dtype)
+        guided = request.guidance_scale > 1.0
+        if guided:
+            negative_embeds = request.embeddings.negative_prompt_embeds
+            assert negative_embeds is not None, "guided requests carry a negative embedding"
+            negative_embeds = negative_embeds[None].to(self.device, dtype)
+
+        for index, t in enumerate(timesteps):
+            with torch.no_grad():
+                model_input = latents.to(dtype)
+                timestep = t.expand(latents.shape[0])
+                noise_pred = self.transformer(
+                    hidden_states=model_input,
+                    timestep=timestep,
+                    encoder_hidden_states=prompt_embeds,
+                    return_dict=False,
+                )[0]  # (1, C, F, h, w)
+                if guided:
+                    noise_uncond = self.transformer(
+                        hidden_states=model_input,
+                        timestep=timestep,
+                        encoder_hidden_states=negative_embeds,
+                        return_dict=False,
+                    )[0]
+                    noise_pred = noise_uncond + request.guidance_scale * (noise_pred - noise_uncond)
+                latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+            if index + 1 < len(timesteps):
+                yield index + 1, None
+        yield len(timesteps), latents[0].to("cpu", copy=True)
+
+    def denoise(self, request: VideoDenoiseRequest) -> torch.Tensor:
+        """All steps at once: latents (C, F, h, w)."""
+        *_, (_, latents) = self.steps(request)
+        assert latents is not None
+        return latents
+
+    def _initial_latents(self, request: VideoDenoiseRequest) -> torch.Tensor:
+        # What WanPipeline.prepare_latents draws for one prompt given a seeded CPU generator.
+        num_latent_frames = (request.num_frames - 1) // self.vae_scale_factor_temporal + 1
+        shape = (
+            1,
+            self.transformer.config.in_channels,
+            num_latent_frames,
+            request.height // self.vae_scale_factor_spatial,
+            request.width // self.vae_scale_factor_spatial,
+        )
+        generator = torch.Generator("cpu").manual_seed(request.seed)
+        return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+
+
+class VideoDecoder:
+    """The bundle's video VAE: latents to frames, as ``WanPipeline``'s tail does."""
+
+    def __init__(
+        self,
+        bundle_dir: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.pipe = WanPipeline.from_pretrained(
+            bundle_dir, dtype=dtype, **dict.fromkeys(_NOT_VAE)
+        ).to(device)
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """(F, H, W, 3) float32 frames in [0, 1] (the pipeline's ``output_type="np"``) from
+        latents (C, f, h, w)."""
+        vae = self.pipe.vae
+        batch = latents[None].to(vae.device, vae.dtype)  # (1, C, f, h, w)
+        mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1)
+        std = torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1)
+        # The pipeline divides by 1 / std: the same float32 ops, so the same bits.
+        batch = batch / (1.0 / std).to(batch) + mean.to(batch)
+        with torch.no_grad():
+            video = vae.decode(batch, return_dict=False)[0]  # (1, 3, F, H, W)
+        frames = self.pipe.video_processor.postprocess_video(video, output_type="np")
+        return np.asarray(frames[0], dtype=np.float32)  # (F, H, W, 3)
+
+
+def to_uint8(frames: np.ndarray) -> np.ndarray:
+    """Float frames in [0, 1] to uint8, rounding as diffusers' ``numpy_to_pil`` does."""
+    return (frames * 255).round().astype(np.uint8)
+
+
+def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
+    """H.264 MP4 (yuv420p, so every player opens it) of uint8 frames (F, H, W, 3)."""
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"expected uint8 frames (F, H, W, 3), got {frames.dtype} {frames.shape}")
+    _, height, width, _ = frames.shape
+    if height % 2 or width % 2:
+        raise ValueError(f"yuv420p needs even sides, got {width}x{height}")
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
