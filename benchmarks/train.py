@@ -41,14 +41,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from diffusers import SD3Transformer2DModel
+from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.training_utils import EMAModel
 from safetensors.numpy import save_file
 
 from cluster.storage import Storage
-from flows.models import build_tiny_bundles
+from flows.distill import distance_to_teacher, run_distill
+from flows.models import CAPTION_WORDS, build_tiny_bundles
 from flows.train import RectifiedFlow, _to_model_inputs, plan_run, run_train, warmup_cosine
-from schemas.config import TrainConfig, load_config
+from schemas.config import DistillConfig, TrainConfig, load_config
 from schemas.shards import Manifest, shard_schema
 
 WARMUP_STEPS = 3
@@ -66,28 +67,28 @@ def build_bundle(out: Path, tiny: Path, layers: int, heads: int, seed: int) -> t
     return bundle, sum(p.numel() for p in model.parameters())
 
 
-def write_shards(out: Path, bundle: Path, num_rows: int, latent_size: int, seed: int) -> Path:
-    """Prep-schema shards of one bucket with seeded random latents and embeddings."""
-    rng = np.random.default_rng(seed)
-    pipe_index = json.loads((bundle / "model_index.json").read_text())
-    assert pipe_index["_class_name"] == "StableDiffusion3Pipeline"
+def write_shards(
+    out: Path,
+    bundle: Path,
+    latents: np.ndarray,
+    prompt_embeds: np.ndarray,
+    pooled_prompt_embeds: np.ndarray,
+    empty: tuple[np.ndarray, np.ndarray],
+) -> Path:
+    """One bucket of prep-schema shards: latents (N, C, h, w) stored unscaled (as prep stores
+    them: the VAE factors are undone here), embeddings (N, L, D) and (N, D), and the empty
+    prompt's embeddings for classifier-free guidance."""
     vae = json.loads((bundle / "vae" / "config.json").read_text())
-    t5 = json.loads((bundle / "text_encoder_3" / "config.json").read_text())
-    clip_width = sum(
-        json.loads((bundle / name / "config.json").read_text())["hidden_size"]
-        for name in ("text_encoder", "text_encoder_2")
-    )
-    latent_shape = (vae["latent_channels"], latent_size, latent_size)
-    embeds_shape = (77 + 77, t5["d_model"])  # SD3: CLIP's 77 tokens then T5's (77 here)
-    schema = shard_schema(latent_shape, embeds_shape, (clip_width,))
-    pixels = latent_size * 8
+    latents = latents / vae["scaling_factor"] + vae["shift_factor"]
+    num_rows, latent_shape = len(latents), latents.shape[1:]
+    schema = shard_schema(latent_shape, prompt_embeds.shape[1:], pooled_prompt_embeds.shape[1:])
+    pixels = latent_shape[-1] * 2 ** (len(vae["block_out_channels"]) - 1)
     bucket = f"{pixels}x{pixels}"
-    folder = out / "shards" / "shards" / bucket
+    folder = out / "shards" / bucket
     folder.mkdir(parents=True)
 
-    def tensor(shape: tuple[int, ...], n: int) -> pa.Array:
-        values = rng.standard_normal((n, *shape), dtype=np.float32)
-        return pa.FixedShapeTensorArray.from_numpy_ndarray(values)
+    def tensor(values: np.ndarray) -> pa.Array:
+        return pa.FixedShapeTensorArray.from_numpy_ndarray(values.astype(np.float32))
 
     columns: dict[str, Any] = {
         "sample_id": [f"s{i:06d}" for i in range(num_rows)],
@@ -97,24 +98,23 @@ def write_shards(out: Path, bundle: Path, num_rows: int, latent_size: int, seed:
         "original_width": [pixels] * num_rows,
         "crop_box": [[0, 0, pixels, pixels]] * num_rows,
         "bucket": [bucket] * num_rows,
-        "caption_original": ["a red square"] * num_rows,
-        "caption_synthetic": ["a red square on a white table"] * num_rows,
-        "latent_mean": tensor(latent_shape, num_rows),
+        "caption_original": ["synthetic"] * num_rows,
+        "caption_synthetic": [None] * num_rows,
+        "latent_mean": tensor(latents),
+        "prompt_embeds_original": tensor(prompt_embeds),
+        "pooled_prompt_embeds_original": tensor(pooled_prompt_embeds),
     }
-    for kind in ("original", "synthetic"):
-        columns[f"prompt_embeds_{kind}"] = tensor(embeds_shape, num_rows)
-        columns[f"pooled_prompt_embeds_{kind}"] = tensor((clip_width,), num_rows)
-        columns[f"input_ids_{kind}"] = [None] * num_rows
-    for score in ("clip_score", "aesthetic_score", "nsfw_score"):
-        columns[score] = [None] * num_rows
-    table = pa.table({f.name: pa.array(columns[f.name], f.type) for f in schema}, schema=schema)
+    table = pa.table(
+        {
+            f.name: columns[f.name] if f.name in columns else pa.nulls(num_rows, f.type)
+            for f in schema
+        },
+        schema=schema,
+    )
     pq.write_table(table, folder / "part-0.parquet")
     save_file(
-        {
-            "image_prompt_embeds": np.zeros(embeds_shape, np.float32),
-            "image_pooled_prompt_embeds": np.zeros((clip_width,), np.float32),
-        },
-        out / "shards" / "empty_prompt.safetensors",
+        {"image_prompt_embeds": empty[0], "image_pooled_prompt_embeds": empty[1]},
+        out / "empty_prompt.safetensors",
     )
     manifest = Manifest(
         bundle_uri=str(bundle),
@@ -128,8 +128,27 @@ def write_shards(out: Path, bundle: Path, num_rows: int, latent_size: int, seed:
         },
         empty_prompt="empty_prompt.safetensors",
     )
-    (out / "shards" / "manifest.json").write_text(manifest.model_dump_json(indent=2))
-    return out / "shards"
+    (out / "manifest.json").write_text(manifest.model_dump_json(indent=2))
+    return out
+
+
+def random_shards(out: Path, bundle: Path, num_rows: int, latent_size: int, seed: int) -> Path:
+    """Seeded random latents and embeddings at the bundle's shapes (SD3: 77 CLIP + 77 T5)."""
+    rng = np.random.default_rng(seed)
+    t5 = json.loads((bundle / "text_encoder_3" / "config.json").read_text())
+    clip_width = sum(
+        json.loads((bundle / name / "config.json").read_text())["hidden_size"]
+        for name in ("text_encoder", "text_encoder_2")
+    )
+    normal = rng.standard_normal
+    return write_shards(
+        out,
+        bundle,
+        normal((num_rows, 16, latent_size, latent_size), dtype=np.float32),
+        normal((num_rows, 154, t5["d_model"]), dtype=np.float32),
+        normal((num_rows, clip_width), dtype=np.float32),
+        (np.zeros((154, t5["d_model"]), np.float32), np.zeros((clip_width,), np.float32)),
+    )
 
 
 def time_loop(config: TrainConfig, steps: int) -> dict[str, Any]:
@@ -192,10 +211,60 @@ def steady(values: list[float]) -> float:
     return statistics.median(values[WARMUP_STEPS:])
 
 
-def run_distill_benchmark(work: Path, tiny: dict[str, Path], steps: int) -> dict[str, Any]:
-    from flows.distill import benchmark_distillation
+def run_distill_benchmark(work: Path, teacher: Path, steps: int) -> dict[str, Any]:
+    """`raygen distill` of the tiny SD3 teacher, then the distance of student and teacher
+    few-step samples to the teacher's 32-step samples (same held-out prompts and noise).
 
-    return benchmark_distillation(work, tiny["t2i"], steps)
+    The recipe is tests/flows/test_distill.py's (found by sweeping on this teacher): latents
+    16x4x4 (32 px), 256 captions encoded by the teacher with 16 T5 tokens, batch 16, AdamW at
+    2e-3 decaying to 0, 16 teacher steps, target EMA 0.5; the exported weights are the raw
+    student (ema_decay 0), as in the test."""
+    rng = np.random.default_rng(0)
+    captions = [" ".join(rng.choice(CAPTION_WORDS, 6)) for _ in range(256)]
+    pipe = StableDiffusion3Pipeline.from_pretrained(teacher)
+    with torch.no_grad():
+        embeds, empty, pooled, empty_pooled = pipe.encode_prompt(
+            captions, None, None, negative_prompt="", max_sequence_length=16
+        )
+    rows = rng.integers(len(captions), size=1024)
+    shards = write_shards(
+        work / "distill-shards",
+        teacher,
+        rng.standard_normal((1024, 16, 4, 4), dtype=np.float32),
+        embeds.numpy()[rows],
+        pooled.numpy()[rows],
+        (empty[0].numpy(), empty_pooled[0].numpy()),
+    )
+    num_cpus = os.cpu_count() or 2
+    config = load_config(
+        DistillConfig,
+        values={
+            "teacher.uri": str(teacher),
+            "data": str(shards),
+            "output": str(work / "distill"),
+            "num_workers": 1,
+            "cpus_per_worker": num_cpus,
+            "ray.num_cpus": num_cpus + 1,
+            "batch_size": 16,
+            "max_steps": steps,
+            "checkpoint_every": steps,
+            "log_every": 50,
+            "caption": "original",
+            "ema_decay": 0.0,
+            "optimizer.learning_rate": 2e-3,
+            "optimizer.warmup_steps": 0,
+            "optimizer.min_lr_ratio": 0.0,
+            "optimizer.max_grad_norm": None,
+        },
+    )
+    start = time.perf_counter()
+    result = run_distill(config)
+    wall = time.perf_counter() - start
+    held_out = [" ".join(rng.choice(CAPTION_WORDS, 6)) for _ in range(8)]
+    mse = distance_to_teacher(
+        teacher, result.bundle, held_out, seed=1, guidance_scale=4.5, max_sequence_length=16
+    )
+    return {"steps": steps, "wall_s": wall, "mse": mse, "recipe": config.model_dump(mode="json")}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -215,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tiny = build_tiny_bundles(work / "tiny", names=["t2i"])
     bundle, num_params = build_bundle(work, tiny["t2i"], layers, heads, seed=0)
     latent_size = 16 if args.quick else 32
-    shards = write_shards(work, bundle, num_rows=8 * steps, latent_size=latent_size, seed=0)
+    shards = random_shards(work / "shards", bundle, 8 * steps, latent_size, seed=0)
 
     def config(output: str, **values: Any) -> TrainConfig:
         return load_config(
@@ -273,7 +342,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ratio_2_vs_1_workers": one_step / two_step,
     }
     if not args.no_distill:
-        summary["distill"] = run_distill_benchmark(work, tiny, steps=60 if args.quick else 200)
+        summary["distill"] = run_distill_benchmark(
+            work, tiny["t2i"], steps=100 if args.quick else 1000
+        )
     print(report(summary))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=2))

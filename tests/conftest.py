@@ -129,6 +129,6 @@ def ray_local(s3_server: str) -> Iterator[None]:
     """
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=True, logging_level="ERROR")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield
     ray.shutdown()

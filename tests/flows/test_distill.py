@@ -297,13 +297,13 @@ def test_raygen_distill_writes_a_student_bundle_diffusers_samples(
     [
         ({"parallelism": "fsdp"}, "^parallelism: distillation runs with ddp"),
         ({"num_teacher_steps": 2}, "^num_teacher_steps: 2 is below student_steps 4"),
-        ({"teacher.uri": "t2v"}, "^teacher: .* is a WanTransformer3DModel"),
+        ({"teacher.uri": "t2v", "batch_size": 2}, "^teacher: .* is a WanTransformer3DModel"),
     ],
 )
 def test_distill_config_mistakes_fail_before_workers_start(
     tiny_bundles, prep_shards, tmp_path, values, message
 ):
     if values.get("teacher.uri") == "t2v":
-        values = {"teacher.uri": str(tiny_bundles["t2v"])}
+        values = {**values, "teacher.uri": str(tiny_bundles["t2v"])}
     with pytest.raises(ConfigError, match=message):
         run_distill(_distill_config(tiny_bundles, prep_shards, tmp_path / "run", **values))

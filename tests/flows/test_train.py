@@ -103,46 +103,6 @@ def test_video_bundle_on_image_only_shards_names_the_data(tiny_bundles, prep_sha
         plan_run(config, config.bundle.uri, Storage())
 
 
-def test_image_training_resumes_and_exports_a_diffusers_bundle(
-    ray_local, tiny_bundles, prep_shards, tmp_path
-):
-    output = tmp_path / "run"
-    config = _config(tiny_bundles, prep_shards, output, sample_every=2)
-    result = run_train(config)
-    assert result.steps == 4
-    records = _metrics(output)
-    assert [r["step"] for r in records] == [1, 2, 3, 4]
-    for record in records:
-        assert np.isfinite(record["loss"]) and record["grad_norm"] > 0 and record["lr"] > 0
-        assert 0 <= record["data_wait_fraction"] <= 1 and record["samples_per_s"] > 0
-    assert Image.open(output / "loss.png").size == (640, 360)
-    assert sorted(p.name for p in (output / "samples").iterdir()) == [
-        "step-0000002.png",
-        "step-0000004.png",
-    ]
-
-    # A second run into the same output is refused unless it resumes.
-    with pytest.raises(TrainingError, match="already holds a run"):
-        run_train(config.model_copy(update={"max_steps": 6}))
-    resumed = run_train(config.model_copy(update={"max_steps": 6, "resume": True}))
-    assert resumed.steps == 6
-    assert [r["step"] for r in _metrics(output)] == [1, 2, 3, 4, 5, 6]
-
-    # The bundle loads unchanged in diffusers and samples; its transformer is the trained one.
-    pipe = StableDiffusion3Pipeline.from_pretrained(output / "bundle")
-    source = StableDiffusion3Pipeline.from_pretrained(tiny_bundles["t2i"])
-    trained = dict(pipe.transformer.named_parameters())
-    assert any(
-        not torch.equal(trained[name], param)
-        for name, param in source.transformer.named_parameters()
-    )
-    image = pipe(
-        "a red square", num_inference_steps=2, height=32, width=32, output_type="np",
-        generator=torch.Generator().manual_seed(0),
-    ).images[0]  # fmt: skip
-    assert image.shape == (32, 32, 3) and np.isfinite(image).all()
-
-
 def test_video_training_with_fsdp_exports_a_wan_bundle(
     ray_local, tiny_bundles, prep_shards, tmp_path
 ):
@@ -160,34 +120,66 @@ def test_video_training_with_fsdp_exports_a_wan_bundle(
     assert frames.shape == (5, 32, 32, 3) and np.isfinite(frames).all()
 
 
-def test_killed_worker_restarts_from_the_last_checkpoint(
+def test_killed_worker_restarts_from_its_checkpoint_then_resumes_and_exports(
     ray_local, tiny_bundles, prep_shards, tmp_path
 ):
-    output = tmp_path / "killed"
-    config = _config(tiny_bundles, prep_shards, output, max_steps=9, checkpoint_every=3)
+    """One run does what a user's run goes through: a worker killed mid-run (the group restarts
+    from the last checkpoint and recomputes the same losses), a finished run continued with
+    --resume, and the bundle loaded by plain diffusers."""
+    output = tmp_path / "run"
+    config = _config(
+        tiny_bundles, prep_shards, output, max_steps=6, checkpoint_every=2, sample_every=3
+    )
     results: list = []
     thread = threading.Thread(target=lambda: results.append(run_train(config)))
     thread.start()
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
-        done = (output / "metrics.jsonl").exists() and len(_metrics(output)) >= 5
-        if done:
+        if (output / "metrics.jsonl").exists() and len(_metrics(output)) >= 3:
             break
         time.sleep(0.2)
     before = {r["step"]: r["loss"] for r in _metrics(output)}
-    assert max(before) >= 5, "training never reached step 5"
+    assert max(before) >= 3, "training never reached step 3"
     workers = _train_worker_pids()
     assert len(workers) == 2
     os.kill(workers[-1], signal.SIGKILL)
     thread.join(timeout=240)
     assert not thread.is_alive() and results, "the run did not finish after the kill"
-    assert results[0].steps == 9
-    after = _metrics(output)
-    assert [r["step"] for r in after] == list(range(1, 10))
+    assert results[0].steps == 6
+    records = _metrics(output)
+    assert [r["step"] for r in records] == list(range(1, 7))
     # Steps after the checkpoint were recomputed from it: the same losses, not a fresh start.
-    for record in after:
+    for record in records:
+        assert np.isfinite(record["loss"]) and record["grad_norm"] > 0 and record["lr"] > 0
+        assert 0 <= record["data_wait_fraction"] <= 1 and record["samples_per_s"] > 0
         if record["step"] in before:
             assert record["loss"] == pytest.approx(before[record["step"]], rel=1e-4)
+    assert Image.open(output / "loss.png").size == (640, 360)
+    assert sorted(p.name for p in (output / "samples").iterdir()) == [
+        "step-0000003.png",
+        "step-0000006.png",
+    ]
+
+    # A second run into the same output is refused unless it resumes.
+    with pytest.raises(TrainingError, match="already holds a run"):
+        run_train(config.model_copy(update={"max_steps": 7}))
+    resumed = run_train(config.model_copy(update={"max_steps": 7, "resume": True}))
+    assert resumed.steps == 7
+    assert [r["step"] for r in _metrics(output)] == list(range(1, 8))
+
+    # The bundle loads unchanged in diffusers and samples; its transformer is the trained one.
+    pipe = StableDiffusion3Pipeline.from_pretrained(output / "bundle")
+    source = StableDiffusion3Pipeline.from_pretrained(tiny_bundles["t2i"])
+    trained = dict(pipe.transformer.named_parameters())
+    assert any(
+        not torch.equal(trained[name], param)
+        for name, param in source.transformer.named_parameters()
+    )
+    image = pipe(
+        "a red square", num_inference_steps=2, height=32, width=32, output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]  # fmt: skip
+    assert image.shape == (32, 32, 3) and np.isfinite(image).all()
 
 
 def test_nonfinite_loss_stops_the_run_naming_the_step(
@@ -195,7 +187,7 @@ def test_nonfinite_loss_stops_the_run_naming_the_step(
 ):
     output = tmp_path / "nan"
     config = _config(
-        tiny_bundles, prep_shards, output, max_steps=4, checkpoint_every=1,
+        tiny_bundles, prep_shards, output, max_steps=3, checkpoint_every=1,
         **{"optimizer.learning_rate": 1e30, "optimizer.max_grad_norm": None,
            "optimizer.warmup_steps": 0},
     )  # fmt: skip
