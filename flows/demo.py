@@ -95,4 +95,6 @@ def run_demo(data_dir: str | Path) -> None:
     print(f"      {width}x{height} image for {DEMO_PROMPT!r} -> {out_path}")
 
     print(f"done in {time.perf_counter() - started:.1f}s; everything is under {data}")
-    print("next: raygen distill --config configs/distill.yaml; serving lands next (see README)")
+    print(
+        "next: raygen distill --config configs/distill.yaml; raygen serve --config configs/serve.yaml"
+    )
