@@ -48,7 +48,14 @@ from safetensors.numpy import save_file
 from cluster.storage import Storage
 from flows.distill import distance_to_teacher, run_distill
 from flows.models import CAPTION_WORDS, build_tiny_bundles
-from flows.train import RectifiedFlow, _to_model_inputs, plan_run, run_train, warmup_cosine
+from flows.train import (
+    RectifiedFlow,
+    _embeddings_and_latents,
+    _to_model_inputs,
+    plan_run,
+    run_train,
+    warmup_cosine,
+)
 from schemas.config import DistillConfig, TrainConfig, load_config
 from schemas.shards import Manifest, shard_schema
 
@@ -157,8 +164,6 @@ def time_loop(config: TrainConfig, steps: int) -> dict[str, Any]:
     plan = plan_run(config, config.bundle.uri, Storage())
     bucket = next(iter(plan.buckets.values()))
     table = pq.read_table(bucket.files[0])
-    from flows.train import _embeddings_and_latents
-
     arrays = _embeddings_and_latents(table)
     torch.manual_seed(config.seed)
     objective = RectifiedFlow(config, plan, device)

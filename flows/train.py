@@ -14,6 +14,7 @@ the worker count) fails before any worker starts, naming the field.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -24,7 +25,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -53,7 +54,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from cluster.bundles import resolve_bundle
 from cluster.ray_runtime import init_ray
-from cluster.storage import Storage, join
+from cluster.storage import Storage, is_s3, join
 from schemas.config import ConfigError, LoopConfig, TrainConfig
 from schemas.errors import RaygenError
 from schemas.shards import Manifest
@@ -87,7 +88,7 @@ class RunPlan:
     """Everything a worker needs besides the config; small, so it travels by value."""
 
     media: str  # "image" | "video"
-    bundle_dir: str  # local folder of the model bundle on this node (workers re-resolve)
+    bundle_dir: str  # local folder of the bundle; workers on other nodes re-resolve s3:// ones
     bundle_uri: str
     transformer_class: str
     pipeline_class: str
@@ -151,7 +152,7 @@ def plan_run(config: LoopConfig, bundle_uri: str, storage: Storage) -> RunPlan:
     empty = load_safetensors_numpy(storage.read_bytes(join(config.data, manifest.empty_prompt)))
     plan = RunPlan(
         media=media,
-        bundle_dir=str(bundle_dir),
+        bundle_dir=str(bundle_dir.resolve()),
         bundle_uri=bundle_uri,
         transformer_class=transformer_class,
         pipeline_class=index["_class_name"],
@@ -516,20 +517,17 @@ def _no_grad_sync(model: torch.nn.Module, sync: bool):
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return model.no_sync()
     if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(False)
-        return _ResyncOnExit(model)
+        return _fsdp_sync_off(model)
     return nullcontext()
 
 
-class _ResyncOnExit:
-    def __init__(self, model: Any) -> None:
-        self.model = model
-
-    def __enter__(self) -> None:
-        pass
-
-    def __exit__(self, *exc: object) -> None:
-        self.model.set_requires_gradient_sync(True)
+@contextmanager
+def _fsdp_sync_off(model: Any) -> Iterator[None]:
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def _all_finite(value: torch.Tensor) -> bool:
@@ -568,6 +566,10 @@ def train_loop(args: dict[str, Any]) -> None:
     """What each Ray Train worker runs; ``args`` = config JSON, plan, objective name."""
     config: LoopConfig = args["config_cls"].model_validate(args["config"])
     plan: RunPlan = args["plan"]
+    if is_s3(plan.bundle_uri):
+        # The driver's download cache may be on another node: fetch (once per node) here.
+        bundle_dir = resolve_bundle(plan.bundle_uri, Storage(config.storage))
+        plan = dataclasses.replace(plan, bundle_dir=str(bundle_dir))
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
     torch.set_num_threads(math.ceil(config.cpus_per_worker))
@@ -768,15 +770,12 @@ def sample_grid(
     transformer = unwrapped_copy(objective.model)
     transformer.load_state_dict(weights)
     transformer.to(device).eval()
+    # No text encoders: the grid's prompts are stored embeddings. Which ones a pipeline has
+    # (SD3: three, Wan: one) is in its model_index.json.
+    index = json.loads((Path(plan.bundle_dir) / "model_index.json").read_text())
+    text_parts = [name for name in index if name.startswith(("text_encoder", "tokenizer"))]
     pipe = DiffusionPipeline.from_pretrained(
-        plan.bundle_dir,
-        transformer=transformer,
-        text_encoder=None,
-        text_encoder_2=None,
-        text_encoder_3=None,
-        tokenizer=None,
-        tokenizer_2=None,
-        tokenizer_3=None,
+        plan.bundle_dir, transformer=transformer, **dict.fromkeys(text_parts)
     ).to(device)
     n = len(plan.samples["prompt_embeds_original"])
     prompt = np.where(
