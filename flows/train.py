@@ -530,20 +530,38 @@ def _fsdp_sync_off(model: Any) -> Iterator[None]:
         model.set_requires_gradient_sync(True)
 
 
-def _all_finite(value: torch.Tensor) -> bool:
-    """One answer for every rank, so all stop together instead of hanging in a collective."""
-    flag = torch.tensor([1.0 if torch.isfinite(value).all() else 0.0], device=value.device)
-    if dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+@dataclass(frozen=True)
+class StepStatus:
+    loss: float  # mean over ranks
+    grad_norm: float
+    loss_finite: bool  # on every rank
+    grad_finite: bool
+    report_due: bool  # on any rank's clock
 
 
-def _mean_across_ranks(value: float, device: torch.device) -> float:
-    tensor = torch.tensor([value], device=device)
+def _step_status(loss: torch.Tensor, grad_norm: torch.Tensor, report_due: bool) -> StepStatus:
+    """What every rank must agree on after a step, in one all-reduce and one host sync: a
+    non-finite value anywhere stops all ranks together (instead of some hanging in the next
+    collective), and all send metrics on the same step (``ray.train.report`` is a collective)."""
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+        grad_norm = grad_norm.full_tensor()
+    loss, grad_norm = loss.detach().float(), grad_norm.detach().float().to(loss.device)
+    # (5,): loss, grad norm, non-finite loss, non-finite grad norm, report due; summed over ranks
+    values = torch.stack(
+        [
+            loss,
+            grad_norm,
+            (~torch.isfinite(loss)).float(),
+            (~torch.isfinite(grad_norm)).float(),
+            torch.tensor(float(report_due), device=loss.device),
+        ]
+    )
+    world = 1
     if dist.is_initialized():
-        dist.all_reduce(tensor)
-        tensor /= dist.get_world_size()
-    return tensor.item()
+        dist.all_reduce(values)
+        world = dist.get_world_size()
+    total_loss, total_norm, bad_loss, bad_norm, due = values.tolist()
+    return StepStatus(total_loss / world, total_norm / world, bad_loss == 0, bad_norm == 0, due > 0)
 
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -601,6 +619,9 @@ def train_loop(args: dict[str, Any]) -> None:
     shards = {name: ray.train.get_dataset_shard(name) for name in plan.buckets}
     stream = BucketStream(shards, plan, config.seed, config.shuffle_buffer)
     step = 0
+    # Metric records not yet sent to the driver, and when the last report went.
+    records: list[dict[str, Any]] = []
+    last_report = time.monotonic()
 
     # --- resume: from the latest checkpoint (`--resume`, or a worker-group restart) ---
     checkpoint = ray.train.get_checkpoint()
@@ -625,7 +646,8 @@ def train_loop(args: dict[str, Any]) -> None:
     while step < config.max_steps:
         step_start = time.perf_counter()
         data_wait = 0.0
-        losses, extras = [], Counter()
+        losses: list[torch.Tensor] = []
+        extras: Counter[str] = Counter()
         optimizer.zero_grad(set_to_none=True)
         for micro in range(config.gradient_accumulation_steps):
             fetch_start = time.perf_counter()
@@ -639,18 +661,21 @@ def train_loop(args: dict[str, Any]) -> None:
             with _no_grad_sync(model, sync):
                 with autocast:
                     loss, metrics = objective.loss(model, batch, generator)
-                if not _all_finite(loss.detach()):
-                    _stop(config, rank, step + 1, f"loss {loss.item()}")
-                    return
+                # A non-finite loss makes non-finite gradients: caught below, before the update.
                 (loss / config.gradient_accumulation_steps).backward()
-            losses.append(loss.item())
+            losses.append(loss.detach())
             extras.update(metrics)
         max_norm = optim.max_grad_norm or math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        if not _all_finite(
-            grad_norm.detach() if torch.is_tensor(grad_norm) else torch.tensor(grad_norm)
-        ):
-            _stop(config, rank, step + 1, f"gradient norm {float(grad_norm)}")
+        status = _step_status(
+            torch.stack(losses).mean(),
+            grad_norm,
+            report_due=time.monotonic() - last_report >= config.report_every_s,
+        )
+        if not (status.loss_finite and status.grad_finite):
+            what = "loss" if not status.loss_finite else "gradient norm"
+            value = status.loss if not status.loss_finite else status.grad_norm
+            _stop(config, rank, step + 1, f"{what} {value}")
             return
         optimizer.step()
         schedule.step()
@@ -660,17 +685,21 @@ def train_loop(args: dict[str, Any]) -> None:
 
         # --- metrics, samples, checkpoints ---
         step_time = time.perf_counter() - step_start
-        metrics = {
-            "step": step,
-            "epoch": stream.epoch,
-            "loss": _mean_across_ranks(float(np.mean(losses)), device),
-            "grad_norm": float(grad_norm),
-            "lr": schedule.get_last_lr()[0],
-            "samples_per_s": config.batch_size / step_time,
-            "step_time_s": step_time,
-            "data_wait_fraction": data_wait / step_time,
-            **{k: v / config.gradient_accumulation_steps for k, v in extras.items()},
-        }
+        if step % config.log_every == 0 or step == config.max_steps:
+            records.append(
+                {
+                    "step": step,
+                    "epoch": stream.epoch,
+                    "loss": status.loss,
+                    "grad_norm": status.grad_norm,
+                    "lr": schedule.get_last_lr()[0],
+                    "samples_per_s": config.batch_size / step_time,
+                    "step_time_s": step_time,
+                    "data_wait_fraction": data_wait / step_time,
+                    "time": time.time(),
+                    **{k: v / config.gradient_accumulation_steps for k, v in extras.items()},
+                }
+            )
         if config.sample_every and step % config.sample_every == 0:
             weights = _ema_weights(model, ema)
             if rank == 0:
@@ -694,11 +723,14 @@ def train_loop(args: dict[str, Any]) -> None:
                 if rank == 0:
                     torch.save(state, Path(folder) / "state.pt")
                 ray.train.report(
-                    metrics, checkpoint=Checkpoint.from_directory(folder) if rank == 0 else None
+                    {"records": records},
+                    checkpoint=Checkpoint.from_directory(folder) if rank == 0 else None,
                 )
-        elif step % config.log_every == 0:
-            # Every rank reports on the same steps: report is a collective.
-            ray.train.report(metrics)
+            records, last_report = [], time.monotonic()
+        elif status.report_due and records:
+            # Every rank reports on the same steps (``report_due`` is agreed): a collective.
+            ray.train.report({"records": records})
+            records, last_report = [], time.monotonic()
 
     # --- the bundle: EMA weights in the source bundle's layout ---
     weights = _ema_weights(model, ema)
@@ -877,9 +909,13 @@ class MetricsLog(UserCallback):
     def after_report(
         self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any
     ) -> None:
-        record = {**metrics[0], "time": time.time()}
+        records = metrics[0]["records"]
+        if not records:
+            return
         # A restarted worker group repeats steps after its checkpoint: keep the newest.
-        self.history = [r for r in self.history if r["step"] < record["step"]] + [record]
+        first = records[0]["step"]
+        self.history = [r for r in self.history if r["step"] < first] + records
+        record = records[-1]
         print(
             f"[raygen] step {record['step']}/{self.total_steps} loss {record['loss']:.4f} "
             f"grad_norm {record['grad_norm']:.3f} lr {record['lr']:.2e} "
@@ -977,7 +1013,7 @@ def run_loop(
         datasets=bucket_datasets(plan, storage),
     )
     result = trainer.fit()
-    metrics = result.metrics or {}
+    metrics = ((result.metrics or {}).get("records") or [{}])[-1]
     if storage.exists(join(config.output, STOPPED)):
         stopped = json.loads(storage.read_bytes(join(config.output, STOPPED)))
         last = result.checkpoint.path if result.checkpoint else "none"

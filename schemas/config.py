@@ -227,7 +227,16 @@ class LoopConfig(Config):
     checkpoint_every: int = Field(default=10, ge=1)
     checkpoints_to_keep: int = Field(default=2, ge=1)
     max_failures: int = Field(default=3, ge=0, description="worker-group restarts per run")
-    log_every: int = Field(default=1, ge=1)
+    log_every: int = Field(default=1, ge=1, description="steps between metric records")
+    report_every_s: float = Field(
+        default=5.0,
+        ge=0,
+        description=(
+            "seconds between sending the records to the driver (progress line, metrics.jsonl); "
+            "0: every record. A report is a Ray Train collective and the controller takes one "
+            "per 2 s poll, so reporting every fast step would stall training"
+        ),
+    )
     sample_every: int = Field(default=0, ge=0, description="steps between sample grids; 0: off")
     num_samples: int = Field(default=4, ge=1, description="grid size: fixed captions from data")
     sample_steps: int = Field(default=8, ge=1)

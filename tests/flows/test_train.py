@@ -127,9 +127,11 @@ def test_killed_worker_restarts_from_its_checkpoint_then_resumes_and_exports(
     from the last checkpoint and recomputes the same losses), a finished run continued with
     --resume, and the bundle loaded by plain diffusers."""
     output = tmp_path / "run"
+    # Records sent every step (report_every_s 0), so the losses before the kill are known.
     config = _config(
-        tiny_bundles, prep_shards, output, max_steps=6, checkpoint_every=2, sample_every=3
-    )
+        tiny_bundles, prep_shards, output, max_steps=6, checkpoint_every=2, sample_every=3,
+        report_every_s=0,
+    )  # fmt: skip
     results: list = []
     thread = threading.Thread(target=lambda: results.append(run_train(config)))
     thread.start()
