@@ -1,5 +1,6 @@
 """The serving graph's safety parts: a prompt filter that runs before any model, an image
-safety check after decode, and an invisible watermark on every image served.
+safety check after decode (of images and of every video frame), and an invisible watermark on
+every image and every video frame served.
 
 The watermark is dithered quantization index modulation (QIM; Chen & Wornell 2001) of
 mid-frequency 8x8 block-DCT coefficients, the domain JPEG and most invisible watermarks
@@ -10,8 +11,9 @@ shifted by a key-derived dither). Reading needs only the key: every coefficient 
 lattice it lies nearer to, each bit takes the majority of its coefficients, and the image is
 watermarked when at least ``WATERMARK_MIN_BITS`` of the 32 bits match. The change is a few
 levels of 255 in a few coefficients (about 49 dB PSNR) and survives any lossless encoding
-(PNG); it is not meant to survive resizing or JPEG. On an unmarked image the bits are coin
-flips, so a false detection has odds of about 1 in 780,000.
+(PNG) and raygen's near-lossless, full-chroma MP4s (``actors/video.py``); it is not meant to
+survive resizing, JPEG or ordinary 4:2:0 video encoding. On an unmarked image the bits are
+coin flips, so a false detection has odds of about 1 in 780,000.
 """
 
 from __future__ import annotations
@@ -112,6 +114,13 @@ class ImageSafetyChecker:
             for image, bad in zip(images, flagged, strict=True)
         ]
         return safe, flagged
+
+    def check_video(self, frames: np.ndarray) -> tuple[np.ndarray, bool]:
+        """The frames (F, H, W, 3) uint8, or black ones when any frame scores above the
+        threshold, and whether one did. The whole video goes: the frames around a flagged one
+        show nearly the same."""
+        flagged = max(self.scores(list(frames))) > self.max_nsfw_score
+        return (np.zeros_like(frames) if flagged else frames), flagged
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,13 @@ import torch
 from diffusers import AutoencoderKLWan, WanPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
+# x264's constant rate factor for served MP4s (0: lossless, 23: x264's default). Measured with
+# yuv444p on the tiny model's 32x48 frames, the hard case (few coefficients per watermark bit,
+# much high-frequency colour): at 2 no frame of 24 videos read fewer than 30 of the 32 bits
+# (29 count as marked), at 6 frames read 22; PSNR to the unmarked frames is 44 dB at 2.
+# Frames of 256x256 and up read 32 of 32 at 2.
+MP4_CRF = 2
+
 # WanPipeline's components a stage leaves unloaded.
 _NOT_TEXT = ("transformer", "vae")
 _NOT_TRANSFORMER = ("text_encoder", "tokenizer", "vae")
@@ -226,16 +233,22 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
 
 
 def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
-    """H.264 MP4 (yuv420p, so every player opens it) of uint8 frames (F, H, W, 3)."""
+    """H.264 MP4 of uint8 frames (F, H, W, 3), with full-resolution chroma (yuv444p) at
+    x264's near-lossless ``MP4_CRF``, so the invisible watermark in each frame survives.
+
+    yuv420p, the format every player opens, halves the chroma resolution and with it erases
+    the chroma part of the watermark: on 32x48 frames no quality setting, lossless included,
+    kept it readable. yuv444p means H.264's High 4:4:4 profile, which ffmpeg-based players
+    (VLC, mpv) open and some browsers and hardware decoders do not.
+    """
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"expected uint8 frames (F, H, W, 3), got {frames.dtype} {frames.shape}")
     _, height, width, _ = frames.shape
-    if height % 2 or width % 2:
-        raise ValueError(f"yuv420p needs even sides, got {width}x{height}")
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps))
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv444p"
+        stream.options = {"crf": str(MP4_CRF)}
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)

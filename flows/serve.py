@@ -15,7 +15,8 @@ autoscaling, scale to zero included), resources, queue bounds and batching, all 
     video (when configured; asynchronous jobs: POST /v1/videos, GET/DELETE /v1/videos/{id}):
     ingress -> video_jobs (job records; drives each job)
       -> video_text_encoder (UMT5) -> video_denoiser (Wan DiT; streams progress per step)
-      -> video_vae_decode (Wan VAE, MP4) -> storage
+      -> video_vae_decode (Wan VAE, safety check and watermark on every frame, MP4)
+      -> storage (the MP4, and each job's record as JSON, so jobs outlive the replica)
 
 Latents, embeddings and images travel between stages as handle-call arguments and results,
 so through Ray's object store. ``build_app`` is the one place the graph is built: ``raygen
@@ -31,6 +32,7 @@ import base64
 import hashlib
 import hmac
 import io
+import json
 import os
 import random
 import re
@@ -38,6 +40,7 @@ import time
 import uuid
 from collections import Counter, OrderedDict, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +51,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from actors.generation import Denoiser, DenoiseRequest, PromptEncoder, Upscaler, VaeDecoder
@@ -88,6 +92,7 @@ from schemas.config import (
 APP_NAME = "raygen"
 IMAGES_FOLDER = "images"
 VIDEOS_FOLDER = "videos"
+VIDEO_JOBS_FOLDER = "video_jobs"  # one JSON record per job
 # Stored outputs by suffix: (folder under `output`, media type).
 _FILES = {".png": (IMAGES_FOLDER, "image/png"), ".mp4": (VIDEOS_FOLDER, "video/mp4")}
 _FILE_NAME = re.compile(r"^[0-9a-f]{32}(\.png|\.mp4)$")
@@ -364,26 +369,46 @@ class VideoDenoiserStage:
 
 @serve.deployment
 class VideoDecodeStage:
-    """Wan VAE decode, then H.264 MP4."""
+    """Wan VAE decode; the image safety check (when configured) on every frame and the
+    invisible watermark in every frame, as the safety stage does for images; H.264 MP4."""
 
-    def __init__(self, model: ModelRef, storage: StorageConfig) -> None:
+    def __init__(self, model: ModelRef, storage: StorageConfig, safety: SafetyConfig) -> None:
         self.decoder = VideoDecoder(
             _local_bundle(model, storage), device=model.device, dtype=_torch_dtype(model)
         )
+        self.watermark_key = safety.watermark_key
+        self.checker = None
+        if safety.image_checker is not None:
+            self.checker = ImageSafetyChecker(
+                _local_bundle(safety.image_checker, storage),
+                safety.max_nsfw_score,
+                device=safety.image_checker.device,
+                dtype=_torch_dtype(safety.image_checker),
+            )
         self.num_requests = 0
 
-    async def mp4(self, latents: torch.Tensor, fps: int) -> bytes:
+    async def mp4(self, latents: torch.Tensor, fps: int) -> tuple[bytes, bool]:
+        """The MP4, and whether the checker flagged a frame (then every frame is black)."""
         self.num_requests += 1
         return await asyncio.to_thread(self._mp4, latents, fps)
 
-    def _mp4(self, latents: torch.Tensor, fps: int) -> bytes:
-        return encode_mp4(to_uint8(self.decoder.decode(latents)), fps)
+    def _mp4(self, latents: torch.Tensor, fps: int) -> tuple[bytes, bool]:
+        frames = to_uint8(self.decoder.decode(latents))  # (F, H, W, 3)
+        flagged = False
+        if self.checker is not None:
+            frames, flagged = self.checker.check_video(frames)
+        marked = np.stack([embed_watermark(frame, self.watermark_key) for frame in frames])
+        return encode_mp4(marked, fps), flagged
 
     async def stats(self) -> dict[str, int]:
         return {"requests": self.num_requests}
 
 
 _FINISHED = ("succeeded", "failed", "cancelled")
+# Progress (step i of n) reaches a job's stored record at most this often; every change of
+# status at once.
+_PROGRESS_SAVE_INTERVAL_S = 1.0
+_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 @dataclass
@@ -391,16 +416,28 @@ class _Job:
     record: VideoJob
     task: asyncio.Task | None = None
     uri: str | None = None  # the stored MP4, once succeeded
+    saved_at: float = 0.0  # time.monotonic() when the record was last written
+
+    def to_json(self) -> bytes:
+        return json.dumps({"job": self.record.model_dump(mode="json"), "uri": self.uri}).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "_Job":
+        stored = json.loads(data)
+        return cls(VideoJob.model_validate(stored["job"]), uri=stored["uri"])
 
 
 @serve.deployment
 class VideoJobs:
     """Every video job's record, and the task that drives it through the video stages.
 
-    One replica (config enforces it), so every ingress replica sees the same jobs; it is part
-    of the app, so the records live and go with it. At most ``max_running_jobs`` jobs run
-    at once, the rest wait as ``queued``; finished records beyond ``max_finished_jobs`` are
-    dropped oldest first.
+    One replica (config enforces it), so every ingress replica sees the same jobs. Each
+    record is also written whole to ``<output>/video_jobs/<id>.json`` on every change, so
+    the jobs outlive the replica: a replacement reads a job it does not hold from storage, and
+    one that was still queued or running there reads as failed ("interrupted"), its task
+    having died with the old replica. At most ``max_running_jobs`` jobs run at once, the rest
+    wait as ``queued``; memory keeps the last ``max_finished_jobs`` finished records, storage
+    all of them.
     """
 
     def __init__(
@@ -420,39 +457,54 @@ class VideoJobs:
         self.vae_decode = vae_decode
         self.running = asyncio.Semaphore(video.max_running_jobs)
         self.jobs: OrderedDict[str, _Job] = OrderedDict()
+        # One writer thread: records land in the order they were written, also when the
+        # task that wrote one was cancelled while waiting for it.
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="video-job-records")
 
     async def shape_factors(self) -> tuple[int, int]:
         return await self.denoiser.shape_factors.remote()
 
     async def submit(self, body: VideoRequest, seed: int) -> VideoJob | None:
-        """The new job, queued; None when ``max_jobs`` are already queued or running."""
+        """The new job, queued and stored; None when ``max_jobs`` are already queued or
+        running."""
         active = sum(job.record.status not in _FINISHED for job in self.jobs.values())
         if active >= self.video.max_jobs:
             return None
         record = VideoJob(
-            id=uuid.uuid4().hex, status="queued", num_steps=body.num_inference_steps, seed=seed
+            id=uuid.uuid4().hex,
+            status="queued",
+            num_steps=body.num_inference_steps,
+            seed=seed,
+            created_at=time.time(),
         )
         job = _Job(record)
-        self.jobs[record.id] = job
+        self.jobs[record.id] = job  # counts against max_jobs while it is being stored
+        try:
+            await self._save(job)
+        except BaseException:
+            del self.jobs[record.id]
+            raise
         job.task = asyncio.create_task(self._run(job, body))
         self._forget_old()
         return record.model_copy()
 
     async def get(self, job_id: str) -> tuple[VideoJob, str | None] | None:
         """The record and the stored MP4's URI, or None for an unknown id."""
-        job = self.jobs.get(job_id)
+        job = self.jobs.get(job_id) or await self._load(job_id)
         return None if job is None else (job.record.model_copy(), job.uri)
 
     async def cancel(self, job_id: str) -> VideoJob | None:
         """Cancel a queued or running job (a running one stops between denoising steps); a
         finished one stays as it is. None for an unknown id."""
-        job = self.jobs.get(job_id)
+        job = self.jobs.get(job_id) or await self._load(job_id)
         if job is None:
             return None
         if job.record.status not in _FINISHED:
             job.record.status = "cancelled"
+            job.record.finished_at = time.time()
             assert job.task is not None
             job.task.cancel()
+            await self._save(job)
         return job.record.model_copy()
 
     async def stats(self) -> dict[str, int]:
@@ -472,6 +524,8 @@ class VideoJobs:
         try:
             async with self.running:
                 record.status = "running"
+                record.started_at = time.time()
+                await self._save(job)
                 start = time.perf_counter()
                 embeddings = await stage(
                     "text_encoder",
@@ -497,8 +551,11 @@ class VideoJobs:
                 async for step, sample in steps:
                     record.step = step
                     latents = sample  # (C, F, h, w) with the last step, None before
+                    await self._save(job, progress=True)
                 record.stage_seconds["denoiser"] = time.perf_counter() - denoise_start
-                mp4 = await stage("vae_decode", self.vae_decode.mp4.remote(latents, body.fps))
+                mp4, record.nsfw_content_detected = await stage(
+                    "vae_decode", self.vae_decode.mp4.remote(latents, body.fps)
+                )
                 uri = Storage.join(self.output, VIDEOS_FOLDER, f"{uuid.uuid4().hex}.mp4")
                 store_start = time.perf_counter()
                 await asyncio.to_thread(self.storage.write_bytes, uri, mp4)
@@ -506,15 +563,49 @@ class VideoJobs:
                 record.stage_seconds["total"] = time.perf_counter() - start
                 job.uri = uri
                 record.status = "succeeded"
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # by cancel(), which has stored the record
             for response in in_flight:
                 response.cancel()
-            record.status = "cancelled"
+            self._forget_old()
+            return
         except Exception as err:  # the job's failure is its record's, not this replica's
             record.status = "failed"
             record.error = f"{type(err).__name__}: {err}"
-        finally:
-            self._forget_old()
+        record.finished_at = time.time()
+        # Stored before it may be dropped from memory, so storage never holds a stale state
+        # of a job this replica has forgotten.
+        await self._save(job)
+        self._forget_old()
+
+    async def _save(self, job: _Job, progress: bool = False) -> None:
+        """Write the job's record whole (readers see the old one or the new one); with
+        ``progress``, only when the last write is ``_PROGRESS_SAVE_INTERVAL_S`` old."""
+        now = time.monotonic()
+        if progress and now - job.saved_at < _PROGRESS_SAVE_INTERVAL_S:
+            return
+        job.saved_at = now
+        uri = Storage.join(self.output, VIDEO_JOBS_FOLDER, f"{job.record.id}.json")
+        await asyncio.get_running_loop().run_in_executor(
+            self.writer, self.storage.write_bytes, uri, job.to_json()
+        )
+
+    async def _load(self, job_id: str) -> _Job | None:
+        """A job this replica does not hold, from storage; None when there is none. One
+        stored as queued or running was interrupted: this replica never ran it."""
+        if not _JOB_ID.match(job_id):
+            return None
+        uri = Storage.join(self.output, VIDEO_JOBS_FOLDER, f"{job_id}.json")
+        if not await asyncio.to_thread(self.storage.exists, uri):
+            return None
+        job = _Job.from_json(await asyncio.to_thread(self.storage.read_bytes, uri))
+        if job.record.status not in _FINISHED:
+            job.record.status = "failed"
+            job.record.error = "interrupted: the video_jobs replica running it stopped"
+            job.record.finished_at = time.time()
+            await self._save(job)
+        self.jobs[job_id] = job
+        self._forget_old()
+        return job
 
     def _forget_old(self) -> None:
         finished = [key for key, job in self.jobs.items() if job.record.status in _FINISHED]
@@ -563,9 +654,11 @@ class _Run:
 
     stage_seconds: dict[str, float]
     in_flight: set[DeploymentResponse]
+    stage: str | None = None  # the stage called last
 
     async def call(self, stage: str, *responses: DeploymentResponse) -> list[Any]:
         start = time.perf_counter()
+        self.stage = stage
         self.in_flight.update(responses)
         results = await asyncio.gather(*responses)
         # Only finished calls leave: on a timeout, the ones still listed get cancelled.
@@ -815,7 +908,8 @@ class Ingress:
         self, body: GenerateRequest, work: Callable[[_Run], Awaitable[Any]]
     ) -> tuple[Any, dict[str, float]]:
         """``work``'s result and the seconds in each stage, or a 504 once the request's time
-        limit passes, with the stage calls in flight cancelled and no later stage started."""
+        limit passes, with the stage calls in flight cancelled and no later stage started; a
+        503 with Retry-After, likewise, when a stage's replica dies under the request."""
         run = _Run(stage_seconds={}, in_flight=set())
         timeout_s = body.timeout_s or self.config.request_timeout_s
         start = time.perf_counter()
@@ -826,6 +920,18 @@ class Ingress:
                 response.cancel()
             raise HTTPException(
                 504, f"generation exceeded its time limit of {timeout_s:g} s and was cancelled"
+            ) from None
+        except RayActorError:
+            # The replica running this request died (or cannot be reached). Serve routes
+            # later requests elsewhere and replaces it; this request's work is lost, so the
+            # caller should retry, as after any other 503.
+            for response in run.in_flight:
+                response.cancel()
+            raise HTTPException(
+                503,
+                f"a {run.stage} replica failed while running this request and is being "
+                "replaced; retry later",
+                {"Retry-After": f"{self.config.retry_after_s:g}"},
             ) from None
         run.stage_seconds["total"] = time.perf_counter() - start
         return result, run.stage_seconds
@@ -964,6 +1070,7 @@ def deployment_options(
         "ray_actor_options": {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus},
         "max_ongoing_requests": settings.max_ongoing_requests,
         "max_queued_requests": settings.max_queued_requests,
+        "health_check_period_s": settings.health_check_period_s,
         # Beyond the queue: 503 with Retry-After, whichever stage is full.
         "backpressure_config": {"status_code": 503, "retry_after_s": retry_after_s},
     }
@@ -1055,6 +1162,7 @@ def build_app(config: ServeConfig) -> serve.Application:
                 video_deployments.vae_decode,
                 video.bundle,
                 storage,
+                config.safety,
             ),
         )
     return bind(

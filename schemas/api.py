@@ -117,7 +117,7 @@ VideoStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 class VideoJob(ApiModel):
     """A video job as ``/v1/videos`` reports it: ``step`` of ``num_steps`` denoising steps
-    done; ``url`` once succeeded (presigned for s3:// output)."""
+    done; ``url`` once succeeded (presigned for s3:// output); times in Unix seconds."""
 
     id: str
     status: VideoStatus
@@ -126,4 +126,10 @@ class VideoJob(ApiModel):
     seed: int
     url: str | None = None
     error: str | None = None
+    nsfw_content_detected: bool = Field(
+        default=False, description="the safety checker flagged a frame: every frame is black"
+    )
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
     stage_seconds: dict[str, float] = Field(default_factory=dict)

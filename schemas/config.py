@@ -294,6 +294,10 @@ class AutoscalingConfig(Config):
     target_ongoing_requests: float = Field(default=2.0, gt=0, description="per replica")
     upscale_delay_s: float = Field(default=30.0, ge=0)
     downscale_delay_s: float = Field(default=600.0, ge=0)
+    # Load reaches the autoscaler every metrics_interval_s, averaged over the last
+    # look_back_period_s: together with the delays, how fast the replica count follows load.
+    metrics_interval_s: float = Field(default=10.0, gt=0, description="how often load is reported")
+    look_back_period_s: float = Field(default=30.0, gt=0, description="load averaged over this")
 
     @field_validator("max_replicas")
     @classmethod
@@ -301,6 +305,16 @@ class AutoscalingConfig(Config):
         minimum = info.data.get("min_replicas")
         if minimum is not None and value < minimum:
             raise ValueError(f"max_replicas {value} is below min_replicas {minimum}")
+        return value
+
+    @field_validator("look_back_period_s")
+    @classmethod
+    def _window_spans_reports(cls, value: float, info: Any) -> float:
+        interval = info.data.get("metrics_interval_s")
+        if interval is not None and value <= interval:
+            raise ValueError(
+                f"look_back_period_s {value} must exceed metrics_interval_s {interval}"
+            )
         return value
 
 
@@ -324,6 +338,9 @@ class DeploymentSettings(Config):
     max_batch_size: int = Field(default=4, ge=1, description="batched stages only")
     batch_wait_timeout_s: float = Field(
         default=0.01, ge=0, description="batched stages only: how long a batch waits to fill"
+    )
+    health_check_period_s: float = Field(
+        default=10.0, gt=0, description="a dead replica is noticed and replaced within about this"
     )
 
     @field_validator("max_batch_size")
@@ -412,7 +429,10 @@ class ServeVideoConfig(Config):
         default=64, ge=1, description="queued + running; beyond it: 503 with Retry-After"
     )
     max_finished_jobs: int = Field(
-        default=1024, ge=0, description="finished job records kept (oldest dropped first)"
+        default=1024,
+        ge=0,
+        description="finished job records kept in memory (oldest dropped first); every record "
+        "stays in storage, under output/video_jobs/, and is read back from there",
     )
     deployments: VideoDeployments = Field(default_factory=VideoDeployments)
 

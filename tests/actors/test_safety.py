@@ -126,3 +126,18 @@ def test_image_checker_blacks_out_what_scores_above_the_threshold(bundles):
 def test_image_checker_needs_an_nsfw_label(bundles):
     with pytest.raises(ValueError, match="'nsfw'"):
         ImageSafetyChecker(bundles["aesthetic"], max_nsfw_score=0.5)
+
+
+def test_image_checker_blacks_out_a_whole_video_for_one_flagged_frame(bundles):
+    frames = np.stack([smooth_image(seed, 32, 32) for seed in range(4)])  # (F, H, W, 3)
+    checker = ImageSafetyChecker(bundles["nsfw"], max_nsfw_score=1.0)
+    kept, flagged = checker.check_video(frames)
+    assert not flagged
+    np.testing.assert_array_equal(kept, frames)
+
+    # Only the top-scoring frame is above the threshold: the whole video goes.
+    scores = checker.scores(list(frames))
+    checker.max_nsfw_score = sorted(scores)[-2]
+    kept, flagged = checker.check_video(frames)
+    assert flagged
+    np.testing.assert_array_equal(kept, np.zeros_like(frames))

@@ -66,6 +66,26 @@ def test_watermark_detect_exits_by_verdict(tmp_path, capsys):
     assert main(["watermark", "detect", str(tmp_path / "absent.png")]) == 2
 
 
+def test_watermark_detect_reads_every_frame_of_an_mp4(tmp_path, capsys):
+    from actors.video import encode_mp4  # imports diffusers: only this test pays for it
+
+    rng = np.random.default_rng(1)
+    y, x = np.mgrid[0:48, 0:64]
+    gradient = np.stack([x * 3, y * 4, 255 - x * 2], axis=-1)  # (H, W, 3)
+    plain = np.clip(gradient + rng.normal(0, 8, (4, 48, 64, 3)), 0, 255).astype(np.uint8)
+    marked = np.stack([embed_watermark(frame, "k1") for frame in plain])
+    (tmp_path / "marked.mp4").write_bytes(encode_mp4(marked, fps=8))
+    (tmp_path / "half.mp4").write_bytes(encode_mp4(np.concatenate([marked[:2], plain[2:]]), 8))
+    assert main(["watermark", "detect", str(tmp_path / "marked.mp4"), "--key", "k1"]) == 0
+    assert "marked.mp4: watermarked (4/4 frames carry it" in capsys.readouterr().out
+    # A video is watermarked when more than half of its frames are.
+    assert main(["watermark", "detect", str(tmp_path / "half.mp4"), "--key", "k1"]) == 1
+    assert "half.mp4: no watermark (2/4 frames carry it" in capsys.readouterr().out
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    assert main(["watermark", "detect", str(tmp_path / "broken.mp4")]) == 2
+    assert "broken.mp4: cannot read video" in capsys.readouterr().err
+
+
 def test_config_error_is_one_message_naming_key_and_file(tmp_path, capsys):
     config = tmp_path / "prep.yaml"
     config.write_text("inptu: ./corpus\n")

@@ -537,12 +537,14 @@ def test_deployment_options_follow_the_settings(autoscaled):
             "num_gpus": 1,
             "max_ongoing_requests": 4,
             "max_queued_requests": 10,
+            "health_check_period_s": 2,
             **({"autoscaling": {"min_replicas": 0, "max_replicas": 3}} if autoscaled else {}),
         }
     )
     options = deployment_options("base", settings, retry_after_s=7)
     assert options["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 1}
     assert options["max_ongoing_requests"] == 4 and options["max_queued_requests"] == 10
+    assert options["health_check_period_s"] == 2
     assert options["backpressure_config"] == {"status_code": 503, "retry_after_s": 7}
     if autoscaled:
         assert "num_replicas" not in options
@@ -555,6 +557,10 @@ def test_deployment_options_follow_the_settings(autoscaled):
 def test_settings_and_keys_are_checked_up_front(monkeypatch):
     with pytest.raises(ValueError, match="exceeds max_ongoing_requests"):
         DeploymentSettings(max_ongoing_requests=2, max_batch_size=4)
+    with pytest.raises(ValueError, match="must exceed metrics_interval_s"):
+        DeploymentSettings.model_validate(
+            {"autoscaling": {"metrics_interval_s": 5, "look_back_period_s": 5}}
+        )
     monkeypatch.delenv("RAYGEN_TEST_UNSET_KEYS", raising=False)
     with pytest.raises(ConfigError, match="RAYGEN_TEST_UNSET_KEYS"):
         api_key_digests(ServeConfig(api_keys_env="RAYGEN_TEST_UNSET_KEYS"))

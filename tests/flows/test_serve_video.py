@@ -1,18 +1,23 @@
 """Video jobs on a real local Ray Serve with tiny bundles (`flows/serve.py`'s video graph):
-submit (202), progress, the MP4 behind the job's URL, cancelling queued and running jobs,
-the queue bound (503), validation 422s naming the field, and job records shared by every
-ingress replica.
+submit (202), progress, the watermarked MP4 behind the job's URL, the safety check on its
+frames, cancelling queued and running jobs, the queue bound (503), validation 422s naming the
+field, job records shared by every ingress replica and kept in storage, so that they outlive
+the video_jobs replica.
 
 The staged video's parity with ``WanPipeline`` is checked at the class level
 (``tests/actors/test_video.py``); here the MP4 is checked against the pipeline's frames to
-H.264's loss.
+the watermark's and H.264's loss.
 """
 
+import asyncio
 import io
 import json
+import os
+import signal
 import time
 import urllib.error
 import urllib.request
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,19 +25,40 @@ from typing import Any
 import av
 import numpy as np
 import pytest
+import ray
 import torch
-from diffusers import WanPipeline
+from diffusers import AutoencoderKLWan, WanPipeline
 from ray import serve
 
+from actors.safety import detect_watermark
+from actors.video import to_uint8
+from flows.cli import main
 from flows.models import build_tiny_bundles
-from flows.serve import APP_NAME, build_app
-from schemas.config import ServeConfig, ServeVideoConfig, VideoDeployments
+from flows.serve import (
+    APP_NAME,
+    VIDEO_JOBS_FOLDER,
+    VideoDecodeStage,
+    VideoJobs,
+    _Job,
+    build_app,
+)
+from schemas.api import VideoJob
+from schemas.config import (
+    ModelRef,
+    SafetyConfig,
+    ServeConfig,
+    ServeVideoConfig,
+    StorageConfig,
+    VideoDeployments,
+)
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
 
 HEIGHT, WIDTH, NUM_FRAMES = 32, 48, 5
 NUM_STEPS = 3
+# A job of the largest size the server takes and the most steps runs for seconds.
+LONG_JOB = {"height": 64, "width": 64, "num_frames": 9, "num_inference_steps": 200}
 MAX_SEQUENCE_LENGTH = 16
 PROMPT = "a red car driving through the city at night"
 BLOCKED = "forbidden fruit"
@@ -46,7 +72,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return build_tiny_bundles(tmp_path_factory.mktemp("bundles"), names=["t2i", "t2v"])
+    return build_tiny_bundles(tmp_path_factory.mktemp("bundles"), names=["t2i", "t2v", "nsfw"])
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +86,13 @@ def server(
             "max_sequence_length": MAX_SEQUENCE_LENGTH,
             "retry_after_s": 3,
             "output": str(tmp_path_factory.mktemp("outputs")),
-            "safety": {"blocklist": [BLOCKED]},
+            # The checker runs on every video's frames; no score is above 1, so none is
+            # flagged here (the flagged case: the decode stage's own test).
+            "safety": {
+                "blocklist": [BLOCKED],
+                "image_checker": {"uri": str(bundles["nsfw"])},
+                "max_nsfw_score": 1.0,
+            },
             # Two ingress replicas: a job's record must not depend on which one answers.
             "deployments": {
                 "ingress": {**stage, "num_replicas": 2},
@@ -78,7 +110,8 @@ def server(
                 "max_running_jobs": 1,
                 "max_jobs": 2,
                 "deployments": {
-                    "jobs": stage,
+                    # A killed replica is noticed within a second.
+                    "jobs": {**stage, "health_check_period_s": 1},
                     "text_encoder": stage,
                     "denoiser": stage,
                     "vae_decode": stage,
@@ -146,12 +179,15 @@ def finished(job: dict[str, Any]) -> bool:
     return job["status"] in ("succeeded", "failed", "cancelled")
 
 
-def test_a_video_job_runs_to_an_mp4_matching_the_pipeline(server, bundles):
+def test_a_video_job_runs_to_a_watermarked_mp4_matching_the_pipeline(
+    server, bundles, tmp_path, capsys
+):
     job = submit(server, seed=11, negative_prompt="blurry")
     assert job["num_steps"] == NUM_STEPS and job["seed"] == 11 and job["url"] is None
     done = poll(server, job["id"], finished)
     assert done["status"] == "succeeded", done
-    assert done["step"] == NUM_STEPS
+    assert done["step"] == NUM_STEPS and done["nsfw_content_detected"] is False
+    assert job["created_at"] <= done["started_at"] <= done["finished_at"] <= time.time()
     assert {"text_encoder", "denoiser", "vae_decode", "store", "total"} <= set(
         done["stage_seconds"]
     )
@@ -175,10 +211,54 @@ def test_a_video_job_runs_to_an_mp4_matching_the_pipeline(server, bundles):
         max_sequence_length=MAX_SEQUENCE_LENGTH,
         output_type="np",
     ).frames[0]
-    # H.264 (yuv420p, chroma at half resolution) is lossy: close on average, not bit-exact.
+    # The watermark and H.264 change the pixels a little: close, not bit-exact.
     error = np.abs(frames.astype(np.float32) / 255 - expected).mean()
-    print(f"mean abs error of the MP4 frames: {error:.4f}")
-    assert error < 0.08
+    difference = frames.astype(np.float64) - to_uint8(expected)
+    psnr = 10 * np.log10(255**2 / np.mean(difference**2))
+    print(f"MP4 frames to the pipeline's: mean abs error {error:.4f}, PSNR {psnr:.1f} dB")
+    assert error < 0.01 and psnr > 40
+
+    # Every frame carries the invisible watermark, as `raygen watermark detect` reads it.
+    path = tmp_path / "video.mp4"
+    path.write_bytes(mp4)
+    assert (
+        main(["watermark", "detect", str(path), "--key", server.config.safety.watermark_key]) == 0
+    )
+    printed = capsys.readouterr().out
+    assert f"video.mp4: watermarked ({NUM_FRAMES}/{NUM_FRAMES} frames carry it" in printed
+    assert main(["watermark", "detect", str(path), "--key", "another key"]) == 1
+
+
+def test_the_video_decode_stage_checks_and_watermarks_every_frame(bundles):
+    # The stage's class itself, outside Serve, on random latents (C, f, h, w).
+    safety = SafetyConfig(image_checker=ModelRef(uri=str(bundles["nsfw"])), max_nsfw_score=1.0)
+    stage = VideoDecodeStage.func_or_class(
+        ModelRef(uri=str(bundles["t2v"])), StorageConfig(), safety
+    )
+    vae = AutoencoderKLWan.load_config(bundles["t2v"], subfolder="vae")
+    latent_frames = (NUM_FRAMES - 1) // vae["scale_factor_temporal"] + 1
+    side = vae["scale_factor_spatial"]
+    latents = torch.randn(
+        vae["z_dim"],
+        latent_frames,
+        HEIGHT // side,
+        WIDTH // side,
+        generator=torch.Generator().manual_seed(0),
+    )
+
+    def decoded(mp4: bytes) -> np.ndarray:
+        with av.open(io.BytesIO(mp4)) as container:
+            return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+    mp4, flagged = stage._mp4(latents, 8)
+    frames = decoded(mp4)
+    assert not flagged and frames.shape == (NUM_FRAMES, HEIGHT, WIDTH, 3) and frames.std() > 10
+    # Any probability is above 0: every frame is flagged, so the video is black; still marked.
+    stage.checker.max_nsfw_score = 0.0
+    mp4, flagged = stage._mp4(latents, 8)
+    frames = decoded(mp4)
+    assert flagged and frames.max() <= 8
+    assert all(detect_watermark(frame, safety.watermark_key).present for frame in frames)
 
 
 def test_cancel_running_and_queued_jobs_and_the_queue_bound(server):
@@ -241,6 +321,90 @@ def test_blocked_prompts_and_unknown_jobs(server):
     for method in ("GET", "DELETE"):
         status, _, _ = call(server, "/v1/videos/" + "0" * 32, method=method)
         assert status == 404
+
+
+def video_jobs_replicas() -> list[str]:
+    """Names of the live video_jobs replicas' actors (Serve names them after app and
+    deployment)."""
+    prefix = f"SERVE_REPLICA::{APP_NAME}#video_jobs#"
+    return [
+        actor["name"]
+        for actor in ray.util.list_named_actors(all_namespaces=True)
+        if actor["name"].startswith(prefix)
+    ]
+
+
+def wait_for(condition: Any, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out: {what}"
+        time.sleep(0.1)
+
+
+def test_job_records_outlive_the_video_jobs_replica(server):
+    records = Path(server.config.output) / VIDEO_JOBS_FOLDER
+
+    def stored(job_id: str) -> dict[str, Any]:
+        return json.loads((records / f"{job_id}.json").read_text())["job"]
+
+    [replica] = video_jobs_replicas()
+    actor = ray.get_actor(replica, namespace="serve")
+    pid = ray.get(actor.__ray_call__.remote(lambda _: os.getpid()), timeout=30)
+
+    done = poll(server, submit(server, seed=21)["id"], finished)
+    assert done["status"] == "succeeded" and stored(done["id"]) == {**done, "url": None}
+    running = submit(server, **LONG_JOB, seed=22)
+    assert stored(running["id"])["status"] in ("queued", "running")  # stored before the 202
+    # Progress reaches storage too, throttled.
+    wait_for(lambda: stored(running["id"])["step"] >= 1, 30, "progress stored")
+
+    # A crash, not a shutdown: SIGKILL to the replica's worker process.
+    killed_at = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: replica not in video_jobs_replicas(), 30, "the replica is gone")
+
+    # The replacement answers from storage: the finished job as it was, MP4 and all...
+    after = poll(server, done["id"], lambda job: True, timeout_s=60)
+    print(f"video_jobs answered {time.monotonic() - killed_at:.1f} s after the kill")
+    assert after == done
+    status, head, _ = call(server, after["url"])
+    assert status == 200 and head["content-type"] == "video/mp4"
+    # ...and the running one as failed, interrupted, where its stored progress was.
+    lost = poll(server, running["id"], finished)
+    assert lost["status"] == "failed" and lost["error"].startswith("interrupted"), lost
+    assert 1 <= lost["step"] < LONG_JOB["num_inference_steps"] and lost["url"] is None
+    assert lost["started_at"] <= lost["finished_at"]
+    assert stored(running["id"]) == lost
+    status, _, same = call(server, f"/v1/videos/{running['id']}", method="DELETE")
+    assert status == 200 and same == lost
+    # The replacement runs new jobs.
+    job = submit(server, num_inference_steps=1, seed=23)
+    assert poll(server, job["id"], finished)["status"] == "succeeded"
+
+
+def test_job_records_on_s3_outlive_the_replica(s3_bucket, s3_client, storage_config):
+    # VideoJobs' class itself, outside Serve (no stages: no job runs), storing on S3.
+    output = f"{s3_bucket}/outputs"
+
+    def replica() -> Any:
+        return VideoJobs.func_or_class(ServeVideoConfig(), output, storage_config, None, None, None)
+
+    record = VideoJob(
+        id=uuid.uuid4().hex, status="running", step=2, num_steps=4, seed=1, created_at=time.time()
+    )
+
+    async def restart() -> tuple[Any, ...]:
+        await replica()._save(_Job(record))
+        later = replica()
+        return await later.get(record.id), await later.get(uuid.uuid4().hex), await later.get("..")
+
+    (found, uri), unknown, invalid = asyncio.run(restart())
+    assert found.status == "failed" and found.error.startswith("interrupted") and uri is None
+    assert found.step == 2 and found.finished_at >= record.created_at
+    assert unknown is None and invalid is None
+    key = f"outputs/{VIDEO_JOBS_FOLDER}/{record.id}.json"
+    body = s3_client.get_object(Bucket=s3_bucket.removeprefix("s3://"), Key=key)["Body"].read()
+    assert VideoJob.model_validate(json.loads(body)["job"]) == found
 
 
 def test_video_config_checks():

@@ -12,7 +12,13 @@ def test_defaults_follow_diffusers_names():
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("prompt", ""), ("num_inference_steps", 0), ("guidance_scale", -1), ("height", 4), ("colour", 1)],
+    [
+        ("prompt", ""),
+        ("num_inference_steps", 0),
+        ("guidance_scale", -1),
+        ("height", 4),
+        ("colour", 1),
+    ],
 )
 def test_bad_requests_name_the_field(field, value):
     payload = {"prompt": "a cat", field: value}
@@ -22,5 +28,7 @@ def test_bad_requests_name_the_field(field, value):
 
 
 def test_video_job_round_trip():
-    job = VideoJob(id="j1", status="running", step=3, num_steps=30, seed=7)
+    job = VideoJob(
+        id="j1", status="running", step=3, num_steps=30, seed=7, created_at=1.5e9, started_at=1.6e9
+    )
     assert VideoJob.model_validate_json(job.model_dump_json()) == job
