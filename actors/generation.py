@@ -214,7 +214,8 @@ class Denoiser:
     ``denoise`` runs a batch of requests that share ``DenoiseRequest.batch_key``; each step is
     one transformer forward over [uncond of the guided requests..., cond of all...], and the
     scheduler owns the step math. A call builds its own schedulers, so nothing carries over
-    from one call to the next.
+    from one call to the next. A callback after each step sees every request's progress and
+    can stop the call there, as diffusers' ``callback_on_step_end`` and ``interrupt`` do.
     """
 
     def __init__(
@@ -241,11 +242,16 @@ class Denoiser:
     def denoise(
         self,
         requests: Sequence[DenoiseRequest],
-        progress: Callable[[int, int], None] | None = None,
+        callback_on_step_end: Callable[[list[int], list[int]], bool] | None = None,
     ) -> list[torch.Tensor]:
         """Latents (C, h, w) per request, in the pipeline's latent space (before the VAE's
-        scaling), on the CPU. ``progress(steps_done, num_steps)`` follows each step of the
-        call."""
+        scaling), on the CPU.
+
+        ``callback_on_step_end(steps_done, num_steps)`` runs after each step of the call with,
+        per request, the steps of its span of the schedule run so far and the steps in that
+        span. When it returns True the call stops there and every request's latents come back
+        as they are, as diffusers' pipelines return them when ``interrupt`` is set.
+        """
         if not requests:
             raise ValueError("denoise needs at least one request")
         height, width, num_inference_steps, _ = key = requests[0].batch_key
@@ -282,6 +288,7 @@ class Denoiser:
         latents = [self._initial_latents(request, latent_shape) for request in requests]
         embeddings = [request.embeddings.to(self.device, self.dtype) for request in requests]
 
+        num_steps = [end - begin for begin, end in spans]
         first_step = min(begin for begin, _ in spans)
         last_step = max(end for _, end in spans)
         with torch.no_grad():
@@ -301,8 +308,12 @@ class Denoiser:
                     )[0]  # (M, C, h, w)
                     for i, sample in zip(members, stepped, strict=True):
                         latents[i] = sample
-                if progress is not None:
-                    progress(step + 1 - first_step, last_step - first_step)
+                if callback_on_step_end is not None:
+                    steps_done = [
+                        min(max(step + 1 - begin, 0), end - begin) for begin, end in spans
+                    ]
+                    if callback_on_step_end(steps_done, num_steps):
+                        break
         # A copy each: a view would keep (and pickle) the whole batch's storage.
         return [sample.to("cpu", copy=True) for sample in latents]
 

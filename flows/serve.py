@@ -6,7 +6,9 @@ autoscaling, scale to zero included), resources, queue bounds and batching, all 
 
     ingress (FastAPI: auth, validation, prompt filter, native and OpenAI routes)
       -> text_encoder (CLIP + T5, LRU cache; batched)
-      -> base (SD3 DiT, CFG as one forward; requests batched by shape and step count)
+      -> base (SD3 DiT, CFG as one forward; requests batched by shape and step count;
+               streams steps to a streaming request; a batch whose requests were all
+               cancelled stops between steps)
       -> refiner (optional per request: the base stops at denoising_end, it continues)
       -> vae_decode
       -> super_resolution_1..n (optional per request: x4 stages, noise-level conditioning)
@@ -33,13 +35,14 @@ import hashlib
 import hmac
 import io
 import json
+import logging
 import os
 import random
 import re
 import time
 import uuid
 from collections import Counter, OrderedDict, defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -48,11 +51,13 @@ import numpy as np
 import torch
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from PIL import Image
 from ray import serve
 from ray.exceptions import RayActorError
-from ray.serve.handle import DeploymentHandle, DeploymentResponse
+from ray.serve import metrics
+from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from actors.generation import Denoiser, DenoiseRequest, PromptEncoder, Upscaler, VaeDecoder
 from actors.safety import ImageSafetyChecker, PromptFilter, embed_watermark
@@ -96,6 +101,11 @@ VIDEO_JOBS_FOLDER = "video_jobs"  # one JSON record per job
 # Stored outputs by suffix: (folder under `output`, media type).
 _FILES = {".png": (IMAGES_FOLDER, "image/png"), ".mp4": (VIDEOS_FOLDER, "video/mp4")}
 _FILE_NAME = re.compile(r"^[0-9a-f]{32}(\.png|\.mp4)$")
+# Buckets of the per-stage seconds histogram: a tiny model's stage on a CPU up to a large
+# model's whole request.
+_STAGE_SECONDS_BOUNDARIES = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
+
+logger = logging.getLogger("ray.serve")
 
 api = FastAPI(
     title="raygen",
@@ -173,11 +183,28 @@ class TextEncoderStage:
         }
 
 
+@dataclass(eq=False)
+class _Denoising:
+    """One request in a denoiser stage: its caller's step callback (streaming callers), and
+    whether its caller has gone (a timeout or a disconnect cancelled the call)."""
+
+    request: DenoiseRequest
+    on_step: Callable[[int, int], None] | None = None  # (steps done, num steps)
+    steps_done: int = 0  # written by the thread that runs the batch
+    cancelled: bool = False
+
+
 @serve.deployment
 class DenoiserStage:
     """The base DiT or the refiner: concurrent requests that share (height, width, steps,
     sequence length) denoise together, one transformer forward per step for all of them and
-    both halves of their classifier-free guidance."""
+    both halves of their classifier-free guidance.
+
+    ``denoise`` returns a request's latents; ``denoise_steps`` streams its progress first, as
+    the video denoiser does. A call cancelled while its batch runs (Serve cancels the
+    caller's coroutine, not the batch) marks its request; a batch stops between steps once
+    every request in it is marked, so a timed-out request leaves no work running.
+    """
 
     def __init__(
         self, model: ModelRef, storage: StorageConfig, settings: DeploymentSettings
@@ -185,31 +212,94 @@ class DenoiserStage:
         self.denoiser = Denoiser(
             _local_bundle(model, storage), device=model.device, dtype=_torch_dtype(model)
         )
-        self.denoise.set_max_batch_size(settings.max_batch_size)
-        self.denoise.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        self._denoise_batch.set_max_batch_size(settings.max_batch_size)
+        self._denoise_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         self.num_requests = 0
         self.batch_sizes: Counter[int] = Counter()  # requests per call -> calls
+        self.num_steps = 0  # steps run, one per step of a call whatever its batch size
+        self.num_stopped = 0  # calls stopped early: every request in them was cancelled
 
     async def size_multiple(self) -> int:
         """Image sides must be multiples of this: the VAE's downscale times the patch size."""
         return self.denoiser.vae_scale_factor * self.denoiser.transformer.config.patch_size
 
+    async def denoise(self, request: DenoiseRequest) -> torch.Tensor:
+        """The request's latents (C, h, w)."""
+        return await self._denoise_one(_Denoising(request))
+
+    async def denoise_steps(
+        self, request: DenoiseRequest
+    ) -> AsyncIterator[tuple[int, int, torch.Tensor | None]]:
+        """``denoise``, streamed: ``(steps done, num_steps, None)`` after each step of the
+        request's span, ``(num_steps, num_steps, latents)`` last."""
+        steps: asyncio.Queue[tuple[int, int] | None] = asyncio.Queue()
+        item = _Denoising(request, on_step=lambda done, total: steps.put_nowait((done, total)))
+        result = asyncio.ensure_future(self._denoise_one(item))
+        # After the last step's callback: the batch's thread schedules those first.
+        result.add_done_callback(lambda _: steps.put_nowait(None))
+        try:
+            last = (0, 0)
+            while (step := await steps.get()) is not None:
+                last = step
+                yield (*step, None)
+            yield (*last, await result)
+        finally:
+            result.cancel()  # the caller went away: mark the request (a no-op once done)
+
+    async def _denoise_one(self, item: _Denoising) -> torch.Tensor:
+        try:
+            return await self._denoise_batch(item)
+        except asyncio.CancelledError:
+            item.cancelled = True
+            raise
+
     @serve.batch
-    async def denoise(self, requests: list[DenoiseRequest]) -> list[torch.Tensor]:
-        self.num_requests += len(requests)
+    async def _denoise_batch(self, items: list[_Denoising]) -> list[torch.Tensor | None]:
+        self.num_requests += len(items)
+        loop = asyncio.get_running_loop()
         groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for index, request in enumerate(requests):
-            groups[request.batch_key].append(index)
-        results: list[Any] = [None] * len(requests)
+        for index, item in enumerate(items):
+            groups[item.request.batch_key].append(index)
+        results: list[Any] = [None] * len(items)
         for indices in groups.values():
-            self.batch_sizes[len(indices)] += 1
-            latents = await asyncio.to_thread(self.denoiser.denoise, [requests[i] for i in indices])
+            group = [items[i] for i in indices]
+            if all(item.cancelled for item in group):
+                continue  # cancelled while an earlier group ran
+            self.batch_sizes[len(group)] += 1
+            latents = await asyncio.to_thread(
+                self.denoiser.denoise,
+                [item.request for item in group],
+                lambda done, num_steps, group=group: self._step_end(loop, group, done, num_steps),
+            )
             for index, sample in zip(indices, latents, strict=True):
                 results[index] = sample  # (C, h, w)
         return results
 
+    def _step_end(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        group: list[_Denoising],
+        steps_done: list[int],
+        num_steps: list[int],
+    ) -> bool:
+        """After each step of a call, in its thread: progress to the streaming callers; True
+        (stop the call) once every request in it is cancelled."""
+        self.num_steps += 1
+        for item, done, total in zip(group, steps_done, num_steps, strict=True):
+            if item.on_step is not None and done != item.steps_done:
+                loop.call_soon_threadsafe(item.on_step, done, total)
+            item.steps_done = done
+        stop = all(item.cancelled for item in group)
+        self.num_stopped += stop
+        return stop
+
     async def stats(self) -> dict[str, Any]:
-        return {"requests": self.num_requests, "batch_sizes": dict(self.batch_sizes)}
+        return {
+            "requests": self.num_requests,
+            "batch_sizes": dict(self.batch_sizes),
+            "steps": self.num_steps,
+            "stopped": self.num_stopped,
+        }
 
 
 @serve.deployment
@@ -647,24 +737,108 @@ def _invalid(field: str, value: Any, message: str) -> RequestValidationError:
     )
 
 
+class _CountRequests:
+    """ASGI middleware: each request the ingress answers counts in its ``raygen_requests``
+    metric by route and status; a streamed answer by how its stream ended."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500  # unless a response starts
+
+        async def send_noting_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_status)
+        finally:
+            # The route tag is Serve's: the route the request matched.
+            status = scope.get("state", {}).get("stream_status", status)
+            scope["app"].state.requests_metric.inc(tags={"status": str(status)})
+
+
+api.add_middleware(_CountRequests)
+
+
 @dataclass
 class _Run:
-    """One request's progress: seconds per stage, and the stage calls still in flight (the
-    ones a timeout cancels)."""
+    """One request's progress: seconds per stage (into the stage histogram too), the stage
+    calls still in flight (the ones a timeout cancels), and for a streaming caller its events:
+    ``(event, data)`` for each stage's start and finish and each denoising step."""
 
     stage_seconds: dict[str, float]
-    in_flight: set[DeploymentResponse]
+    in_flight: set[DeploymentResponse | DeploymentResponseGenerator]
+    stage_histogram: metrics.Histogram
+    events: asyncio.Queue[tuple[str, dict[str, Any]] | None] | None = None
     stage: str | None = None  # the stage called last
 
-    async def call(self, stage: str, *responses: DeploymentResponse) -> list[Any]:
-        start = time.perf_counter()
+    def emit(self, event: str, **data: Any) -> None:
+        if self.events is not None:
+            self.events.put_nowait((event, data))
+
+    def started(self, stage: str) -> float:
         self.stage = stage
+        self.emit("stage", stage=stage, status="started")
+        return time.perf_counter()
+
+    def finished(self, stage: str, start: float) -> None:
+        seconds = time.perf_counter() - start
+        self.stage_seconds[stage] = seconds
+        self.stage_histogram.observe(seconds, tags={"stage": stage})
+        self.emit("stage", stage=stage, status="finished", seconds=seconds)
+
+    async def call(self, stage: str, *responses: DeploymentResponse) -> list[Any]:
+        return await self._track(stage, responses, asyncio.gather(*responses))
+
+    async def denoise(
+        self, stage: str, handle: DeploymentHandle, requests: list[DenoiseRequest]
+    ) -> list[torch.Tensor]:
+        """Each request's latents from a denoiser stage. A streaming caller's requests go
+        through the stage's streaming method (as video jobs follow theirs), with a step event
+        each time every image has run one more step."""
+        if self.events is None:
+            return await self.call(stage, *(handle.denoise.remote(r) for r in requests))
+        streams = [handle.options(stream=True).denoise_steps.remote(r) for r in requests]
+        steps_done = [0] * len(streams)
+
+        async def follow(index: int, stream: DeploymentResponseGenerator) -> torch.Tensor:
+            async for done, num_steps, sample in stream:
+                latents = sample  # (C, h, w) with the last item, None before
+                before = min(steps_done)
+                steps_done[index] = done
+                if min(steps_done) > before:
+                    self.emit("step", stage=stage, step=min(steps_done), num_steps=num_steps)
+            return latents
+
+        return await self._track(
+            stage, streams, asyncio.gather(*(follow(i, s) for i, s in enumerate(streams)))
+        )
+
+    async def _track(
+        self,
+        stage: str,
+        responses: Sequence[DeploymentResponse | DeploymentResponseGenerator],
+        results: Awaitable[list[Any]],
+    ) -> list[Any]:
+        start = self.started(stage)
         self.in_flight.update(responses)
-        results = await asyncio.gather(*responses)
+        values = await results
         # Only finished calls leave: on a timeout, the ones still listed get cancelled.
         self.in_flight.difference_update(responses)
-        self.stage_seconds[stage] = time.perf_counter() - start
-        return list(results)
+        self.finished(stage, start)
+        return list(values)
+
+
+def _sse(event: str, data: dict[str, Any]) -> str:
+    """One server-sent event."""
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
 @serve.deployment
@@ -695,6 +869,19 @@ class Ingress:
         self.super_resolution = super_resolution
         self.safety = safety
         self.video_jobs = video_jobs
+        # Alongside Serve's own metrics (requests, latency per deployment), exported the same
+        # way: Ray's metrics endpoint on each node, for Prometheus.
+        self.stage_histogram = metrics.Histogram(
+            "raygen_stage_seconds",
+            description="Seconds an image request spent in each stage, and in all (total).",
+            boundaries=_STAGE_SECONDS_BOUNDARIES,
+            tag_keys=("stage",),
+        )
+        api.state.requests_metric = metrics.Counter(
+            "raygen_requests",
+            description="Requests the ingress answered, by route and HTTP status.",
+            tag_keys=("route", "status"),
+        )
         self._size_multiple: int | None = None
         self._video_shape_factors: tuple[int, int] | None = None
 
@@ -717,17 +904,42 @@ class Ingress:
     @api.get("/v1/stats", dependencies=[Depends(_authorize)])
     async def stats(self) -> dict[str, Any]:
         """Per stage (the replica that answered): requests served, encoder cache hits and
-        misses, the denoisers' batch sizes."""
+        misses, the denoisers' batch sizes, steps run and batches stopped early."""
         stages = self._stages()
-        results = await asyncio.gather(*(handle.stats.remote() for handle in stages.values()))
+        results = await asyncio.gather(
+            *(self._call(stage, handle.stats.remote()) for stage, handle in stages.items())
+        )
         return dict(zip(stages, results, strict=True))
 
-    @api.post("/v1/generate", response_model=GenerateResponse, dependencies=[Depends(_authorize)])
-    async def generate(self, body: GenerateRequest, request: Request) -> GenerateResponse:
+    @api.post(
+        "/v1/generate",
+        response_model=GenerateResponse,
+        responses={200: {"content": {"text/event-stream": {}}}},
+        dependencies=[Depends(_authorize)],
+    )
+    async def generate(
+        self, body: GenerateRequest, request: Request
+    ) -> GenerateResponse | StreamingResponse:
+        """The images; with ``stream``, server-sent events (see ``_events``)."""
         seeds = await self._admit(body, {})
+        if body.stream:
+            return StreamingResponse(
+                self._events(body, seeds, request),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
         (images, flagged), stage_seconds = await self._within_time_limit(
             body, lambda run: self._images(body, seeds, request, run)
         )
+        return self._generate_response(seeds, images, flagged, stage_seconds)
+
+    def _generate_response(
+        self,
+        seeds: list[int],
+        images: list[GeneratedImage],
+        flagged: list[bool],
+        stage_seconds: dict[str, float],
+    ) -> GenerateResponse:
         return GenerateResponse(
             images=images,
             seed=seeds[0],
@@ -736,6 +948,42 @@ class Ingress:
             nsfw_content_detected=flagged,
             stage_seconds=stage_seconds,
         )
+
+    async def _events(
+        self, body: GenerateRequest, seeds: list[int], request: Request
+    ) -> AsyncIterator[str]:
+        """A streaming ``/v1/generate``'s server-sent events: ``stage`` (``{stage, status:
+        started|finished, seconds}``) and ``step`` (``{stage, step, num_steps}``: every image
+        has run step ``step`` of the stage's ``num_steps``) as they happen, then ``result``
+        (the JSON the route answers without ``stream``) or ``error`` (``{status, detail}``: the
+        HTTP error the request would have got)."""
+        events: asyncio.Queue[tuple[str, dict[str, Any]] | None] = asyncio.Queue()
+        work = asyncio.ensure_future(
+            self._within_time_limit(
+                body, lambda run: self._images(body, seeds, request, run), events
+            )
+        )
+        work.add_done_callback(lambda _: events.put_nowait(None))  # after its last event
+        status = 200
+        try:
+            while (event := await events.get()) is not None:
+                yield _sse(*event)
+            try:
+                (images, flagged), stage_seconds = work.result()
+            except HTTPException as err:
+                status = err.status_code
+                yield _sse("error", {"status": status, "detail": err.detail})
+                return
+            except Exception:
+                logger.exception("a streaming /v1/generate request failed")
+                status = 500
+                yield _sse("error", {"status": status, "detail": "Internal Server Error"})
+                return
+            response = self._generate_response(seeds, images, flagged, stage_seconds)
+            yield _sse("result", response.model_dump(mode="json"))
+        finally:
+            work.cancel()  # the client went away: the request's stage calls stop
+            request.state.stream_status = status
 
     @api.post(
         "/v1/images/generations",
@@ -905,36 +1153,61 @@ class Ingress:
             )
 
     async def _within_time_limit(
-        self, body: GenerateRequest, work: Callable[[_Run], Awaitable[Any]]
+        self,
+        body: GenerateRequest,
+        work: Callable[[_Run], Awaitable[Any]],
+        events: asyncio.Queue[tuple[str, dict[str, Any]] | None] | None = None,
     ) -> tuple[Any, dict[str, float]]:
         """``work``'s result and the seconds in each stage, or a 504 once the request's time
-        limit passes, with the stage calls in flight cancelled and no later stage started; a
-        503 with Retry-After, likewise, when a stage's replica dies under the request."""
-        run = _Run(stage_seconds={}, in_flight=set())
+        limit passes, with the stage calls in flight cancelled (a running batch stops once
+        all its requests are) and no later stage started; a 503 with Retry-After, likewise,
+        when a stage's replica dies under the request. ``events`` gets a streaming caller's
+        stage and step events."""
+        run = _Run(
+            stage_seconds={},
+            in_flight=set(),
+            stage_histogram=self.stage_histogram,
+            events=events,
+        )
         timeout_s = body.timeout_s or self.config.request_timeout_s
         start = time.perf_counter()
         try:
             result = await asyncio.wait_for(work(run), timeout_s)
-        except TimeoutError:
+        except BaseException as err:
+            # However the request ends early (its time limit, a dead replica, a failed
+            # stage, a streaming client gone), none of its stage calls keeps running.
             for response in run.in_flight:
                 response.cancel()
-            raise HTTPException(
-                504, f"generation exceeded its time limit of {timeout_s:g} s and was cancelled"
-            ) from None
-        except RayActorError:
-            # The replica running this request died (or cannot be reached). Serve routes
-            # later requests elsewhere and replaces it; this request's work is lost, so the
-            # caller should retry, as after any other 503.
-            for response in run.in_flight:
-                response.cancel()
-            raise HTTPException(
-                503,
-                f"a {run.stage} replica failed while running this request and is being "
-                "replaced; retry later",
-                {"Retry-After": f"{self.config.retry_after_s:g}"},
-            ) from None
-        run.stage_seconds["total"] = time.perf_counter() - start
+            if isinstance(err, TimeoutError):
+                raise HTTPException(
+                    504,
+                    f"generation exceeded its time limit of {timeout_s:g} s and was cancelled",
+                ) from None
+            if isinstance(err, RayActorError):
+                raise self._replica_failed(run.stage) from None
+            raise
+        run.stage_seconds["total"] = seconds = time.perf_counter() - start
+        self.stage_histogram.observe(seconds, tags={"stage": "total"})
         return result, run.stage_seconds
+
+    def _replica_failed(self, stage: str | None) -> HTTPException:
+        # The replica running the call died (or cannot be reached). Serve routes later calls
+        # elsewhere and replaces it; this call's work is lost, so the caller should retry, as
+        # after any other 503.
+        return HTTPException(
+            503,
+            f"a {stage} replica failed while running this request and is being replaced; "
+            "retry later",
+            {"Retry-After": f"{self.config.retry_after_s:g}"},
+        )
+
+    async def _call(self, stage: str, response: DeploymentResponse) -> Any:
+        """A stage call outside a generation (its size factors, its stats): a dead replica
+        is the same 503 as under a generation."""
+        try:
+            return await response
+        except RayActorError:
+            raise self._replica_failed(stage) from None
 
     async def _run_stages(
         self, body: GenerateRequest, seeds: list[int], output_type: str, run: _Run
@@ -953,22 +1226,19 @@ class Ingress:
             "num_inference_steps": body.num_inference_steps,
         }
         handoff = body.denoising_end if body.refiner else None
-        latents = await run.call(
+        latents = await run.denoise(
             "base",
-            *(
-                self.base.denoise.remote(DenoiseRequest(**common, seed=seed, denoising_end=handoff))
-                for seed in seeds
-            ),
+            self.base,
+            [DenoiseRequest(**common, seed=seed, denoising_end=handoff) for seed in seeds],
         )
         if body.refiner:
-            latents = await run.call(
+            latents = await run.denoise(
                 "refiner",
-                *(
-                    self.refiner.denoise.remote(
-                        DenoiseRequest(**common, seed=seed, denoising_start=handoff, latents=sample)
-                    )
+                self.refiner,
+                [
+                    DenoiseRequest(**common, seed=seed, denoising_start=handoff, latents=sample)
                     for seed, sample in zip(seeds, latents, strict=True)
-                ),
+                ],
             )
         [images] = await run.call("vae_decode", self.vae_decode.decode.remote(latents, output_type))
         for index, stage in enumerate(self.super_resolution[: body.upscale], start=1):
@@ -993,9 +1263,9 @@ class Ingress:
             return [
                 GeneratedImage(b64_json=base64.b64encode(png).decode()) for png in pngs
             ], flagged
-        start = time.perf_counter()
+        start = run.started("store")
         stored = await asyncio.gather(*(self._store(png, request) for png in pngs))
-        run.stage_seconds["store"] = time.perf_counter() - start
+        run.finished("store", start)
         return list(stored), flagged
 
     async def _store(self, png: bytes, request: Request) -> GeneratedImage:
@@ -1024,7 +1294,7 @@ class Ingress:
                 "model", body.model, f"unknown model; this server serves {config.model_name!r}"
             )
         if self._size_multiple is None:
-            self._size_multiple = await self.base.size_multiple.remote()
+            self._size_multiple = await self._call("base", self.base.size_multiple.remote())
         multiple = self._size_multiple
         for field, value, maximum in (
             ("height", body.height, config.max_height),

@@ -31,6 +31,14 @@ class GenerateRequest(ApiModel):
     timeout_s: float | None = Field(
         default=None, gt=0, description="at most the server's request_timeout_s"
     )
+    stream: bool = Field(
+        default=False,
+        description=(
+            "answer with server-sent events (text/event-stream): each stage's start and "
+            "finish, each denoising step, then the response as a 'result' event (or an "
+            "'error' event with its status and detail)"
+        ),
+    )
 
     @field_validator("prompt")
     @classmethod

@@ -126,9 +126,16 @@ def ray_local(s3_server: str) -> Iterator[None]:
     """A real local Ray for one test module (2 CPUs, like the machine).
 
     Depends on ``s3_server`` so the workers it starts inherit the S3 test environment.
+    Processes report their metrics to Ray's metrics endpoint every second (not every 10 s),
+    so a test reads a metric soon after it is recorded.
     """
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        logging_level="ERROR",
+        _system_config={"metrics_report_interval_ms": 1000},
+    )
     yield
     ray.shutdown()

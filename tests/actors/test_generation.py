@@ -121,10 +121,10 @@ def max_abs(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float
 
 def test_staged_batch_equals_one_pipeline_call_per_prompt(bundles, encoder, base, decoder):
     embeddings = embed(encoder, CASES)
-    progress: list[tuple[int, int]] = []
+    progress: list[tuple[list[int], list[int]]] = []
     latents = base.denoise(
         [request(e, case) for e, case in zip(embeddings, CASES, strict=True)],
-        progress=lambda step, num_steps: progress.append((step, num_steps)),
+        callback_on_step_end=lambda done, num_steps: progress.append((done, num_steps)),
     )
     # SD3's 16 latent channels at 1/8 of the image size.
     assert [tuple(sample.shape) for sample in latents] == [(16, HEIGHT // 8, WIDTH // 8)] * 3
@@ -136,7 +136,7 @@ def test_staged_batch_equals_one_pipeline_call_per_prompt(bundles, encoder, base
         assert max_abs(image, pipeline_call(pipe, case, output_type="np")[0]) <= TOLERANCE
     # Distinct images: each request got its own prompt, seed and guidance.
     assert max_abs(images[0], images[1]) > 0.01 and max_abs(images[1], images[2]) > 0.01
-    assert progress == [(step, NUM_STEPS) for step in range(1, NUM_STEPS + 1)]
+    assert progress == [([step] * 3, [NUM_STEPS] * 3) for step in range(1, NUM_STEPS + 1)]
 
     # A batch of one is the same computation.
     [alone] = base.denoise([request(embeddings[1], CASES[1])])
@@ -224,10 +224,49 @@ def test_requests_with_different_handoffs_share_a_call(encoder, base):
         request(embeddings[1], CASES[1], denoising_end=DENOISING_END),  # its head
         request(embeddings[2], CASES[2], denoising_start=DENOISING_END, latents=handed),  # tail
     ]
-    together = base.denoise(requests)
+    progress: list[tuple[list[int], list[int]]] = []
+    together = base.denoise(
+        requests, callback_on_step_end=lambda done, num_steps: progress.append((done, num_steps))
+    )
     for one, latents in zip(requests, together, strict=True):
         [alone] = base.denoise([one])
         assert max_abs(latents, alone) <= 1e-5
+    # Each request's progress counts the steps of its own span: the head's stop at the
+    # handoff, the tail's start there.
+    handoff = progress[0][1][1]
+    assert 0 < handoff < NUM_STEPS
+    assert [num_steps for _, num_steps in progress] == [
+        [NUM_STEPS, handoff, NUM_STEPS - handoff]
+    ] * NUM_STEPS
+    assert [done for done, _ in progress] == [
+        [step, min(step, handoff), max(step - handoff, 0)] for step in range(1, NUM_STEPS + 1)
+    ]
+
+
+def test_the_step_callback_stops_a_call_as_diffusers_interrupt_does(bundles, encoder, base):
+    case = CASES[1]
+    [embeddings] = embed(encoder, (case,))
+    calls: list[list[int]] = []
+
+    def stop_after_two(done: list[int], num_steps: list[int]) -> bool:
+        calls.append(done)
+        return done == [2]
+
+    [stopped] = base.denoise([request(embeddings, case)], callback_on_step_end=stop_after_two)
+    assert calls == [[1], [2]]
+
+    def interrupt_after_two(pipe, step, timestep, callback_kwargs):
+        if step + 1 == 2:
+            pipe._interrupt = True
+        return callback_kwargs
+
+    reference = pipeline_call(
+        sd3_pipeline(bundles["t2i"]),
+        case,
+        callback_on_step_end=interrupt_after_two,
+        output_type="latent",
+    )[0]
+    assert max_abs(stopped, reference) <= 1e-5
 
 
 def test_a_batch_must_share_its_key(encoder, base):

@@ -1,7 +1,8 @@
 """The serving graph on a real local Ray Serve with tiny bundles: parity with diffusers'
 pipelines (base alone and base + refiner), the HTTP API (native and OpenAI routes, auth,
-validation, prompt filter, watermark, URLs on S3), batching, overload and timeouts, and
-the `raygen generate` client.
+validation, prompt filter, watermark, URLs on S3, the server-sent-events progress stream),
+batching, overload and timeouts (a timed-out batch stops early), the metrics on Ray's
+metrics endpoint, and the `raygen generate` client.
 
 Parity is checked on float32 pixels through the ingress deployment's ``pixels`` method (the
 same stages and code path as the routes, stopping before the safety stage), because every
@@ -14,6 +15,7 @@ import base64
 import io
 import json
 import os
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -24,9 +26,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+import ray
 import torch
 from diffusers import StableDiffusion3Pipeline
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -191,6 +195,48 @@ def stats(server: Server) -> dict[str, Any]:
     status, _, payload = call(server, "/v1/stats")
     assert status == 200, payload
     return payload
+
+
+def stream(server: Server, **fields: Any) -> tuple[int, Any]:
+    """A streaming ``POST /v1/generate``: (200, its events as (event, data) pairs), or
+    (status, JSON body) when it is refused before the stream starts."""
+    body = {"height": HEIGHT, "width": WIDTH, "num_inference_steps": NUM_STEPS, **fields}
+    status, headers, payload = call(server, "/v1/generate", {**body, "stream": True})
+    if status != 200:
+        return status, payload
+    assert headers["content-type"].startswith("text/event-stream")
+    events = []
+    for block in payload.decode().split("\n\n"):
+        if block.strip():
+            lines = dict(line.split(": ", 1) for line in block.splitlines())
+            events.append((lines["event"], json.loads(lines["data"])))
+    return status, events
+
+
+def scrape_metrics() -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Ray's metrics endpoint on this node, as Prometheus scrapes it: sample name -> (labels,
+    value) of each series, raygen's only."""
+    [node] = ray.nodes()
+    url = f"http://127.0.0.1:{node['MetricsExportPort']}/metrics"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        text = response.read().decode()
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("ray_raygen_"):
+                samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return samples
+
+
+def metric_sum(
+    samples: dict[str, list[tuple[dict[str, str], float]]], name: str, **labels: str
+) -> float:
+    """The sum over the series of ``name`` with these labels (every replica, every worker)."""
+    return sum(
+        value
+        for series, value in samples.get(name, [])
+        if all(series.get(key) == wanted for key, wanted in labels.items())
+    )
 
 
 def sd3_pipeline(bundle_dir: Path) -> StableDiffusion3Pipeline:
@@ -426,6 +472,90 @@ def test_refiner_and_super_resolution_stages(server):
 
 
 @pytest.mark.slow
+def test_a_streamed_request_reports_stages_and_steps_then_the_same_response(server):
+    fields = {"prompt": "a paper boat on a pond", "seed": 21}
+    status, events = stream(server, **fields)
+    assert status == 200, events
+
+    def label(event: str, data: dict[str, Any]) -> str:
+        if event == "stage":
+            assert ("seconds" in data) == (data["status"] == "finished"), data
+            return f"{data['stage']} {data['status']}"
+        if event == "step":
+            return f"{data['stage']} step {data['step']}/{data['num_steps']}"
+        return event
+
+    stages = ("text_encoder", "base", "vae_decode", "safety")
+    expected = [f"{stage} {status}" for stage in stages for status in ("started", "finished")]
+    steps = [f"base step {step}/{NUM_STEPS}" for step in range(1, NUM_STEPS + 1)]
+    expected[3:3] = steps  # between the base's start and finish
+    assert [label(*event) for event in events] == [*expected, "result"]
+
+    # The last event is what the route answers without stream: the same image, bit for bit.
+    result = events[-1][1]
+    plain = generate(server, **fields)
+    assert set(result) == set(plain) and set(result["stage_seconds"]) == set(plain["stage_seconds"])
+    assert result["seeds"] == plain["seeds"] == [21]
+    assert result["images"] == plain["images"]
+
+
+@pytest.mark.slow
+def test_a_stream_is_refused_as_usual_before_it_starts_and_ends_with_an_error_event(server):
+    status, payload = stream(server, prompt="a paper boat", height=40)
+    assert status == 422 and payload["detail"][0]["loc"][-1] == "height", payload
+    status, payload = stream(server, prompt="a forbidden fruit pie")
+    assert status == 400 and payload["detail"]["code"] == "prompt_blocked", payload
+
+    # Past its time limit, once the stream is under way: the 504 as the last event.
+    status, events = stream(
+        server, prompt="a slow stream", height=64, width=64, num_inference_steps=200, timeout_s=0.5
+    )
+    assert status == 200, events
+    event, data = events[-1]
+    assert event == "error" and data["status"] == 504, events[-3:]
+    assert "time limit of 0.5 s" in data["detail"]
+    assert "result" not in [event for event, _ in events]
+
+
+@pytest.mark.slow
+def test_stage_seconds_and_request_counts_reach_rays_metrics_endpoint(server):
+    before = scrape_metrics()
+    generate(server, prompt="a counted request", num_inference_steps=2)
+    assert call(server, "/v1/generate", {"prompt": "a cat"}, key=None)[0] == 401
+
+    def counts(samples: dict[str, list[tuple[dict[str, str], float]]]) -> list[float]:
+        return [
+            metric_sum(samples, "ray_raygen_requests_total", route="/v1/generate", status="200"),
+            metric_sum(samples, "ray_raygen_requests_total", route="/v1/generate", status="401"),
+            *(
+                metric_sum(samples, "ray_raygen_stage_seconds_count", stage=stage)
+                for stage in ("text_encoder", "base", "vae_decode", "safety", "total")
+            ),
+        ]
+
+    # Replicas report their metrics every second (ray_local's metrics_report_interval_ms).
+    deadline = time.monotonic() + 20
+    while True:
+        after = scrape_metrics()
+        grown = [new > old for old, new in zip(counts(before), counts(after), strict=True)]
+        if all(grown) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert all(grown), (counts(before), counts(after), sorted(after))
+    # Seconds, in cumulative buckets up to +Inf, which holds every observation.
+    assert metric_sum(after, "ray_raygen_stage_seconds_sum", stage="base") > 0
+    buckets = [
+        (float(labels["le"]), value)
+        for labels, value in after["ray_raygen_stage_seconds_bucket"]
+        if labels["stage"] == "total"
+    ]
+    bounds = sorted({bound for bound, _ in buckets})
+    cumulative = [sum(value for le, value in buckets if le == bound) for bound in bounds]
+    assert cumulative == sorted(cumulative) and bounds[-1] == float("inf")
+    assert cumulative[-1] == metric_sum(after, "ray_raygen_stage_seconds_count", stage="total")
+
+
+@pytest.mark.slow
 def test_openai_client_b64_json_and_url(server):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
@@ -489,7 +619,7 @@ def test_concurrent_requests_batch_and_overflow_is_503_with_retry_after(server):
 
 @pytest.mark.slow
 def test_a_request_over_its_time_limit_is_504_and_stops(server):
-    decoded = stats(server)["vae_decode"]["requests"]
+    before = stats(server)
     body = {
         "prompt": "a slow painting",
         "height": 64,
@@ -500,9 +630,15 @@ def test_a_request_over_its_time_limit_is_504_and_stops(server):
     status, _, payload = call(server, "/v1/generate", body)
     assert status == 504, payload
     # The next request waits for the base replica to be free, so by the time it returns the
-    # timed-out one has left the graph: it never reached the decoder.
+    # timed-out one has left the graph: it never reached the decoder...
     generate(server, prompt="a quick sketch", num_inference_steps=2)
-    assert stats(server)["vae_decode"]["requests"] == decoded + 1
+    after = stats(server)
+    assert after["vae_decode"]["requests"] == before["vae_decode"]["requests"] + 1
+    # ...and its batch stopped between steps once it was cancelled, well before step 200.
+    assert after["base"]["stopped"] == before["base"]["stopped"] + 1
+    steps = after["base"]["steps"] - before["base"]["steps"] - 2  # less the quick request's
+    print(f"the timed-out request's batch stopped after {steps} of 200 steps")
+    assert 0 < steps < 200
 
 
 @pytest.mark.slow
