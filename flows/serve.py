@@ -357,20 +357,25 @@ class SuperResolutionDeployment:
         return {"requests": self.num_requests}
 
 
+def _image_checker(safety: SafetyConfig, storage: StorageConfig) -> ImageSafetyChecker | None:
+    """The configured image classifier, shared by image and video outputs; None: no check."""
+    if safety.image_checker is None:
+        return None
+    return ImageSafetyChecker(
+        _local_bundle(safety.image_checker, storage),
+        safety.max_nsfw_score,
+        device=safety.image_checker.device,
+        dtype=_torch_dtype(safety.image_checker),
+    )
+
+
 @serve.deployment
 class SafetyStage:
     """The last stage: image safety check (when configured), invisible watermark, PNG."""
 
     def __init__(self, safety: SafetyConfig, storage: StorageConfig) -> None:
         self.watermark_key = safety.watermark_key
-        self.checker = None
-        if safety.image_checker is not None:
-            self.checker = ImageSafetyChecker(
-                _local_bundle(safety.image_checker, storage),
-                safety.max_nsfw_score,
-                device=safety.image_checker.device,
-                dtype=_torch_dtype(safety.image_checker),
-            )
+        self.checker = _image_checker(safety, storage)
         self.num_requests = 0
 
     async def finish(self, images: list[np.ndarray]) -> tuple[list[bytes], list[bool]]:
@@ -467,14 +472,7 @@ class VideoDecodeStage:
             _local_bundle(model, storage), device=model.device, dtype=_torch_dtype(model)
         )
         self.watermark_key = safety.watermark_key
-        self.checker = None
-        if safety.image_checker is not None:
-            self.checker = ImageSafetyChecker(
-                _local_bundle(safety.image_checker, storage),
-                safety.max_nsfw_score,
-                device=safety.image_checker.device,
-                dtype=_torch_dtype(safety.image_checker),
-            )
+        self.checker = _image_checker(safety, storage)
         self.num_requests = 0
 
     async def mp4(self, latents: torch.Tensor, fps: int) -> tuple[bytes, bool]:
