@@ -1,43 +1,52 @@
-"""Fixtures the training and distillation tests share: tiny bundles and prep shards."""
+"""Fixtures the demo, training and distillation tests share: one `raygen demo` run, whose
+tiny bundles and prep shards the training and distillation tests read.
+
+The demo's prep is the prep those tests need (the sample corpus, the t2i and t2v bundles, the
+captioner and the scorer), so the suite runs it once instead of twice.
+"""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from flows.models import build_tiny_bundles
-from flows.samples import build_sample_corpus
-
 REPO = Path(__file__).parents[2]
 
 
+@dataclass(frozen=True)
+class DemoRun:
+    data: Path  # the demo's --data-dir
+    stdout: str
+
+
 @pytest.fixture(scope="session")
-def tiny_bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return build_tiny_bundles(
-        tmp_path_factory.mktemp("bundles"), names=["t2i", "t2v", "captioner", "scorer"]
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
+    """`raygen demo` as a new user runs it: a subprocess, its own local Ray, one data folder."""
+    data = tmp_path_factory.mktemp("demo") / "raygen-data"
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "demo", "--data-dir", str(data)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=400,
     )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return DemoRun(data, result.stdout)
 
 
 @pytest.fixture(scope="session")
-def prep_shards(tmp_path_factory: pytest.TempPathFactory, tiny_bundles: dict[str, Path]) -> Path:
-    """Shards made by `raygen prep` (its own process and Ray) from the sample corpus: image
-    buckets from the t2i bundle, video buckets from the t2v bundle."""
-    root = tmp_path_factory.mktemp("prep")
-    build_sample_corpus(root / "corpus", num_videos=2)
-    command = [
-        sys.executable, "-m", "flows.cli", "prep",
-        "--input", str(root / "corpus"), "--output", str(root / "shards"),
-        "--bundle", str(tiny_bundles["t2i"]),
-        "--set", f"video_bundle.uri={tiny_bundles['t2v']}",
-        "--set", f"caption.model.uri={tiny_bundles['captioner']}",
-        "--set", f"filters.scorer.uri={tiny_bundles['scorer']}",
-        "--set", "ray.num_cpus=2",
-    ]  # fmt: skip
-    log = root / "prep.log"
-    with log.open("w") as out:
-        done = subprocess.run(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, timeout=280)
-    assert done.returncode == 0, log.read_text()[-3000:]
-    return root / "shards"
+def tiny_bundles(demo_run: DemoRun) -> dict[str, Path]:
+    return {
+        name: demo_run.data / "bundles" / name for name in ("t2i", "t2v", "captioner", "scorer")
+    }
+
+
+@pytest.fixture(scope="session")
+def prep_shards(demo_run: DemoRun) -> Path:
+    """Shards `raygen prep` made in the demo from the sample corpus: image buckets from the t2i
+    bundle, video buckets from the t2v bundle."""
+    return demo_run.data / "shards"
