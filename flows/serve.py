@@ -765,6 +765,24 @@ class _CountRequests:
 api.add_middleware(_CountRequests)
 
 
+def _check_sides(
+    height: int,
+    width: int,
+    multiple: int,
+    max_height: int,
+    max_width: int,
+    invalid: Callable[[str, Any, str], RequestValidationError] = _invalid,
+) -> None:
+    """Image and video sides: multiples of the VAE downscale x patch size, within the limits."""
+    for field, value, maximum in (("height", height, max_height), ("width", width, max_width)):
+        if value < multiple or value % multiple:
+            raise invalid(
+                field, value, f"must be a multiple of {multiple} (VAE downscale x patch size)"
+            )
+        if value > maximum:
+            raise invalid(field, value, f"must be at most {maximum}")
+
+
 @dataclass
 class _Run:
     """One request's progress: seconds per stage (into the stage histogram too), the stage
@@ -1096,16 +1114,7 @@ class Ingress:
         if self._video_shape_factors is None:
             self._video_shape_factors = await self.video_jobs.shape_factors.remote()
         multiple, temporal = self._video_shape_factors
-        for field, value, maximum in (
-            ("height", body.height, video.max_height),
-            ("width", body.width, video.max_width),
-        ):
-            if value < multiple or value % multiple:
-                raise _invalid(
-                    field, value, f"must be a multiple of {multiple} (VAE downscale x patch size)"
-                )
-            if value > maximum:
-                raise _invalid(field, value, f"must be at most {maximum}")
+        _check_sides(body.height, body.width, multiple, video.max_height, video.max_width)
         if (body.num_frames - 1) % temporal:
             raise _invalid(
                 "num_frames",
@@ -1294,16 +1303,9 @@ class Ingress:
         if self._size_multiple is None:
             self._size_multiple = await self._call("base", self.base.size_multiple.remote())
         multiple = self._size_multiple
-        for field, value, maximum in (
-            ("height", body.height, config.max_height),
-            ("width", body.width, config.max_width),
-        ):
-            if value < multiple or value % multiple:
-                raise invalid(
-                    field, value, f"must be a multiple of {multiple} (VAE downscale x patch size)"
-                )
-            if value > maximum:
-                raise invalid(field, value, f"must be at most {maximum}")
+        _check_sides(
+            body.height, body.width, multiple, config.max_height, config.max_width, invalid
+        )
         if body.num_images_per_prompt > config.max_images_per_request:
             raise invalid(
                 "num_images_per_prompt",
