@@ -589,7 +589,9 @@ def test_openai_client_b64_json_and_url(server):
     assert "Signature" in item.url or "X-Amz-Signature" in item.url
     with urllib.request.urlopen(item.url, timeout=30) as fetched:
         stored = fetched.read()
-    np.testing.assert_array_equal(decode_png(stored), images[0])
+    # Seed 5 ran in a batch of two above and alone here: float sums over a different batch
+    # size may round a pixel to the next uint8 level (measured: 1 level, 0.13% of pixels).
+    assert max_abs(decode_png(stored), images[0]) <= 1
     # The ingress serves the stored file too (the URL local output gets), no key needed.
     name = item.url.split("?")[0].rsplit("/", 1)[-1]
     status, headers, payload = call(server, f"/v1/files/{name}", key=None)
