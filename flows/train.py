@@ -625,6 +625,7 @@ def train_loop(args: dict[str, Any]) -> None:
 
     # --- resume: from the latest checkpoint (`--resume`, or a worker-group restart) ---
     checkpoint = ray.train.get_checkpoint()
+    resumed_from: int | None = None  # the checkpoint's step, on the next record only
     if checkpoint:
         with checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=False)
@@ -640,6 +641,7 @@ def train_loop(args: dict[str, Any]) -> None:
         objective.load_state_dict(state["objective"])
         step = state["step"]
         stream.seek(state["epoch"], state["position"])
+        resumed_from = step
         print(f"[raygen train] rank {rank}: resumed at step {step} from {checkpoint.path}")
 
     # --- steps ---
@@ -698,8 +700,12 @@ def train_loop(args: dict[str, Any]) -> None:
                     "data_wait_fraction": data_wait / step_time,
                     "time": time.time(),
                     **{k: v / config.gradient_accumulation_steps for k, v in extras.items()},
+                    # Where a restart or --resume continued from: what shows in metrics.jsonl
+                    # that the steps before it were not recomputed.
+                    **({} if resumed_from is None else {"resumed_from_step": resumed_from}),
                 }
             )
+            resumed_from = None
         if config.sample_every and step % config.sample_every == 0:
             weights = _ema_weights(model, ema)
             if rank == 0:
@@ -915,6 +921,12 @@ class MetricsLog(UserCallback):
         # A restarted worker group repeats steps after its checkpoint: keep the newest.
         first = records[0]["step"]
         self.history = [r for r in self.history if r["step"] < first] + records
+        for resumed in records:
+            if "resumed_from_step" in resumed:
+                print(
+                    f"[raygen] resumed from the checkpoint of step {resumed['resumed_from_step']}",
+                    flush=True,
+                )
         record = records[-1]
         print(
             f"[raygen] step {record['step']}/{self.total_steps} loss {record['loss']:.4f} "

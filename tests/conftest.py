@@ -121,14 +121,7 @@ def storage_config(s3_server: str, tmp_path: Path) -> StorageConfig:
     )
 
 
-@pytest.fixture(scope="module")
-def ray_local(s3_server: str) -> Iterator[None]:
-    """A real local Ray for one test module (2 CPUs, like the machine).
-
-    Depends on ``s3_server`` so the workers it starts inherit the S3 test environment.
-    Processes report their metrics to Ray's metrics endpoint every second (not every 10 s),
-    so a test reads a metric soon after it is recorded.
-    """
+def _start_local_ray() -> None:
     import ray
 
     ray.init(
@@ -137,5 +130,45 @@ def ray_local(s3_server: str) -> Iterator[None]:
         logging_level="ERROR",
         _system_config={"metrics_report_interval_ms": 1000},
     )
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server: str) -> Iterator[None]:
+    """A real local Ray for the whole session (2 CPUs, like the machine): started once, not
+    once per module, since each start costs seconds of a 2-core machine.
+
+    Depends on ``s3_server`` so the workers it starts inherit the S3 test environment.
+    Processes report their metrics to Ray's metrics endpoint every second (not every 10 s),
+    so a test reads a metric soon after it is recorded.
+    """
+    import ray
+
+    _start_local_ray()
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def no_ray(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No Ray in this process during the test, and no $RAY_ADDRESS; the session's Ray, if it
+    was running, is started again afterwards for the tests that follow."""
+    import ray
+
+    was_running = ray.is_initialized()
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ray.shutdown()
+    yield
+    ray.shutdown()
+    if was_running:
+        _start_local_ray()
+
+
+# Fixtures that start Ray (or run a job that does): a test that uses one is slow, so
+# `-m "not slow"` runs without starting Ray at all.
+_RAY_FIXTURES = {"ray_local", "no_ray", "demo_run", "tiny_bundles", "prep_shards"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if _RAY_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

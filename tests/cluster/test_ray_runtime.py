@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
 
 import pytest
 import ray
 
-from cluster.ray_runtime import init_ray, shutdown_ray
+from cluster.ray_runtime import init_ray
 from schemas.config import RayConfig
 
 
@@ -18,15 +17,6 @@ def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-@pytest.fixture
-def no_ray(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """No Ray in this process before or after the test, and no $RAY_ADDRESS."""
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    shutdown_ray()
-    yield
-    shutdown_ray()
 
 
 @ray.remote

@@ -120,18 +120,29 @@ def test_video_training_with_fsdp_exports_a_wan_bundle(
     assert frames.shape == (5, 32, 32, 3) and np.isfinite(frames).all()
 
 
-def test_killed_worker_restarts_from_its_checkpoint_then_resumes_and_exports(
-    ray_local, tiny_bundles, prep_shards, tmp_path
-):
-    """One run does what a user's run goes through: a worker killed mid-run (the group restarts
-    from the last checkpoint and recomputes the same losses), a finished run continued with
-    --resume, and the bundle loaded by plain diffusers."""
-    output = tmp_path / "run"
-    # Records sent every step (report_every_s 0), so the losses before the kill are known.
-    config = _config(
-        tiny_bundles, prep_shards, output, max_steps=6, checkpoint_every=2, sample_every=3,
+def _kill_test_config(bundles, shards, output: Path) -> TrainConfig:
+    # Records sent every step (report_every_s 0), so the losses before a kill are known.
+    return _config(
+        bundles, shards, output, max_steps=6, checkpoint_every=2, sample_every=3,
         report_every_s=0,
     )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_local, tiny_bundles, prep_shards, tmp_path_factory) -> Path:
+    """The kill test's run without a kill: its output folder."""
+    output = tmp_path_factory.mktemp("uninterrupted") / "run"
+    assert run_train(_kill_test_config(tiny_bundles, prep_shards, output)).steps == 6
+    return output
+
+
+def test_killed_worker_restarts_from_its_checkpoint_with_the_uninterrupted_losses(
+    ray_local, tiny_bundles, prep_shards, uninterrupted, tmp_path
+):
+    """A worker killed mid-run: the group restarts from the last checkpoint (not from step 0)
+    and every step's loss, before and after the restart, is the uninterrupted run's."""
+    output = tmp_path / "run"
+    config = _kill_test_config(tiny_bundles, prep_shards, output)
     results: list = []
     thread = threading.Thread(target=lambda: results.append(run_train(config)))
     thread.start()
@@ -150,27 +161,40 @@ def test_killed_worker_restarts_from_its_checkpoint_then_resumes_and_exports(
     assert results[0].steps == 6
     records = _metrics(output)
     assert [r["step"] for r in records] == list(range(1, 7))
-    # Steps after the checkpoint were recomputed from it: the same losses, not a fresh start.
+    # The group restarted from a checkpoint taken before the kill, not from step 0.
+    [restart] = [r for r in records if "resumed_from_step" in r]
+    assert restart["resumed_from_step"] in (2, 4) and restart["resumed_from_step"] <= max(before)
+    assert restart["step"] == restart["resumed_from_step"] + 1
+
+    reference = {r["step"]: r["loss"] for r in _metrics(uninterrupted)}
     for record in records:
         assert np.isfinite(record["loss"]) and record["grad_norm"] > 0 and record["lr"] > 0
         assert 0 <= record["data_wait_fraction"] <= 1 and record["samples_per_s"] > 0
-        if record["step"] in before:
-            assert record["loss"] == pytest.approx(before[record["step"]], rel=1e-4)
+        assert record["loss"] == pytest.approx(reference[record["step"]], rel=1e-4)
     assert Image.open(output / "loss.png").size == (640, 360)
     assert sorted(p.name for p in (output / "samples").iterdir()) == [
         "step-0000003.png",
         "step-0000006.png",
     ]
 
+
+def test_finished_run_resumes_and_exports_a_bundle_diffusers_loads(
+    tiny_bundles, prep_shards, uninterrupted
+):
+    config = _kill_test_config(tiny_bundles, prep_shards, uninterrupted)
+    losses = {r["step"]: r["loss"] for r in _metrics(uninterrupted)}
     # A second run into the same output is refused unless it resumes.
     with pytest.raises(TrainingError, match="already holds a run"):
         run_train(config.model_copy(update={"max_steps": 7}))
     resumed = run_train(config.model_copy(update={"max_steps": 7, "resume": True}))
     assert resumed.steps == 7
-    assert [r["step"] for r in _metrics(output)] == list(range(1, 8))
+    records = _metrics(uninterrupted)
+    assert [r["step"] for r in records] == list(range(1, 8))
+    assert {r["step"]: r["loss"] for r in records[:6]} == losses  # history kept as it was
+    assert records[6]["resumed_from_step"] == 6
 
     # The bundle loads unchanged in diffusers and samples; its transformer is the trained one.
-    pipe = StableDiffusion3Pipeline.from_pretrained(output / "bundle")
+    pipe = StableDiffusion3Pipeline.from_pretrained(uninterrupted / "bundle")
     source = StableDiffusion3Pipeline.from_pretrained(tiny_bundles["t2i"])
     trained = dict(pipe.transformer.named_parameters())
     assert any(
