@@ -8,9 +8,9 @@ from transformers import AutoModelForImageClassification, AutoProcessor, CLIPMod
 
 from actors.batches import OK, num_rows, ok_rows, row_frames
 from actors.loaders import load_model, load_processor
-from schemas.config import PrepConfig
+from schemas.config import FilterConfig, StorageConfig
+from schemas.shards import CAPTION, SCORE_COLUMNS
 
-SCORE_COLUMNS = ("clip_score", "aesthetic_score", "nsfw_score")
 # (reason, score column, FilterConfig threshold, FilterConfig model), in the order checked.
 CHECKS = (
     ("clip_score", "clip_score", "min_clip_score", "scorer"),
@@ -42,9 +42,8 @@ class Filters:
     resolution are not scored. Rows that are not ok pass through untouched.
     """
 
-    def __init__(self, config: PrepConfig) -> None:
-        self.config = config.filters
-        filters, storage = config.filters, config.storage
+    def __init__(self, config: FilterConfig, storage: StorageConfig) -> None:
+        self.config = filters = config
         for _, _, threshold, model in CHECKS:
             if getattr(filters, threshold) is not None and getattr(filters, model) is None:
                 raise ValueError(f"filters.{threshold} is set but filters.{model} is null")
@@ -104,12 +103,12 @@ class Filters:
                     captioned = [
                         (position, index)
                         for position, index in enumerate(rows)
-                        if batch["caption_original"][index] is not None
+                        if batch[CAPTION["original"]][index] is not None
                     ]
                     if captioned:
                         clip_scores = self._clip_scores(
                             [frames[position] for position, _ in captioned],
-                            [str(batch["caption_original"][index]) for _, index in captioned],
+                            [str(batch[CAPTION["original"]][index]) for _, index in captioned],
                         )
                         scores["clip_score"][[index for _, index in captioned]] = clip_scores
                 if self.aesthetic is not None:
