@@ -9,13 +9,13 @@ from transformers import AutoModelForImageClassification, AutoProcessor, CLIPMod
 from actors.batches import OK, num_rows, ok_rows, row_frames
 from actors.loaders import load_model, load_processor
 from schemas.config import FilterConfig, StorageConfig
-from schemas.shards import CAPTION, SCORE_COLUMNS
+from schemas.shards import AESTHETIC_SCORE, CAPTION, CLIP_SCORE, NSFW_SCORE, SCORE_COLUMNS
 
 # (reason, score column, FilterConfig threshold, FilterConfig model), in the order checked.
 CHECKS = (
-    ("clip_score", "clip_score", "min_clip_score", "scorer"),
-    ("aesthetic", "aesthetic_score", "min_aesthetic_score", "aesthetic"),
-    ("nsfw", "nsfw_score", "max_nsfw_score", "nsfw"),
+    ("clip_score", CLIP_SCORE, "min_clip_score", "scorer"),
+    ("aesthetic", AESTHETIC_SCORE, "min_aesthetic_score", "aesthetic"),
+    ("nsfw", NSFW_SCORE, "max_nsfw_score", "nsfw"),
 )
 # The label whose probability an NSFW classifier reports, as Falconsai/nsfw_image_detection
 # and similar ViT classifiers name it in id2label.
@@ -110,14 +110,14 @@ class Filters:
                             [frames[position] for position, _ in captioned],
                             [str(batch[CAPTION["original"]][index]) for _, index in captioned],
                         )
-                        scores["clip_score"][[index for _, index in captioned]] = clip_scores
+                        scores[CLIP_SCORE][[index for _, index in captioned]] = clip_scores
                 if self.aesthetic is not None:
                     logits = self._classify(self.aesthetic, self.aesthetic_processor, frames)
-                    scores["aesthetic_score"][rows] = logits[:, 0].numpy()
+                    scores[AESTHETIC_SCORE][rows] = logits[:, 0].numpy()
                 if self.nsfw is not None:
                     logits = self._classify(self.nsfw, self.nsfw_processor, frames)
                     probabilities = logits.softmax(dim=-1)  # (B, num_labels)
-                    scores["nsfw_score"][rows] = probabilities[:, self.nsfw_index].numpy()
+                    scores[NSFW_SCORE][rows] = probabilities[:, self.nsfw_index].numpy()
 
         for index in rows:
             for check, column, bound, _ in CHECKS:
