@@ -8,7 +8,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from actors.batches import num_rows, object_column, ok_rows, row_frames
 from actors.loaders import load_model, load_processor
-from schemas.config import PrepConfig
+from schemas.config import CaptionConfig, StorageConfig
+from schemas.shards import CAPTION
 
 # Between the captions of a clip's frames when they say different things.
 FRAME_CAPTION_SEPARATOR = "; "
@@ -31,14 +32,14 @@ class Captioner:
     ``caption.model: null`` makes the stage a pass-through (``caption_synthetic`` None).
     """
 
-    def __init__(self, config: PrepConfig) -> None:
-        self.config = config.caption
-        ref = config.caption.model
+    def __init__(self, config: CaptionConfig, storage: StorageConfig) -> None:
+        self.config = config
+        ref = config.model
         self.model = self.processor = None
         if ref is None:
             return
-        self.processor = load_processor(ref, AutoProcessor, config.storage)
-        self.model = load_model(ref, AutoModelForImageTextToText, config.storage)
+        self.processor = load_processor(ref, AutoProcessor, storage)
+        self.model = load_model(ref, AutoModelForImageTextToText, storage)
         # The prompt as the model's own tokenizer writes it back (BLIP's lowercases), which
         # is how it starts each decoded caption.
         self.prompt_text = ""
@@ -50,7 +51,7 @@ class Captioner:
         captions: list[str | None] = [None] * num_rows(batch)
         rows = ok_rows(batch)
         if self.model is None or not rows:
-            return {**batch, "caption_synthetic": object_column(captions)}
+            return {**batch, CAPTION["synthetic"]: object_column(captions)}
 
         frames: list[np.ndarray] = []  # (H, W, 3) uint8 each
         frame_rows: list[int] = []
@@ -67,7 +68,7 @@ class Captioner:
             per_row.setdefault(index, []).append(caption)
         for index, row_captions in per_row.items():
             captions[index] = FRAME_CAPTION_SEPARATOR.join(dict.fromkeys(row_captions))
-        return {**batch, "caption_synthetic": object_column(captions)}
+        return {**batch, CAPTION["synthetic"]: object_column(captions)}
 
     def _generate(self, frames: list[np.ndarray]) -> list[str]:
         text = [self.config.prompt] * len(frames) if self.config.prompt else None

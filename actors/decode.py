@@ -19,8 +19,9 @@ from PIL import Image, ImageOps
 
 from actors.batches import object_column, optional_text
 from actors.sources import Quarantine
-from schemas.config import BucketConfig, DecodeConfig, PrepConfig
+from schemas.config import BucketConfig, DecodeConfig
 from schemas.errors import RaygenError
+from schemas.shards import BucketKey
 
 # PIL's decoders for exactly the image extensions we accept (JPEG's also opens the
 # multi-picture JPEGs many cameras write); another format under a .jpg name is corrupt input.
@@ -38,7 +39,7 @@ DECODE_COLUMNS = (
     "original_height",  # int32, after EXIF rotation; 0 when quarantined
     "original_width",  # int32
     "crop_box",  # int32 (4,): (top, left, height, width) in original pixels
-    "bucket",  # "WxH" for an image, "FxWxH" for a clip; "" when quarantined
+    "bucket",  # str(BucketKey): "HxW" for an image, "FxHxW" for a clip; "" when quarantined
     "status",  # "ok" | "quarantined"
     "reason",  # "" or one of QUARANTINE_REASONS
     "detail",  # "" or why, for a person
@@ -112,9 +113,9 @@ class MediaDecoder:
     already quarantined pass through with their reason.
     """
 
-    def __init__(self, config: PrepConfig) -> None:
-        self.config: DecodeConfig = config.decode
-        self.buckets = buckets(config.buckets)
+    def __init__(self, config: DecodeConfig, bucket_config: BucketConfig) -> None:
+        self.config = config
+        self.buckets = buckets(bucket_config)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows: list[dict[str, Any]] = []
@@ -189,7 +190,8 @@ class MediaDecoder:
         image = self._open_image(data)
         bucket = nearest_bucket(*image.size, self.buckets)
         pixels, crop_box = resize_and_crop(image, bucket)  # (H, W, 3)
-        return [_decoded(pixels[None], image.size, crop_box, f"{bucket[0]}x{bucket[1]}")]
+        key = BucketKey(height=bucket[1], width=bucket[0])
+        return [_decoded(pixels[None], image.size, crop_box, str(key))]
 
     def _video(self, data: bytes) -> list[dict[str, Any]]:
         try:
@@ -216,8 +218,8 @@ class MediaDecoder:
                 f"{self.config.video_num_frames}",
             )
         crop_box = center_crop_box(size, bucket)
-        key = f"{self.config.video_num_frames}x{bucket[0]}x{bucket[1]}"
-        return [_decoded(clip, size, crop_box, key) for clip in clips]
+        key = BucketKey(height=bucket[1], width=bucket[0], num_frames=self.config.video_num_frames)
+        return [_decoded(clip, size, crop_box, str(key)) for clip in clips]
 
     def _sampled(self, frames: Iterator[av.VideoFrame]) -> Iterator[av.VideoFrame]:
         """The first frame of each 1/video_fps interval (every frame when the video's own

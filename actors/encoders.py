@@ -26,8 +26,17 @@ from actors.batches import (
     row_frames,
 )
 from actors.loaders import load_component_config, load_pipeline
-from schemas.config import ModelRef, PrepConfig, StorageConfig
-from schemas.shards import CAPTION_KINDS
+from schemas.config import EncodeConfig, ModelRef, PrepConfig, StorageConfig
+from schemas.shards import (
+    CAPTION,
+    CAPTION_KINDS,
+    INPUT_IDS,
+    LATENT_MEAN,
+    LATENT_STD,
+    POOLED_PROMPT_EMBEDS,
+    PROMPT_EMBEDS,
+    BucketKey,
+)
 
 # Components each pipeline's text encoding never touches.
 _NOT_TEXT = {
@@ -86,32 +95,38 @@ class TextEncoder:
     float32 arrays, or None for token ids.
     """
 
-    def __init__(self, config: PrepConfig) -> None:
-        self.tokens_only = config.encode.text == "tokens"
-        self.max_sequence_length = config.encode.max_sequence_length
+    def __init__(
+        self,
+        config: EncodeConfig,
+        bundle: ModelRef,
+        video_bundle: ModelRef | None,
+        storage: StorageConfig,
+    ) -> None:
+        self.tokens_only = config.text == "tokens"
+        self.max_sequence_length = config.max_sequence_length
         self.pipes: dict[str, Any] = {}
         for kind, ref, pipeline_cls in (
-            ("image", config.bundle, StableDiffusion3Pipeline),
-            ("video", config.video_bundle, WanPipeline),
+            ("image", bundle, StableDiffusion3Pipeline),
+            ("video", video_bundle, WanPipeline),
         ):
             if ref is None:
                 continue
             drop = _NOT_TEXT[pipeline_cls]
             if self.tokens_only:
                 drop += _TEXT_ENCODERS[pipeline_cls]
-            self.pipes[kind] = _pipeline(ref, config.storage, pipeline_cls, drop)
+            self.pipes[kind] = _pipeline(ref, storage, pipeline_cls, drop)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = num_rows(batch)
         if self.tokens_only:
             columns: dict[str, list[Any]] = {
-                f"input_ids_{kind}": [None] * n for kind in CAPTION_KINDS
+                INPUT_IDS[kind]: [None] * n for kind in CAPTION_KINDS
             }
         else:
             columns = {}
             for kind in CAPTION_KINDS:
-                columns[f"prompt_embeds_{kind}"] = [empty_tensor(2) for _ in range(n)]
-                columns[f"pooled_prompt_embeds_{kind}"] = [empty_tensor(1) for _ in range(n)]
+                columns[PROMPT_EMBEDS[kind]] = [empty_tensor(2) for _ in range(n)]
+                columns[POOLED_PROMPT_EMBEDS[kind]] = [empty_tensor(1) for _ in range(n)]
 
         for media, rows in media_rows(batch, ok_rows(batch)).items():
             if media not in self.pipes:
@@ -123,20 +138,20 @@ class TextEncoder:
                 (kind, index)
                 for kind in CAPTION_KINDS
                 for index in rows
-                if batch[f"caption_{kind}"][index] is not None
+                if batch[CAPTION[kind]][index] is not None
             ]
             if not targets:
                 continue
-            prompts = [str(batch[f"caption_{kind}"][index]) for kind, index in targets]
+            prompts = [str(batch[CAPTION[kind]][index]) for kind, index in targets]
             if self.tokens_only:
                 for (kind, index), ids in zip(targets, self._tokens(media, prompts), strict=True):
-                    columns[f"input_ids_{kind}"][index] = ids
+                    columns[INPUT_IDS[kind]][index] = ids
             else:
                 prompt_embeds, pooled = self._embeddings(media, prompts)
                 for position, (kind, index) in enumerate(targets):
-                    columns[f"prompt_embeds_{kind}"][index] = prompt_embeds[position]
+                    columns[PROMPT_EMBEDS[kind]][index] = prompt_embeds[position]
                     if pooled is not None:
-                        columns[f"pooled_prompt_embeds_{kind}"][index] = pooled[position]
+                        columns[POOLED_PROMPT_EMBEDS[kind]][index] = pooled[position]
 
         return {**batch, **{name: object_column(values) for name, values in columns.items()}}
 
@@ -198,7 +213,7 @@ def empty_prompt_embeddings(config: PrepConfig) -> dict[str, np.ndarray]:
     image bundle, ``video_prompt_embeds`` (L, D) from the video bundle when there is one.
     Float32, encoded like ``TextEncoder``'s embeddings whatever ``encode.text`` says."""
     encode = config.encode.model_copy(update={"text": "embeddings"})
-    encoder = TextEncoder(config.model_copy(update={"encode": encode}))
+    encoder = TextEncoder(encode, config.bundle, config.video_bundle, config.storage)
     prompt_embeds, pooled = encoder._embeddings("image", [""])
     embeddings = {"image_prompt_embeds": prompt_embeds[0], "image_pooled_prompt_embeds": pooled[0]}
     if "video" in encoder.pipes:
@@ -221,23 +236,27 @@ class LatentEncoder:
     not ok get empty (0, 0, 0, 0) arrays.
     """
 
-    def __init__(self, config: PrepConfig) -> None:
-        self.latent_std = config.encode.latent_std
+    def __init__(
+        self,
+        config: EncodeConfig,
+        bundle: ModelRef,
+        video_bundle: ModelRef | None,
+        storage: StorageConfig,
+    ) -> None:
+        self.latent_std = config.latent_std
         self.pipes: dict[str, Any] = {}
         for kind, ref, pipeline_cls in (
-            ("image", config.bundle, StableDiffusion3Pipeline),
-            ("video", config.video_bundle, WanPipeline),
+            ("image", bundle, StableDiffusion3Pipeline),
+            ("video", video_bundle, WanPipeline),
         ):
             if ref is not None:
-                self.pipes[kind] = _pipeline(
-                    ref, config.storage, pipeline_cls, _NOT_VAE[pipeline_cls]
-                )
+                self.pipes[kind] = _pipeline(ref, storage, pipeline_cls, _NOT_VAE[pipeline_cls])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         kinds = [str(kind) for kind in batch["media_kind"]]
-        columns = {"latent_mean": [empty_tensor(4) for _ in kinds]}  # (C, f, h, w)
+        columns = {LATENT_MEAN: [empty_tensor(4) for _ in kinds]}  # (C, f, h, w)
         if self.latent_std:
-            columns["latent_std"] = [empty_tensor(4) for _ in kinds]
+            columns[LATENT_STD] = [empty_tensor(4) for _ in kinds]
 
         for (media, _), rows in pixel_groups(batch, ok_rows(batch)).items():
             if media not in self.pipes:
@@ -255,9 +274,9 @@ class LatentEncoder:
                     mean = _numpy(latent_dist.mean)  # (B, C, f, h, w)
                     std = _numpy(latent_dist.std) if self.latent_std else None
             for position, index in enumerate(rows):
-                columns["latent_mean"][index] = mean[position]
+                columns[LATENT_MEAN][index] = mean[position]
                 if std is not None:
-                    columns["latent_std"][index] = std[position]
+                    columns[LATENT_STD][index] = std[position]
 
         return {**batch, **{name: object_column(values) for name, values in columns.items()}}
 
@@ -267,7 +286,7 @@ class LatentEncoder:
         if height % pipe.vae_scale_factor or width % pipe.vae_scale_factor:
             # The processor would silently resize; the bucket is wrong for this VAE instead.
             raise ValueError(
-                f"image bucket {width}x{height}: sides must be multiples of the VAE's "
+                f"image bucket {BucketKey(height, width)}: sides must be multiples of the VAE's "
                 f"downscale {pipe.vae_scale_factor} (see buckets.step)"
             )
         image = pipe.image_processor.preprocess(pixels.astype(np.float32) / 255)  # (B, 3, H, W)
@@ -280,8 +299,9 @@ class LatentEncoder:
         spatial, temporal = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
         if height % spatial or width % spatial or (num_frames - 1) % temporal:
             raise ValueError(
-                f"video bucket {num_frames}x{width}x{height}: the video VAE needs sides that are "
-                f"multiples of {spatial} and {temporal}k+1 frames (see decode.video_num_frames)"
+                f"video bucket {BucketKey(height, width, num_frames)}: the video VAE needs sides "
+                f"that are multiples of {spatial} and {temporal}k+1 frames "
+                f"(see decode.video_num_frames)"
             )
         video = pipe.video_processor.preprocess_video(pixels.astype(np.float32) / 255)
         video = video.to(pipe.vae.device, pipe.vae.dtype)  # (B, 3, F, H, W)

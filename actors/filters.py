@@ -8,14 +8,14 @@ from transformers import AutoModelForImageClassification, AutoProcessor, CLIPMod
 
 from actors.batches import OK, num_rows, ok_rows, row_frames
 from actors.loaders import load_model, load_processor
-from schemas.config import PrepConfig
+from schemas.config import FilterConfig, StorageConfig
+from schemas.shards import AESTHETIC_SCORE, CAPTION, CLIP_SCORE, NSFW_SCORE, SCORE_COLUMNS
 
-SCORE_COLUMNS = ("clip_score", "aesthetic_score", "nsfw_score")
 # (reason, score column, FilterConfig threshold, FilterConfig model), in the order checked.
 CHECKS = (
-    ("clip_score", "clip_score", "min_clip_score", "scorer"),
-    ("aesthetic", "aesthetic_score", "min_aesthetic_score", "aesthetic"),
-    ("nsfw", "nsfw_score", "max_nsfw_score", "nsfw"),
+    ("clip_score", CLIP_SCORE, "min_clip_score", "scorer"),
+    ("aesthetic", AESTHETIC_SCORE, "min_aesthetic_score", "aesthetic"),
+    ("nsfw", NSFW_SCORE, "max_nsfw_score", "nsfw"),
 )
 # The label whose probability an NSFW classifier reports, as Falconsai/nsfw_image_detection
 # and similar ViT classifiers name it in id2label.
@@ -42,9 +42,8 @@ class Filters:
     resolution are not scored. Rows that are not ok pass through untouched.
     """
 
-    def __init__(self, config: PrepConfig) -> None:
-        self.config = config.filters
-        filters, storage = config.filters, config.storage
+    def __init__(self, config: FilterConfig, storage: StorageConfig) -> None:
+        self.config = filters = config
         for _, _, threshold, model in CHECKS:
             if getattr(filters, threshold) is not None and getattr(filters, model) is None:
                 raise ValueError(f"filters.{threshold} is set but filters.{model} is null")
@@ -104,21 +103,21 @@ class Filters:
                     captioned = [
                         (position, index)
                         for position, index in enumerate(rows)
-                        if batch["caption_original"][index] is not None
+                        if batch[CAPTION["original"]][index] is not None
                     ]
                     if captioned:
                         clip_scores = self._clip_scores(
                             [frames[position] for position, _ in captioned],
-                            [str(batch["caption_original"][index]) for _, index in captioned],
+                            [str(batch[CAPTION["original"]][index]) for _, index in captioned],
                         )
-                        scores["clip_score"][[index for _, index in captioned]] = clip_scores
+                        scores[CLIP_SCORE][[index for _, index in captioned]] = clip_scores
                 if self.aesthetic is not None:
                     logits = self._classify(self.aesthetic, self.aesthetic_processor, frames)
-                    scores["aesthetic_score"][rows] = logits[:, 0].numpy()
+                    scores[AESTHETIC_SCORE][rows] = logits[:, 0].numpy()
                 if self.nsfw is not None:
                     logits = self._classify(self.nsfw, self.nsfw_processor, frames)
                     probabilities = logits.softmax(dim=-1)  # (B, num_labels)
-                    scores["nsfw_score"][rows] = probabilities[:, self.nsfw_index].numpy()
+                    scores[NSFW_SCORE][rows] = probabilities[:, self.nsfw_index].numpy()
 
         for index in rows:
             for check, column, bound, _ in CHECKS:

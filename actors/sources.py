@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from actors.batches import object_column, optional_text
 from cluster.storage import Storage, is_s3, join, local_path
-from schemas.config import PrepConfig
+from schemas.config import DecodeConfig, PrepConfig, StorageConfig
 from schemas.errors import RaygenError
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp"})
@@ -197,9 +197,9 @@ class FetchMedia:
     caption). A tar that cannot be read to its end gives one quarantined row for the tar.
     """
 
-    def __init__(self, config: PrepConfig) -> None:
-        self.storage = Storage(config.storage)
-        self.max_bytes = config.decode.max_bytes
+    def __init__(self, config: DecodeConfig, storage: StorageConfig) -> None:
+        self.storage = Storage(storage)
+        self.max_bytes = config.max_bytes
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows: list[dict[str, Any]] = []

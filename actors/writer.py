@@ -1,7 +1,8 @@
 """The last prep stage: write each batch's rows as parquet files, atomically, by outcome.
 
-Rows that made it become shard rows (one file per aspect-ratio bucket, schema from
-``schemas.shards``); quarantined and filtered rows go to their own tables with the reason.
+Rows that made it become shard rows (one file per aspect-ratio bucket); quarantined and
+filtered rows go to their own tables with the reason. Schemas, column and folder names are
+the contract in ``schemas.shards``.
 Every file is written whole or not at all and named after the samples in it, so a crash
 loses at most the batch in flight and a re-run (which skips written samples) never
 duplicates one. The bookkeeping columns (``item_uri``, ``item_sources``, ``source_rows``)
@@ -21,42 +22,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cluster.storage import Storage, is_s3, join
-from schemas.config import PrepConfig
-from schemas.shards import shard_schema
-
-SHARDS_DIR = "shards"
-QUARANTINE_DIR = "quarantine"
-FILTERED_DIR = "filtered"
-
-# Columns every output table carries: enough to tell, on resume, what is already done.
-LEDGER_FIELDS = [
-    pa.field("sample_id", pa.string(), nullable=False),
-    pa.field("source_uri", pa.string(), nullable=False),
-    pa.field("item_uri", pa.string(), nullable=False),
-    pa.field("item_sources", pa.int32(), nullable=False),
-    pa.field("source_rows", pa.int32(), nullable=False),
-]
-REJECT_SCHEMA = pa.schema(
-    LEDGER_FIELDS
-    + [
-        pa.field("media_kind", pa.string()),
-        pa.field("status", pa.string(), nullable=False),
-        pa.field("reason", pa.string(), nullable=False),
-        pa.field("detail", pa.string()),
-        pa.field("caption_original", pa.string()),
-        pa.field("clip_score", pa.float32()),
-        pa.field("aesthetic_score", pa.float32()),
-        pa.field("nsfw_score", pa.float32()),
-    ]
+from schemas.config import StorageConfig
+from schemas.shards import (
+    BUCKET,
+    CROP_BOX,
+    FILTERED_DIR,
+    INPUT_IDS,
+    LATENT_MEAN,
+    LATENT_STD,
+    MEDIA_KIND,
+    POOLED_PROMPT_EMBEDS,
+    PROMPT_EMBEDS,
+    QUARANTINE_DIR,
+    REJECT_SCHEMA,
+    SAMPLE_ID,
+    SHARDS_DIR,
+    STATUS,
+    shard_file_schema,
 )
-
-
-def output_schema(latent_shape, embeds_shape, pooled_shape, with_latent_std) -> pa.Schema:
-    """The shard schema plus the ledger columns, in the shard schema's order."""
-    schema = shard_schema(latent_shape, embeds_shape, pooled_shape, with_latent_std=with_latent_std)
-    for field in LEDGER_FIELDS[2:]:
-        schema = schema.append(field)
-    return schema
 
 
 def _tensor_column(values: list[np.ndarray], shape: tuple[int, ...]) -> pa.ExtensionArray:
@@ -88,16 +71,17 @@ def _part_name(sample_ids: list[str]) -> str:
 class ShardWriter:
     """Ray Data stage: ``__call__(batch)`` writes the batch's files, returns one stats row."""
 
-    def __init__(self, config: PrepConfig) -> None:
-        self.config = config
-        self.storage = Storage(config.storage)
+    def __init__(self, output: str, latent_std: bool, storage: StorageConfig) -> None:
+        self.output = output  # PrepConfig.output
+        self.latent_std = latent_std  # EncodeConfig.latent_std: the std column is in the schema
+        self.storage = Storage(storage)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        status = batch["status"]
+        status = batch[STATUS]
         files: list[str] = []
         ok = np.flatnonzero(status == "ok")
-        for bucket in sorted(set(batch["bucket"][ok])):
-            rows = ok[batch["bucket"][ok] == bucket]
+        for bucket in sorted(set(batch[BUCKET][ok])):
+            rows = ok[batch[BUCKET][ok] == bucket]
             files.append(self._write_shard(batch, rows, str(bucket)))
         for outcome, folder in (("quarantined", QUARANTINE_DIR), ("filtered", FILTERED_DIR)):
             rows = np.flatnonzero(status == outcome)
@@ -118,36 +102,37 @@ class ShardWriter:
 
     def _write_shard(self, batch: dict[str, np.ndarray], rows: np.ndarray, bucket: str) -> str:
         take = {name: [batch[name][i] for i in rows] for name in batch}
-        if take["media_kind"][0] == "image":
+        if take[MEDIA_KIND][0] == "image":
             # In flight an image is a one-frame clip (C, 1, h, w); shards keep (C, h, w).
-            for name in ("latent_mean", "latent_std"):
+            for name in (LATENT_MEAN, LATENT_STD):
                 if name in take:
                     take[name] = [np.squeeze(latent, axis=1) for latent in take[name]]
-        latent_shape = _shape_of(take["latent_mean"])
+        latent_shape = _shape_of(take[LATENT_MEAN])
         assert latent_shape is not None, "ok rows always carry latents"
-        embeds_key, pooled_key = "prompt_embeds_original", "pooled_prompt_embeds_original"
-        embeds_shape = _shape_of(take[embeds_key] + take["prompt_embeds_synthetic"]) if embeds_key in take else None
-        pooled_shape = (
-            _shape_of(take[pooled_key] + take["pooled_prompt_embeds_synthetic"])
-            if pooled_key in take
-            else None
+        embeds_shape = pooled_shape = None
+        if PROMPT_EMBEDS["original"] in take:
+            embeds_shape = _shape_of([v for name in PROMPT_EMBEDS.values() for v in take[name]])
+        if POOLED_PROMPT_EMBEDS["original"] in take:
+            pooled = [v for name in POOLED_PROMPT_EMBEDS.values() for v in take[name]]
+            pooled_shape = _shape_of(pooled)
+        schema = shard_file_schema(
+            latent_shape, embeds_shape, pooled_shape, with_latent_std=self.latent_std
         )
-        schema = output_schema(latent_shape, embeds_shape, pooled_shape, self.config.encode.latent_std)
         columns: dict[str, Any] = {}
         for field in schema:
             name = field.name
             if isinstance(field.type, pa.FixedShapeTensorType):
                 columns[name] = _tensor_column(take[name], tuple(field.type.shape))
-            elif name.startswith("input_ids_"):
+            elif name in INPUT_IDS.values():
                 columns[name] = [_token_map(value) for value in take.get(name, [None] * len(rows))]
-            elif name == "crop_box":
+            elif name == CROP_BOX:
                 columns[name] = [list(map(int, box)) for box in take[name]]
             elif name in take:
                 columns[name] = [_plain(value) for value in take[name]]
             else:
                 columns[name] = [None] * len(rows)
         table = pa.Table.from_pydict(columns, schema=schema)
-        return self._write(table, join(SHARDS_DIR, bucket), take["sample_id"])
+        return self._write(table, join(SHARDS_DIR, bucket), take[SAMPLE_ID])
 
     def _write_rejects(self, batch: dict[str, np.ndarray], rows: np.ndarray, folder: str) -> str:
         columns = {
@@ -155,10 +140,10 @@ class ShardWriter:
             for field in REJECT_SCHEMA
         }
         table = pa.Table.from_pydict(columns, schema=REJECT_SCHEMA)
-        return self._write(table, folder, columns["sample_id"])
+        return self._write(table, folder, columns[SAMPLE_ID])
 
     def _write(self, table: pa.Table, folder: str, sample_ids: list[str]) -> str:
-        uri = join(self.config.output, folder, _part_name([str(s) for s in sample_ids]))
+        uri = join(self.output, folder, _part_name([str(s) for s in sample_ids]))
         fs, path = self.storage.filesystem(uri)
         if is_s3(uri):
             # An S3 object appears only when its (multipart) upload completes: atomic.

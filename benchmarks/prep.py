@@ -450,15 +450,16 @@ def run_loop(config: PrepConfig) -> dict[str, Any]:
     storage = Storage(config.storage)
     items = list_inputs(config, storage)
     started = time.perf_counter()
+    bundles = (config.bundle, config.video_bundle, config.storage)
     stages = {
-        "fetch": FetchMedia(config),
-        "decode": MediaDecoder(config),
-        "filter": Filters(config),
-        "caption": Captioner(config),
-        "encode_text": TextEncoder(config),
-        "encode_latents": LatentEncoder(config),
+        "fetch": FetchMedia(config.decode, config.storage),
+        "decode": MediaDecoder(config.decode, config.buckets),
+        "filter": Filters(config.filters, config.storage),
+        "caption": Captioner(config.caption, config.storage),
+        "encode_text": TextEncoder(config.encode, *bundles),
+        "encode_latents": LatentEncoder(config.encode, *bundles),
     }
-    writer = ShardWriter(config)
+    writer = ShardWriter(config.output, config.encode.latent_std, config.storage)
     load_s = time.perf_counter() - started
     batch_sizes = {
         name: getattr(config, section).resources.batch_size

@@ -49,16 +49,16 @@ from safetensors.numpy import save_file
 from cluster.storage import Storage
 from flows.distill import distance_to_teacher, run_distill
 from flows.models import CAPTION_WORDS, build_tiny_bundles
+from flows.shard_reader import embeddings_and_latents
 from flows.train import (
     RectifiedFlow,
-    _embeddings_and_latents,
     _to_model_inputs,
     plan_run,
     run_train,
     warmup_cosine,
 )
 from schemas.config import DistillConfig, TrainConfig, load_config
-from schemas.shards import Manifest, shard_schema
+from schemas.shards import BucketKey, Manifest, shard_schema
 
 WARMUP_STEPS = 3
 
@@ -91,7 +91,7 @@ def write_shards(
     num_rows, latent_shape = len(latents), latents.shape[1:]
     schema = shard_schema(latent_shape, prompt_embeds.shape[1:], pooled_prompt_embeds.shape[1:])
     pixels = latent_shape[-1] * 2 ** (len(vae["block_out_channels"]) - 1)
-    bucket = f"{pixels}x{pixels}"
+    bucket = str(BucketKey(height=pixels, width=pixels))
     folder = out / "shards" / bucket
     folder.mkdir(parents=True)
 
@@ -165,7 +165,7 @@ def time_loop(config: TrainConfig, steps: int) -> dict[str, Any]:
     plan = plan_run(config, config.bundle.uri, Storage())
     bucket = next(iter(plan.buckets.values()))
     table = pq.read_table(bucket.files[0])
-    arrays = _embeddings_and_latents(table)
+    arrays = embeddings_and_latents(table)
     torch.manual_seed(config.seed)
     objective = RectifiedFlow(config, plan, device)
     model = objective.model

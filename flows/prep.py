@@ -38,17 +38,28 @@ from actors.decode import MediaDecoder
 from actors.encoders import LatentEncoder, TextEncoder, empty_prompt_embeddings, vae_factors
 from actors.filters import Filters
 from actors.sources import FetchMedia, list_inputs
-from actors.writer import FILTERED_DIR, QUARANTINE_DIR, SHARDS_DIR, ShardWriter
+from actors.writer import ShardWriter
 from cluster.bundles import validate_bundle
 from cluster.ray_runtime import init_ray
 from cluster.storage import Storage, is_s3, join
 from schemas.config import ModelRef, PrepConfig, StageResources
 from schemas.errors import RaygenError
-from schemas.shards import Manifest
-
-MANIFEST_NAME = "manifest.json"
-EMPTY_PROMPT_NAME = "empty_prompt.safetensors"
-LEDGER_COLUMNS = ["sample_id", "source_uri", "item_uri", "item_sources", "source_rows"]
+from schemas.shards import (
+    BUCKET,
+    EMPTY_PROMPT_NAME,
+    FILTERED_DIR,
+    ITEM_SOURCES,
+    ITEM_URI,
+    LEDGER_COLUMNS,
+    MANIFEST_NAME,
+    QUARANTINE_DIR,
+    REASON,
+    SAMPLE_ID,
+    SHARDS_DIR,
+    SOURCE_ROWS,
+    SOURCE_URI,
+    Manifest,
+)
 
 
 @dataclass
@@ -82,9 +93,9 @@ def read_ledger(output: str, storage: Storage) -> Ledger:
         if table is None:
             continue
         columns = table.to_pydict()
-        ledger.sample_ids.update(columns["sample_id"])
+        ledger.sample_ids.update(columns[SAMPLE_ID])
         for source, item, sources, rows in zip(
-            columns["source_uri"], columns["item_uri"], columns["item_sources"], columns["source_rows"],
+            columns[SOURCE_URI], columns[ITEM_URI], columns[ITEM_SOURCES], columns[SOURCE_ROWS],
             strict=True,
         ):
             rows_per_source[source] += 1
@@ -107,7 +118,7 @@ class SkipWritten:
         self.done: set[str] = ray.get(done[0])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        keep = np.array([sample_id not in self.done for sample_id in batch["sample_id"]], dtype=bool)
+        keep = np.array([sample_id not in self.done for sample_id in batch[SAMPLE_ID]], dtype=bool)
         return {name: column[keep] for name, column in batch.items()}
 
 
@@ -194,20 +205,31 @@ def run_prep(config: PrepConfig) -> Manifest:
     totals: Counter[str] = Counter()
     if todo:
         ds = ray.data.from_items(todo)
-        ds = _map(ds, FetchMedia, "fetch", config.decode.resources, config=config)
-        ds = _map(ds, MediaDecoder, "decode", config.decode.resources, config=config)
+        ds = _map(ds, FetchMedia, "fetch", config.decode.resources,
+                  config=config.decode, storage=config.storage)
+        ds = _map(ds, MediaDecoder, "decode", config.decode.resources,
+                  config=config.decode, bucket_config=config.buckets)
         if ledger.sample_ids:
             done = [ray.put(ledger.sample_ids)]
             ds = ds.map_batches(SkipWritten, fn_constructor_kwargs={"done": done},
                                 batch_format="numpy", num_cpus=0.1,
                                 compute=ray.data.ActorPoolStrategy(size=1))
-        ds = _map(ds, Filters, "filter", config.filters.resources, config=config)
-        ds = _map(ds, Captioner, "caption", config.caption.resources, config=config)
-        ds = _map(ds, TextEncoder, "encode_text", config.encode.resources, config=config)
-        ds = _map(ds, LatentEncoder, "encode_latents", config.encode.resources, config=config)
+        ds = _map(ds, Filters, "filter", config.filters.resources,
+                  config=config.filters, storage=config.storage)
+        ds = _map(ds, Captioner, "caption", config.caption.resources,
+                  config=config.caption, storage=config.storage)
+        bundles = {"bundle": config.bundle, "video_bundle": config.video_bundle}
+        ds = _map(ds, TextEncoder, "encode_text", config.encode.resources,
+                  config=config.encode, storage=config.storage, **bundles)
+        ds = _map(ds, LatentEncoder, "encode_latents", config.encode.resources,
+                  config=config.encode, storage=config.storage, **bundles)
         ds = ds.map_batches(
             ShardWriter,
-            fn_constructor_kwargs={"config": config},
+            fn_constructor_kwargs={
+                "output": config.output,
+                "latent_std": config.encode.latent_std,
+                "storage": config.storage,
+            },
             batch_format="numpy",
             batch_size=config.rows_per_file,
             num_cpus=0.25,
@@ -235,21 +257,21 @@ def build_manifest(
     vae: dict[str, dict[str, Any]],
 ) -> Manifest:
     """Counts come from every file in the output (all runs), throughput from this run."""
-    shards = _tables(config.output, storage, SHARDS_DIR, ["source_uri", "bucket"])
+    shards = _tables(config.output, storage, SHARDS_DIR, [SOURCE_URI, BUCKET])
     rejects = {
-        folder: _tables(config.output, storage, folder, ["source_uri", "reason"])
+        folder: _tables(config.output, storage, folder, [SOURCE_URI, REASON])
         for folder in (QUARANTINE_DIR, FILTERED_DIR)
     }
     sources: set[str] = set()
     buckets: Counter[str] = Counter()
     if shards is not None:
-        sources.update(shards.column("source_uri").to_pylist())
-        buckets.update(shards.column("bucket").to_pylist())
+        sources.update(shards.column(SOURCE_URI).to_pylist())
+        buckets.update(shards.column(BUCKET).to_pylist())
     reasons: dict[str, Counter[str]] = {folder: Counter() for folder in rejects}
     for folder, table in rejects.items():
         if table is not None:
-            sources.update(table.column("source_uri").to_pylist())
-            reasons[folder].update(table.column("reason").to_pylist())
+            sources.update(table.column(SOURCE_URI).to_pylist())
+            reasons[folder].update(table.column(REASON).to_pylist())
     files = [
         uri.removeprefix(config.output.rstrip("/") + "/")
         for uri in storage.list(join(config.output, SHARDS_DIR))

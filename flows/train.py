@@ -2,7 +2,8 @@
 
 One loop (``train_loop``) serves training and distillation: the objective differs
 (``RectifiedFlow`` here, ``LatentConsistencyDistillation`` in flows/distill.py), the
-machinery is shared: Ray Data shards per worker (one aspect-ratio bucket per batch), DDP or
+machinery is shared: the shards per worker (``flows/shard_reader.py``: one aspect-ratio
+bucket per batch, small buckets held in memory, large ones streamed by Ray Data), DDP or
 FSDP, AdamW + warmup/cosine, clipping, EMA, gradient accumulation, checkpoints through
 ``ray.train.report`` (resumable, restarted by ``FailureConfig``), metrics, sample grids, and
 a diffusers bundle at the end.
@@ -19,7 +20,6 @@ import io
 import json
 import math
 import os
-import random
 import shutil
 import tempfile
 import time
@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 import ray.train
@@ -55,9 +54,17 @@ from torch.distributed.checkpoint.state_dict import (
 from cluster.bundles import resolve_bundle
 from cluster.ray_runtime import init_ray
 from cluster.storage import Storage, is_s3, join
+from flows.shard_reader import (
+    Bucket,
+    BucketStream,
+    bucket_datasets,
+    embeddings_and_latents,
+    read_buckets,
+    read_worker_rows,
+)
 from schemas.config import ConfigError, LoopConfig, TrainConfig
 from schemas.errors import RaygenError
-from schemas.shards import Manifest
+from schemas.shards import MANIFEST_NAME, BucketKey, Manifest
 
 # Ray Train keeps its run state (checkpoints, snapshot) under <output>/<RUN_NAME>.
 RUN_NAME = "ray-train"
@@ -72,15 +79,6 @@ class TrainingError(RaygenError):
 # ----------------------------------------------------------------------------------------
 # The plan: what the driver checks and hands to every worker.
 # ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Bucket:
-    name: str  # "64x64" or "9x80x48" (frames x height x width), as prep named it
-    files: list[str]
-    num_rows: int
-    latent_shape: tuple[int, ...]  # (C, h, w) or (C, f, h, w)
-    batches_per_epoch: int = 0  # per worker
 
 
 @dataclass
@@ -101,7 +99,7 @@ class RunPlan:
 
 
 def plan_run(config: LoopConfig, bundle_uri: str, storage: Storage) -> RunPlan:
-    manifest_uri = join(config.data, "manifest.json")
+    manifest_uri = join(config.data, MANIFEST_NAME)
     if not storage.exists(manifest_uri):
         raise ConfigError(f"data: no {manifest_uri}: run `raygen prep` into {config.data} first")
     manifest = Manifest.model_validate_json(storage.read_bytes(manifest_uri))
@@ -120,7 +118,7 @@ def plan_run(config: LoopConfig, bundle_uri: str, storage: Storage) -> RunPlan:
     elif isinstance(config, TrainConfig) and config.transformer_config:
         raise ConfigError("transformer_config: only used with init: scratch")
 
-    buckets = _read_buckets(config.data, manifest, media, storage)
+    buckets = read_buckets(config.data, manifest, media, storage)
     if not buckets:
         raise ConfigError(
             f"data: {config.data} has no {media} shards (buckets: {sorted(manifest.buckets)}); "
@@ -137,9 +135,10 @@ def plan_run(config: LoopConfig, bundle_uri: str, storage: Storage) -> RunPlan:
         )
     batch_per_worker = config.batch_size // world
     for bucket in buckets.values():
-        # streaming_split(equal=True) gives each worker num_rows // num_workers rows; every
-        # worker then draws the same number of full batches from each bucket.
+        # Each worker gets num_rows // num_workers rows (held, or a streaming split with
+        # equal=True); every worker then draws the same number of full batches from each bucket.
         bucket.batches_per_epoch = bucket.num_rows // config.num_workers // batch_per_worker
+        bucket.in_memory = bucket.num_bytes <= config.in_memory_bucket_bytes
     usable = {name: b for name, b in buckets.items() if b.batches_per_epoch}
     if not usable:
         rows = {name: b.num_rows for name, b in buckets.items()}
@@ -166,34 +165,6 @@ def plan_run(config: LoopConfig, bundle_uri: str, storage: Storage) -> RunPlan:
     _check_text_widths(plan, transformer_config, transformer_class)
     plan.sample_bucket, plan.samples = _sample_rows(plan, config.num_samples, storage)
     return plan
-
-
-def _read_buckets(data: str, manifest: Manifest, media: str, storage: Storage) -> dict[str, Bucket]:
-    ndim = 2 if media == "image" else 3
-    buckets = {}
-    for name in sorted(manifest.buckets):
-        if len(name.split("x")) != ndim:
-            continue
-        files = sorted(
-            f for f in storage.list(join(data, "shards", name)) if f.endswith(".parquet")
-        )
-        if not files:
-            raise ConfigError(
-                f"data: the manifest lists bucket {name} but {data}/shards/{name} is empty"
-            )
-        fs, path = storage.filesystem(files[0])
-        schema = pq.read_schema(path, filesystem=fs)
-        if "prompt_embeds_original" not in schema.names:
-            raise ConfigError(
-                f"data: {data} holds tokens only (prep encode.text: tokens); training reads "
-                f"text embeddings: re-run prep with encode.text: embeddings"
-            )
-        latent_type = schema.field("latent_mean").type
-        num_rows = sum(
-            pq.read_metadata(storage.filesystem(f)[1], filesystem=fs).num_rows for f in files
-        )
-        buckets[name] = Bucket(name, files, num_rows, tuple(latent_type.shape))
-    return buckets
 
 
 def _check_shapes(
@@ -241,111 +212,7 @@ def _sample_rows(
     bucket = max(plan.buckets.values(), key=lambda b: b.num_rows)
     fs, path = storage.filesystem(bucket.files[0])
     table = pq.read_table(path, filesystem=fs).slice(0, num_samples)
-    return bucket.name, {k: v for k, v in _embeddings_and_latents(table).items() if k != "latents"}
-
-
-# ----------------------------------------------------------------------------------------
-# Data: Arrow shards -> numpy batches, one bucket per batch.
-# ----------------------------------------------------------------------------------------
-
-
-def _tensor_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """A fixed-shape tensor column as (values, present): null rows come back as zeros."""
-    column = table.column(name).combine_chunks()
-    shape = column.type.shape
-    storage = column.storage
-    values = storage.values.to_numpy(zero_copy_only=False).reshape(len(column), *shape)
-    return values.astype(np.float32, copy=False), ~storage.is_null().to_numpy(zero_copy_only=False)
-
-
-def _embeddings_and_latents(table: pa.Table) -> dict[str, np.ndarray]:
-    batch = {"latents": _tensor_column(table, "latent_mean")[0]}
-    for kind in ("original", "synthetic"):
-        batch[f"prompt_embeds_{kind}"], batch[f"has_{kind}"] = _tensor_column(
-            table, f"prompt_embeds_{kind}"
-        )
-        if f"pooled_prompt_embeds_{kind}" in table.column_names:
-            batch[f"pooled_prompt_embeds_{kind}"] = _tensor_column(
-                table, f"pooled_prompt_embeds_{kind}"
-            )[0]
-    return batch
-
-
-def bucket_datasets(plan: RunPlan, storage: Storage) -> dict[str, ray.data.Dataset]:
-    """One dataset per bucket: a batch never mixes latent shapes."""
-    datasets = {}
-    for bucket in plan.buckets.values():
-        fs, _ = storage.filesystem(bucket.files[0])
-        paths = [storage.filesystem(f)[1] for f in bucket.files]
-        # Tasks, not actors, and a quarter CPU each: the training workers hold most CPUs and
-        # an actor pool per bucket would reserve what the reads need.
-        ds = ray.data.read_parquet(paths, filesystem=fs, num_cpus=0.25)
-        datasets[bucket.name] = ds.map_batches(
-            _embeddings_and_latents, batch_format="pyarrow", num_cpus=0.25
-        )
-    return datasets
-
-
-class BucketStream:
-    """Batches from several buckets, one bucket per batch.
-
-    Every worker draws the same bucket sequence (shuffled per epoch from the run seed), so the
-    workers of one step hold batches of one shape and every bucket's streaming split advances
-    on all workers together. The position in that sequence is the data position a checkpoint
-    records; resuming skips exactly the batches already consumed in the epoch.
-    """
-
-    def __init__(self, shards: dict[str, Any], plan: RunPlan, seed: int, shuffle_buffer: int):
-        self.shards = shards
-        self.counts = {name: b.batches_per_epoch for name, b in plan.buckets.items()}
-        self.batch_size = plan.batch_per_worker
-        self.seed = seed
-        self.shuffle_buffer = shuffle_buffer
-        self.epoch = 0
-        self.position = 0
-        self._order: list[str] = self._schedule(0)
-        self._iters: dict[str, Iterator[dict[str, np.ndarray]]] = {}
-
-    def _schedule(self, epoch: int) -> list[str]:
-        order = [name for name, count in self.counts.items() for _ in range(count)]
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return order
-
-    def _iter(self, name: str) -> Iterator[dict[str, np.ndarray]]:
-        if name not in self._iters:
-            self._iters[name] = iter(
-                self.shards[name].iter_batches(
-                    batch_size=self.batch_size,
-                    batch_format="numpy",
-                    drop_last=True,
-                    local_shuffle_buffer_size=self.shuffle_buffer or None,
-                    local_shuffle_seed=self.seed * 1_000_003 + self.epoch,
-                )
-            )
-        return self._iters[name]
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        if self.position == len(self._order):
-            for iterator in self._iters.values():
-                for _ in iterator:  # end the epoch of every split before starting another
-                    pass
-            self._iters.clear()
-            self.epoch += 1
-            self.position = 0
-            self._order = self._schedule(self.epoch)
-        name = self._order[self.position]
-        self.position += 1
-        batch = next(self._iter(name), None)
-        assert batch is not None, f"bucket {name} ran out before its {self.counts[name]} batches"
-        return batch
-
-    def seek(self, epoch: int, position: int) -> None:
-        """Continue where a checkpoint left off: same epoch, its consumed batches skipped."""
-        self.epoch, self._order, self.position = epoch, self._schedule(epoch), 0
-        for name, count in Counter(self._order[:position]).items():
-            for _ in range(count):
-                next(self._iter(name))
-        self.position = position
+    return bucket.name, {k: v for k, v in embeddings_and_latents(table).items() if k != "latents"}
 
 
 # ----------------------------------------------------------------------------------------
@@ -616,8 +483,23 @@ def train_loop(args: dict[str, Any]) -> None:
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     )
 
-    shards = {name: ray.train.get_dataset_shard(name) for name in plan.buckets}
-    stream = BucketStream(shards, plan, config.seed, config.shuffle_buffer)
+    # Small buckets read here, once, before the first step's clock starts.
+    num_workers = ray.train.get_context().get_world_size()
+    storage = Storage(config.storage)
+    held = {
+        name: read_worker_rows(bucket, storage, rank, num_workers)
+        for name, bucket in plan.buckets.items()
+        if bucket.in_memory
+    }
+    streams = {
+        name: ray.train.get_dataset_shard(name)
+        for name, bucket in plan.buckets.items()
+        if not bucket.in_memory
+    }
+    stream = BucketStream(
+        plan.buckets, streams, held, plan.batch_per_worker, config.seed, config.shuffle_buffer,
+        rank=rank,
+    )  # fmt: skip
     step = 0
     # Metric records not yet sent to the driver, and when the last report went.
     records: list[dict[str, Any]] = []
@@ -839,13 +721,13 @@ def sample_grid(
         kwargs["negative_pooled_prompt_embeds"] = (
             torch.from_numpy(plan.empty_prompt["pooled_prompt_embeds"]).expand(n, -1).to(device)
         )
-    sizes = [int(s) for s in plan.sample_bucket.split("x")]
-    if plan.media == "video":
-        kwargs["num_frames"] = sizes[0]
+    bucket = BucketKey.parse(plan.sample_bucket)
+    if bucket.num_frames is not None:
+        kwargs["num_frames"] = bucket.num_frames
     out = pipe(
         **kwargs,
-        height=sizes[-2],
-        width=sizes[-1],
+        height=bucket.height,
+        width=bucket.width,
         num_inference_steps=config.sample_steps,
         guidance_scale=config.sample_guidance_scale,
         generator=torch.Generator(device).manual_seed(config.seed),
@@ -1022,7 +904,7 @@ def run_loop(
             checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoints_to_keep),
             callbacks=[MetricsLog(config.output, storage, config.max_steps, history)],
         ),
-        datasets=bucket_datasets(plan, storage),
+        datasets=bucket_datasets(plan.buckets, storage),
     )
     result = trainer.fit()
     metrics = ((result.metrics or {}).get("records") or [{}])[-1]

@@ -221,7 +221,18 @@ class LoopConfig(Config):
     caption: Literal["original", "synthetic", "mix"] = Field(
         default="mix", description="which caption's embeddings; mix: synthetic half the time"
     )
-    shuffle_buffer: int = Field(default=64, ge=0, description="rows in the local shuffle buffer")
+    shuffle_buffer: int = Field(
+        default=64, ge=0, description="rows in the local shuffle buffer (streamed buckets)"
+    )
+    in_memory_bucket_bytes: int = Field(
+        default=512 * 2**20,
+        ge=0,
+        description=(
+            "a bucket whose shards hold at most this many bytes (uncompressed) is read once, "
+            "each worker holding its share in memory, and reshuffled there every epoch; larger "
+            "buckets stream through Ray Data. 0: stream every bucket"
+        ),
+    )
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     ema_decay: float = Field(default=0.999, ge=0, lt=1)
     checkpoint_every: int = Field(default=10, ge=1)

@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from schemas.shards import BucketKey
+
 
 def image_pixels(width: int, height: int, seed: int) -> np.ndarray:
     """A smooth random colour field: (H, W, 3) uint8."""
@@ -37,7 +39,8 @@ def decoded_row(
     media_kind = "video" if pixels.ndim == 4 else "image"
     height, width = pixels.shape[-3:-1]
     original_height, original_width = original_size or (height, width)
-    bucket = f"{width}x{height}" if media_kind == "image" else f"{len(pixels)}x{width}x{height}"
+    frames = None if media_kind == "image" else len(pixels)
+    bucket = str(BucketKey(height=int(height), width=int(width), num_frames=frames))
     return {
         "sample_id": sample_id,
         "source_uri": f"file:///corpus/{sample_id}",

@@ -10,7 +10,7 @@ from transformers import AutoProcessor, BlipForConditionalGeneration
 from actors.batches import rows_to_batch
 from actors.captioner import Captioner
 from flows.models import build_tiny_bundles
-from schemas.config import CaptionConfig, ModelRef, PrepConfig
+from schemas.config import CaptionConfig, ModelRef, StorageConfig
 from tests.actors.rows import clip_pixels, decoded_row, image_pixels, quarantined_row
 
 PROMPT = "a photo of"
@@ -40,11 +40,10 @@ def sighted_captioner(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return target
 
 
-def prep_config(bundle: Path | None, prompt: str | None = None) -> PrepConfig:
+def make_captioner(bundle: Path | None, prompt: str | None = None) -> Captioner:
     model = ModelRef(uri=str(bundle)) if bundle is not None else None
-    return PrepConfig(
-        caption=CaptionConfig(model=model, prompt=prompt, max_new_tokens=MAX_NEW_TOKENS)
-    )
+    config = CaptionConfig(model=model, prompt=prompt, max_new_tokens=MAX_NEW_TOKENS)
+    return Captioner(config, StorageConfig())
 
 
 def reference_captions(bundle: Path, frames: list[np.ndarray], prompt: str | None) -> list[str]:
@@ -65,7 +64,7 @@ def test_captions_equal_greedy_generate_and_repeat(sighted_captioner: Path) -> N
         quarantined_row("broken"),
         decoded_row("wide", image_pixels(48, 32, seed=2)),
     ]
-    captioner = Captioner(prep_config(sighted_captioner))
+    captioner = make_captioner(sighted_captioner)
 
     out = captioner(rows_to_batch(rows))
 
@@ -82,12 +81,12 @@ def test_captions_equal_greedy_generate_and_repeat(sighted_captioner: Path) -> N
 def test_prompt_prefix_conditions_and_is_stripped(sighted_captioner: Path) -> None:
     rows = [decoded_row("square", image_pixels(32, 32, seed=1))]
 
-    out = Captioner(prep_config(sighted_captioner, PROMPT))(rows_to_batch(rows))
+    out = make_captioner(sighted_captioner, PROMPT)(rows_to_batch(rows))
 
     (full,) = reference_captions(sighted_captioner, [rows[0]["pixels"][0]], PROMPT)
     assert full.startswith(PROMPT + " ")
     assert out["caption_synthetic"][0] == full.removeprefix(PROMPT).strip()
-    unconditional = Captioner(prep_config(sighted_captioner))(rows_to_batch(rows))
+    unconditional = make_captioner(sighted_captioner)(rows_to_batch(rows))
     assert out["caption_synthetic"][0] != unconditional["caption_synthetic"][0]
 
 
@@ -99,7 +98,7 @@ def test_clip_caption_is_middle_frame_then_distinct_first_and_last(
     still = np.stack([image_pixels(32, 32, seed=4)] * 5)
     rows = [decoded_row("moving", clip), decoded_row("still", still)]
 
-    out = Captioner(prep_config(sighted_captioner))(rows_to_batch(rows))
+    out = make_captioner(sighted_captioner)(rows_to_batch(rows))
 
     middle, first, last, still_caption = reference_captions(
         sighted_captioner, [clip[4], clip[0], clip[8], still[2]], None
@@ -111,7 +110,7 @@ def test_clip_caption_is_middle_frame_then_distinct_first_and_last(
 
 def test_no_model_passes_rows_through() -> None:
     rows = [decoded_row("square", image_pixels(32, 32, seed=1)), quarantined_row("broken")]
-    captioner = Captioner(prep_config(None))
+    captioner = make_captioner(None)
     assert captioner.model is None
 
     out = captioner(rows_to_batch(rows))

@@ -23,6 +23,7 @@ from cluster.storage import Storage
 from flows.samples import build_broken_files, build_sample_corpus, write_frames
 from schemas.config import BucketConfig, PrepConfig
 from schemas.errors import RaygenError
+from schemas.shards import BucketKey
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
@@ -34,7 +35,8 @@ def item_batch(items: list[dict]) -> dict[str, np.ndarray]:
 def decode_folder(folder: Path, **config) -> dict[str, dict]:
     """Fetch + decode every input under ``folder``; rows keyed by file name (a clip: "name-cK")."""
     prep = PrepConfig(input=str(folder), **config)
-    decoded = MediaDecoder(prep)(FetchMedia(prep)(item_batch(list_inputs(prep, Storage()))))
+    fetched = FetchMedia(prep.decode, prep.storage)(item_batch(list_inputs(prep, Storage())))
+    decoded = MediaDecoder(prep.decode, prep.buckets)(fetched)
     rows = {}
     for index, (uri, sample_id) in enumerate(
         zip(decoded["source_uri"], decoded["sample_id"], strict=True)
@@ -111,6 +113,18 @@ def test_nearest_bucket_and_center_crop_on_a_known_case():
     assert math.isclose(width / height, 64 / 64)
 
 
+def test_non_square_buckets_are_named_height_by_width(tmp_path):
+    """A wide image lands in a wide bucket whose name reads like its pixels' (H, W)."""
+    Image.new("RGB", (128, 64), RED).save(tmp_path / "wide.png")
+    Image.new("RGB", (64, 128), BLUE).save(tmp_path / "tall.png")
+    rows = decode_folder(tmp_path)
+    assert rows["wide.png"]["pixels"].shape == (1, 48, 80, 3)  # (F, H, W, 3)
+    assert rows["wide.png"]["bucket"] == "48x80"
+    assert BucketKey.parse(rows["wide.png"]["bucket"]) == BucketKey(height=48, width=80)
+    assert rows["tall.png"]["pixels"].shape == (1, 80, 48, 3)
+    assert rows["tall.png"]["bucket"] == "80x48"
+
+
 # ---- images ------------------------------------------------------------------------------
 
 
@@ -126,7 +140,8 @@ def test_every_broken_file_gets_its_reason_and_the_unusual_ones_decode(broken):
             assert row["detail"], name
         else:
             assert row["pixels"].dtype == np.uint8 and row["pixels"].shape[0] == 1
-            assert row["bucket"] == f"{row['pixels'].shape[2]}x{row['pixels'].shape[1]}"
+            _, height, width, _ = row["pixels"].shape
+            assert BucketKey.parse(row["bucket"]) == BucketKey(height=height, width=width)
     assert "decode.min_side" in rows["broken_tiny.png"]["detail"]
 
 
@@ -187,7 +202,7 @@ def test_video_sampled_at_target_fps_into_fixed_windows(tmp_path):
     assert sorted(rows) == ["ramp.mp4-c0", "ramp.mp4-c1", "ramp.mp4-c2"]
     for clip in range(3):
         row = rows[f"ramp.mp4-c{clip}"]
-        assert row["pixels"].shape == (5, 48, 80, 3) and row["bucket"] == "5x80x48"
+        assert row["pixels"].shape == (5, 48, 80, 3) and row["bucket"] == "5x48x80"
         assert (row["original_width"], row["original_height"]) == (64, 48)
         assert tuple(row["crop_box"]) == (5, 0, 38, 64)
         assert row["source_rows"] == 3 and row["caption_original"] == "a fading screen"
@@ -223,11 +238,11 @@ def test_shot_boundary_starts_a_new_clip(tmp_path):
 def test_fetch_reasons_and_extra_columns_pass_through(tmp_path):
     Image.new("RGB", (32, 32), "red").save(tmp_path / "a.png")
     prep = PrepConfig(input=str(tmp_path))
-    fetched = FetchMedia(prep)(item_batch(list_inputs(prep, Storage())))
+    fetched = FetchMedia(prep.decode, prep.storage)(item_batch(list_inputs(prep, Storage())))
     fetched = {name: np.concatenate([values, values]) for name, values in fetched.items()}
     fetched["reason"][1], fetched["detail"][1] = "too_large", "too many bytes"
     fetched["seconds_fetch"] = np.array([0.5, 0.25])
-    decoded = MediaDecoder(prep)(fetched)
+    decoded = MediaDecoder(prep.decode, prep.buckets)(fetched)
     assert list(decoded["status"]) == ["ok", "quarantined"]
     assert list(decoded["reason"]) == ["", "too_large"]
     assert decoded["detail"][1] == "too many bytes"
@@ -246,7 +261,9 @@ def corpus(tmp_path_factory) -> Path:
 def test_columns_survive_a_ray_data_pipeline(corpus, ray_local):
     prep = PrepConfig(input=str(corpus), decode={"video_num_frames": 5})
     items = list_inputs(prep, Storage())
-    expected = MediaDecoder(prep)(FetchMedia(prep)(item_batch(items)))
+    fetch_kwargs = {"config": prep.decode, "storage": prep.storage}
+    decode_kwargs = {"config": prep.decode, "bucket_config": prep.buckets}
+    expected = MediaDecoder(**decode_kwargs)(FetchMedia(**fetch_kwargs)(item_batch(items)))
 
     # Small batches make blocks whose captions are all None, which Ray hands to the next
     # stage as float NaN: both stages must still read them as "no caption".
@@ -255,14 +272,14 @@ def test_columns_survive_a_ray_data_pipeline(corpus, ray_local):
         ray.data.from_items(items)
         .map_batches(
             FetchMedia,
-            fn_constructor_kwargs={"config": prep},
+            fn_constructor_kwargs=fetch_kwargs,
             compute=actors,
             batch_size=2,
             batch_format="numpy",
         )
         .map_batches(
             MediaDecoder,
-            fn_constructor_kwargs={"config": prep},
+            fn_constructor_kwargs=decode_kwargs,
             compute=actors,
             batch_size=1,
             batch_format="numpy",

@@ -2,6 +2,7 @@
 encode, mixed batches, tokens mode, and the three model stages through real Ray Data."""
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -33,6 +34,16 @@ def prep_config(bundles: dict[str, Path], **encode) -> PrepConfig:
         caption=CaptionConfig(model=ModelRef(uri=str(bundles["captioner"])), max_new_tokens=6),
         encode=EncodeConfig(max_sequence_length=MAX_SEQUENCE_LENGTH, **encode),
     )
+
+
+def stage_kwargs(config: PrepConfig) -> dict[str, Any]:
+    """What prep hands TextEncoder and LatentEncoder: the encode section and the bundles."""
+    return {
+        "config": config.encode,
+        "bundle": config.bundle,
+        "video_bundle": config.video_bundle,
+        "storage": config.storage,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +102,7 @@ def test_text_embeddings_equal_the_pipelines_encode_prompt(
 ) -> None:
     rows = mixed_rows()
 
-    out = TextEncoder(config)(rows_to_batch(rows))
+    out = TextEncoder(**stage_kwargs(config))(rows_to_batch(rows))
 
     for kind in ("original", "synthetic"):
         embeds, pooled = out[f"prompt_embeds_{kind}"], out[f"pooled_prompt_embeds_{kind}"]
@@ -116,7 +127,7 @@ def test_latents_equal_the_vaes_encode(
 ) -> None:
     rows = mixed_rows()
 
-    out = LatentEncoder(config)(rows_to_batch(rows))
+    out = LatentEncoder(**stage_kwargs(config))(rows_to_batch(rows))
 
     assert list(out["sample_id"]) == [row["sample_id"] for row in rows]
     # Images are one frame in flight, like their pixels: (C, 1, h, w).
@@ -150,7 +161,7 @@ def test_latents_equal_the_vaes_encode(
 
 def test_latent_std_only_when_configured(bundles: dict[str, Path]) -> None:
     rows = [decoded_row("square", image_pixels(32, 32, seed=1))]
-    out = LatentEncoder(prep_config(bundles))(rows_to_batch(rows))
+    out = LatentEncoder(**stage_kwargs(prep_config(bundles)))(rows_to_batch(rows))
     assert out["latent_mean"][0].shape == (16, 1, 4, 4)
     assert "latent_std" not in out
 
@@ -159,7 +170,7 @@ def test_an_image_as_one_frame_or_as_a_plain_array_encodes_alike(config: PrepCon
     row = decoded_row("square", image_pixels(32, 32, seed=1))  # (1, H, W, 3), as decode gives
     plain = {**row, "pixels": row["pixels"][0]}  # (H, W, 3)
     two_frames = {**row, "pixels": np.concatenate([row["pixels"]] * 2)}
-    encoder = LatentEncoder(config)
+    encoder = LatentEncoder(**stage_kwargs(config))
 
     framed, unframed = (encoder(rows_to_batch([r]))["latent_mean"][0] for r in (row, plain))
 
@@ -172,7 +183,7 @@ def test_tokens_mode_stores_what_the_encoders_read(
     bundles: dict[str, Path], sd3: StableDiffusion3Pipeline, wan: WanPipeline
 ) -> None:
     rows = mixed_rows()
-    encoder = TextEncoder(prep_config(bundles, text="tokens"))
+    encoder = TextEncoder(**stage_kwargs(prep_config(bundles, text="tokens")))
     assert encoder.pipes["image"].text_encoder is None  # tokenizers only
 
     out = encoder(rows_to_batch(rows))
@@ -242,8 +253,8 @@ def test_empty_prompt_embeddings_and_vae_factors(
 def test_inputs_the_vae_cannot_take_are_errors(
     config: PrepConfig, bundles: dict[str, Path]
 ) -> None:
-    encoder = LatentEncoder(config)
-    with pytest.raises(ValueError, match="image bucket 20x24: sides must be multiples of"):
+    encoder = LatentEncoder(**stage_kwargs(config))
+    with pytest.raises(ValueError, match="image bucket 24x20: sides must be multiples of"):
         encoder(rows_to_batch([decoded_row("odd", image_pixels(20, 24, seed=1))]))
     with pytest.raises(ValueError, match=r"needs sides that are multiples of 8 and 4k\+1 frames"):
         encoder(rows_to_batch([decoded_row("clip", clip_pixels(4, 16, 16, seed=1))]))
@@ -251,9 +262,9 @@ def test_inputs_the_vae_cannot_take_are_errors(
     images_only = prep_config(bundles).model_copy(update={"video_bundle": None})
     clip = rows_to_batch([decoded_row("clip", clip_pixels(5, 16, 16, seed=1))])
     with pytest.raises(ValueError, match="clip: a video row but config.video_bundle is null"):
-        LatentEncoder(images_only)(clip)
+        LatentEncoder(**stage_kwargs(images_only))(clip)
     with pytest.raises(ValueError, match="clip: a video row but config.video_bundle is null"):
-        TextEncoder(images_only)(clip)
+        TextEncoder(**stage_kwargs(images_only))(clip)
 
 
 def test_stages_run_in_ray_data(
@@ -270,17 +281,17 @@ def test_stages_run_in_ray_data(
     ]
     tokens_config = prep_config(bundles, text="tokens")
     stages = [
-        (Captioner, config),
-        (TextEncoder, config),
-        (TextEncoder, tokens_config),
-        (LatentEncoder, config),
+        (Captioner, {"config": config.caption, "storage": config.storage}),
+        (TextEncoder, stage_kwargs(config)),
+        (TextEncoder, stage_kwargs(tokens_config)),
+        (LatentEncoder, stage_kwargs(config)),
     ]
 
     ds = ray.data.from_items(rows)
-    for stage, stage_config in stages:
+    for stage, kwargs in stages:
         ds = ds.map_batches(
             stage,
-            fn_constructor_kwargs={"config": stage_config},
+            fn_constructor_kwargs=kwargs,
             batch_format="numpy",
             batch_size=2,
             compute=ray.data.ActorPoolStrategy(size=1),
@@ -303,8 +314,8 @@ def test_stages_run_in_ray_data(
         arrow_type = str(schema.types[schema.names.index(name)]).lower()
         assert "tensor" in arrow_type and "pickled" not in arrow_type, (name, arrow_type)
     batch = rows_to_batch(rows)
-    for stage, stage_config in stages:
-        batch = stage(stage_config)(batch)
+    for stage, kwargs in stages:
+        batch = stage(**kwargs)(batch)
     for row in got:
         index = list(batch["sample_id"]).index(row["sample_id"])
         assert row["caption_synthetic"] == batch["caption_synthetic"][index]

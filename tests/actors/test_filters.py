@@ -11,7 +11,7 @@ from transformers import AutoModelForImageClassification, AutoProcessor, CLIPMod
 from actors.batches import rows_to_batch
 from actors.filters import Filters
 from flows.models import build_tiny_bundles
-from schemas.config import FilterConfig, ModelRef, PrepConfig
+from schemas.config import FilterConfig, ModelRef, StorageConfig
 from tests.actors.rows import clip_pixels, decoded_row, image_pixels, quarantined_row
 
 
@@ -22,15 +22,15 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     )
 
 
-def prep_config(bundles: dict[str, Path], **filters) -> PrepConfig:
+def make_filters(bundles: dict[str, Path], **filters) -> Filters:
     refs = {name: ModelRef(uri=str(bundles[name])) for name in ("scorer", "aesthetic", "nsfw")}
-    return PrepConfig(filters=FilterConfig(**{**refs, **filters}))
+    return Filters(FilterConfig(**{**refs, **filters}), StorageConfig())
 
 
 @pytest.fixture(scope="module")
 def scoring(bundles: dict[str, Path]) -> Filters:
     """Every model, no threshold: scores only."""
-    return Filters(prep_config(bundles))
+    return make_filters(bundles)
 
 
 def mixed_rows() -> list[dict]:
@@ -105,7 +105,7 @@ def test_thresholds_filter_with_the_first_failing_reason(
     ugly, *others = sorted(aesthetic, key=aesthetic.get)
     nsfw = {i: float(scores["nsfw_score"][i]) for i in others}
     clean, unsafe = sorted(nsfw, key=nsfw.get)
-    config = prep_config(
+    filters = make_filters(
         bundles,
         min_resolution=32,
         min_clip_score=float(scores["clip_score"][1]) + 0.01,
@@ -113,7 +113,7 @@ def test_thresholds_filter_with_the_first_failing_reason(
         max_nsfw_score=(nsfw[clean] + nsfw[unsafe]) / 2,
     )
 
-    out = Filters(config)(rows_to_batch(rows))
+    out = filters(rows_to_batch(rows))
 
     reasons = {out["sample_id"][i]: out["reason"][i] for i in range(len(rows))}
     assert reasons["small"] == "min_resolution"
@@ -132,11 +132,11 @@ def test_thresholds_filter_with_the_first_failing_reason(
 
 def test_config_mistakes_are_errors(bundles: dict[str, Path]) -> None:
     with pytest.raises(ValueError, match="filters.min_clip_score is set but filters.scorer"):
-        Filters(PrepConfig(filters=FilterConfig(scorer=None, min_clip_score=0.2)))
+        Filters(FilterConfig(scorer=None, min_clip_score=0.2), StorageConfig())
     with pytest.raises(ValueError, match="num_labels=2"):
-        Filters(prep_config(bundles, aesthetic=ModelRef(uri=str(bundles["nsfw"]))))
+        make_filters(bundles, aesthetic=ModelRef(uri=str(bundles["nsfw"])))
     with pytest.raises(ValueError, match="'nsfw' in id2label"):
-        Filters(prep_config(bundles, nsfw=ModelRef(uri=str(bundles["aesthetic"]))))
+        make_filters(bundles, nsfw=ModelRef(uri=str(bundles["aesthetic"])))
 
 
 def test_pixels_that_are_not_uint8_rgb_are_an_error(scoring: Filters) -> None:

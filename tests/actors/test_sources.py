@@ -29,7 +29,7 @@ def item_batch(items: list[dict]) -> dict[str, np.ndarray]:
 
 
 def fetch(config: PrepConfig, items: list[dict]) -> dict[str, np.ndarray]:
-    return FetchMedia(config)(item_batch(items))
+    return FetchMedia(config.decode, config.storage)(item_batch(items))
 
 
 def by_name(rows: dict[str, np.ndarray], root: str) -> dict[str, dict]:

@@ -27,6 +27,7 @@ from flows.models import build_tiny_bundles
 from flows.prep import run_prep
 from flows.samples import build_broken_files, build_sample_corpus
 from schemas.config import PrepConfig, load_config
+from schemas.shards import BucketKey
 
 REPO = Path(__file__).parents[2]
 pytestmark = pytest.mark.slow
@@ -102,9 +103,11 @@ def test_every_valid_input_written_and_every_broken_one_quarantined(local_run, c
     assert {row["media_kind"] for row in rows.values()} == {"image", "video"}
     for row in rows.values():
         # Images (C, h, w), clips (C, f, h, w); the bucket names the pixels they came from.
-        sizes = [int(n) for n in row["bucket"].split("x")]
+        key = BucketKey.parse(row["bucket"])
+        assert key.media_kind == row["media_kind"]
         assert row["latent_mean"].ndim == (3 if row["media_kind"] == "image" else 4)
-        assert row["latent_mean"].shape[-1] * 8 == sizes[-2]  # width / VAE factor
+        # (C, (f,) h, w): the VAE's 8x downscale of the bucket's height and width.
+        assert row["latent_mean"].shape[-2:] == (key.height // 8, key.width // 8)
     manifest_file = json.loads((output / "manifest.json").read_text())
     assert manifest_file["num_written"] == manifest.num_written
     assert manifest_file["vae"]["image"]["scaling_factor"] == pytest.approx(1.5305)
@@ -133,8 +136,8 @@ def test_stored_latents_and_embeddings_match_diffusers(local_run, bundles):
 
     # The same preprocessing the flow ran, then the bundle VAE's own encode.
     items = [item for item in list_inputs(config, Storage(config.storage)) if source.startswith(item["item_uri"])]
-    fetched = FetchMedia(config)({k: np.array([item[k] for item in items], dtype=object) for k in items[0]})
-    decoded = MediaDecoder(config)(fetched)
+    fetched = FetchMedia(config.decode, config.storage)({k: np.array([item[k] for item in items], dtype=object) for k in items[0]})
+    decoded = MediaDecoder(config.decode, config.buckets)(fetched)
     index = list(decoded["source_uri"]).index(source)
     pixels = torch.from_numpy(np.asarray(decoded["pixels"][index], dtype=np.float32))
     pixels = (pixels / 127.5 - 1.0).permute(0, 3, 1, 2)  # (1, H, W, 3) -> (1, 3, H, W)

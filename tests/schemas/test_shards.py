@@ -1,8 +1,9 @@
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
-from schemas.shards import Manifest, shard_schema
+from schemas.shards import BucketKey, Manifest, shard_schema
 
 
 def _rows(num_rows: int, latent_shape, embeds_shape, pooled_shape) -> pa.Table:
@@ -18,7 +19,7 @@ def _rows(num_rows: int, latent_shape, embeds_shape, pooled_shape) -> pa.Table:
         "original_height": [96] * num_rows,
         "original_width": [64] * num_rows,
         "crop_box": [[0, 0, 96, 64]] * num_rows,
-        "bucket": ["64x96"] * num_rows,
+        "bucket": [str(BucketKey(height=96, width=64))] * num_rows,
         "caption_original": ["a cat"] * num_rows,
         "caption_synthetic": [None] * num_rows,
         "latent_mean": pa.FixedShapeTensorArray.from_numpy_ndarray(latents),
@@ -65,3 +66,15 @@ def test_manifest_json_round_trip():
         vae={"image": {"scaling_factor": 1.5305, "shift_factor": 0.0609}},
     )
     assert Manifest.model_validate_json(manifest.model_dump_json()) == manifest
+
+
+def test_bucket_key_has_one_format_and_one_parser():
+    wide, clip = BucketKey(height=48, width=80), BucketKey(height=48, width=80, num_frames=9)
+    # Height before width, like the pixel and latent axes (F, H, W) / (C, f, h, w).
+    assert (str(wide), str(clip)) == ("48x80", "9x48x80")
+    assert (wide.media_kind, clip.media_kind) == ("image", "video")
+    for key in (wide, clip, BucketKey(64, 64)):
+        assert BucketKey.parse(str(key)) == key
+    for name in ("", "48", "48x", "48x80x9x9", "ax80", "0x80", "-4x80", "48X80"):
+        with pytest.raises(ValueError, match=f"bucket {name!r}: expected HEIGHTxWIDTH"):
+            BucketKey.parse(name)
