@@ -47,7 +47,8 @@ def _pil_image_formats() -> tuple[dict[str, str], dict[str, str]]:
         factory = Image.OPEN[pil_format][0]
         is_stub = isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile)
         codec = PIL_CODECS.get(pil_format)
-        usable = not (is_stub or pil_format in PIL_HEADER_ONLY or (codec and not features.check(codec)))
+        lacks_codec = codec is not None and not features.check(codec)
+        usable = not (is_stub or pil_format in PIL_HEADER_ONLY or lacks_codec)
         (readable if usable else missing)[name] = pil_format
     return readable, missing
 
