@@ -135,6 +135,51 @@ def ray_stage(cls: type, stage: str) -> type:
     return RayStage
 
 
+def task_stage(cls: type) -> Any:
+    """``cls`` (a stage that holds no model) as a Ray Data task function: the object is built
+    per batch, which costs microseconds, so the stage runs on Ray's pooled workers instead of
+    starting an actor process of its own."""
+
+    def run(batch: dict[str, np.ndarray], **kwargs: Any) -> dict[str, np.ndarray]:
+        return cls(**kwargs)(batch)
+
+    run.__name__ = run.__qualname__ = cls.__name__
+    return run
+
+
+def _split(batch: dict[str, np.ndarray], size: int) -> list[dict[str, np.ndarray]]:
+    num_rows = len(batch["sample_id"])
+    return [
+        {name: column[start : start + size] for name, column in batch.items()}
+        for start in range(0, max(num_rows, 1), size)
+    ]
+
+
+def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if len(parts) == 1:
+        return parts[0]
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
+class ModelStages:
+    """Several model stages in one actor, called in order, each on batches of its own size.
+
+    What a small corpus runs instead of one actor pool per model: every actor process pays
+    its interpreter, torch / transformers / diffusers imports and model loads before its
+    first row, seconds each, which on a few dozen inputs is most of the job.
+    """
+
+    def __init__(self, stages: list[tuple[type, str, int]], **kwargs: Any) -> None:
+        self.stages = [
+            (ray_stage(cls, stage)(**kwargs), batch_size) for cls, stage, batch_size in stages
+        ]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for stage, batch_size in self.stages:
+            batch = _concat([stage(part) for part in _split(batch, batch_size)])
+        return batch
+
+
 def _map(ds: ray.data.Dataset, cls: type, stage: str, resources: StageResources, **kwargs: Any):
     return ds.map_batches(
         ray_stage(cls, stage),
@@ -144,6 +189,49 @@ def _map(ds: ray.data.Dataset, cls: type, stage: str, resources: StageResources,
         compute=ray.data.ActorPoolStrategy(size=resources.concurrency),
         num_cpus=resources.num_cpus,
         num_gpus=resources.num_gpus,
+    )
+
+
+def _map_tasks(
+    ds: ray.data.Dataset, cls: type, stage: str, resources: StageResources, **kwargs: Any
+):
+    return ds.map_batches(
+        task_stage(ray_stage(cls, stage)),
+        fn_kwargs=kwargs,
+        batch_format="numpy",
+        batch_size=resources.batch_size,
+        compute=ray.data.TaskPoolStrategy(size=resources.concurrency),
+        num_cpus=resources.num_cpus,
+        num_gpus=resources.num_gpus,
+    )
+
+
+def _map_models(ds: ray.data.Dataset, config: PrepConfig, num_inputs: int) -> ray.data.Dataset:
+    """Filters -> Captioner -> TextEncoder -> LatentEncoder: one actor pool each, or, on a
+    small corpus whose stages would share one GPU anyway, one actor holding them all."""
+    stages = [
+        (Filters, "filter", config.filters.resources),
+        (Captioner, "caption", config.caption.resources),
+        (TextEncoder, "encode_text", config.encode.resources),
+        (LatentEncoder, "encode_latents", config.encode.resources),
+    ]
+    num_gpus = sum(resources.num_gpus for _, _, resources in stages)
+    if num_inputs > config.small_corpus_inputs or num_gpus > 1:
+        for cls, stage, resources in stages:
+            ds = _map(ds, cls, stage, resources, config=config)
+        return ds
+    return ds.map_batches(
+        ModelStages,
+        fn_constructor_kwargs={
+            "stages": [(cls, stage, resources.batch_size) for cls, stage, resources in stages],
+            "config": config,
+        },
+        batch_format="numpy",
+        batch_size=max(resources.batch_size for _, _, resources in stages),
+        compute=ray.data.ActorPoolStrategy(size=1),
+        # What the separate pools would have held together, so the same models fit.
+        num_cpus=sum(resources.num_cpus for _, _, resources in stages),
+        num_gpus=num_gpus,
     )
 
 
@@ -194,24 +282,23 @@ def run_prep(config: PrepConfig) -> Manifest:
     totals: Counter[str] = Counter()
     if todo:
         ds = ray.data.from_items(todo)
-        ds = _map(ds, FetchMedia, "fetch", config.decode.resources, config=config)
-        ds = _map(ds, MediaDecoder, "decode", config.decode.resources, config=config)
+        # Stages without a model are tasks (Ray Data fuses fetch and decode into one), so
+        # only the model stages start actor processes.
+        ds = _map_tasks(ds, FetchMedia, "fetch", config.decode.resources, config=config)
+        ds = _map_tasks(ds, MediaDecoder, "decode", config.decode.resources, config=config)
         if ledger.sample_ids:
             done = [ray.put(ledger.sample_ids)]
             ds = ds.map_batches(SkipWritten, fn_constructor_kwargs={"done": done},
                                 batch_format="numpy", num_cpus=0.1,
                                 compute=ray.data.ActorPoolStrategy(size=1))
-        ds = _map(ds, Filters, "filter", config.filters.resources, config=config)
-        ds = _map(ds, Captioner, "caption", config.caption.resources, config=config)
-        ds = _map(ds, TextEncoder, "encode_text", config.encode.resources, config=config)
-        ds = _map(ds, LatentEncoder, "encode_latents", config.encode.resources, config=config)
+        ds = _map_models(ds, config, len(todo))
         ds = ds.map_batches(
-            ShardWriter,
-            fn_constructor_kwargs={"config": config},
+            task_stage(ShardWriter),
+            fn_kwargs={"config": config},
             batch_format="numpy",
             batch_size=config.rows_per_file,
             num_cpus=0.25,
-            compute=ray.data.ActorPoolStrategy(size=config.write_concurrency),
+            compute=ray.data.TaskPoolStrategy(size=config.write_concurrency),
         )
         for stats in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for name, values in stats.items():

@@ -110,6 +110,8 @@ def test_every_valid_input_written_and_every_broken_one_quarantined(local_run, c
     assert manifest_file["vae"]["image"]["scaling_factor"] == pytest.approx(1.5305)
     assert (output / "empty_prompt.safetensors").is_file()
     assert set(manifest.stage_throughput) >= {"decode", "caption", "encode_latents"}
+    # A small corpus: the model stages share one actor.
+    assert "ModelStages" in _actor_classes()
 
 
 def test_shards_readable_by_plain_pyarrow_and_ray_data(local_run):
@@ -168,9 +170,12 @@ def test_s3_in_and_out_match_local(local_run, bundles, corpus, s3_bucket, storag
     root, _ = corpus
     storage = Storage(storage_config)
     storage.upload_dir(root, f"{s3_bucket}/corpus")
+    # One actor pool per model stage, as a large corpus runs; the local run held all models
+    # in one actor (a small corpus): both must write the same rows.
     config = _config(bundles, f"{s3_bucket}/corpus", f"{s3_bucket}/shards",
-                     storage=storage_config.model_dump())
+                     storage=storage_config.model_dump(), small_corpus_inputs=0)
     remote = run_prep(config)
+    assert {"Filters", "Captioner", "TextEncoder", "LatentEncoder"} <= set(_actor_classes())
     assert remote.num_written == manifest.num_written
     assert remote.quarantined == manifest.quarantined
     fs, path = storage.filesystem(f"{s3_bucket}/shards/shards")
@@ -191,6 +196,16 @@ def test_s3_in_and_out_match_local(local_run, bundles, corpus, s3_bucket, storag
                 assert local[key][name] is None
             else:
                 np.testing.assert_allclose(row[name], local[key][name], atol=1e-4)
+
+
+def _actor_classes() -> list[str]:
+    """The Ray Data stages this Ray has started actors for (alive or done), read from the GCS
+    (the tests' Ray has no dashboard, so no State API)."""
+    from ray._private.state import actors
+
+    # Ray Data names an actor "MapWorker(MapBatches(<stage>))".
+    names = [actor["ActorClassName"] for actor in actors().values()]
+    return [name.rpartition("(")[2].split(")")[0] for name in names]
 
 
 def _cli(config_path: Path, **kwargs) -> subprocess.Popen:
