@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -206,7 +207,24 @@ def _map_tasks(
     )
 
 
-def _map_models(ds: ray.data.Dataset, config: PrepConfig, num_inputs: int) -> ray.data.Dataset:
+def is_small_corpus(items: list[dict[str, Any]], config: PrepConfig, storage: Storage) -> bool:
+    """At most ``config.small_corpus_inputs`` inputs, a WebDataset tar counting one per MiB:
+    its number of samples is unknown until it is read, and a sample is rarely smaller, so a
+    few large tars never pass for a small corpus."""
+    if len(items) > config.small_corpus_inputs:
+        return False
+    count = 0
+    for item in items:
+        if item["kind"] == "tar":
+            fs, path = storage.filesystem(item["item_uri"])
+            size = fs.get_file_info(path).size or 0  # a missing tar: quarantined later
+            count += max(1, math.ceil(size / 2**20))
+        else:
+            count += 1
+    return count <= config.small_corpus_inputs
+
+
+def _map_models(ds: ray.data.Dataset, config: PrepConfig, small: bool) -> ray.data.Dataset:
     """Filters -> Captioner -> TextEncoder -> LatentEncoder: one actor pool each, or, on a
     small corpus whose stages would share one GPU anyway, one actor holding them all."""
     stages = [
@@ -216,7 +234,7 @@ def _map_models(ds: ray.data.Dataset, config: PrepConfig, num_inputs: int) -> ra
         (LatentEncoder, "encode_latents", config.encode.resources),
     ]
     num_gpus = sum(resources.num_gpus for _, _, resources in stages)
-    if num_inputs > config.small_corpus_inputs or num_gpus > 1:
+    if not small or num_gpus > 1:
         for cls, stage, resources in stages:
             ds = _map(ds, cls, stage, resources, config=config)
         return ds
@@ -291,7 +309,7 @@ def run_prep(config: PrepConfig) -> Manifest:
             ds = ds.map_batches(SkipWritten, fn_constructor_kwargs={"done": done},
                                 batch_format="numpy", num_cpus=0.1,
                                 compute=ray.data.ActorPoolStrategy(size=1))
-        ds = _map_models(ds, config, len(todo))
+        ds = _map_models(ds, config, is_small_corpus(todo, config, storage))
         ds = ds.map_batches(
             task_stage(ShardWriter),
             fn_kwargs={"config": config},

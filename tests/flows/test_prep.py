@@ -24,8 +24,8 @@ from actors.decode import MediaDecoder
 from actors.sources import FetchMedia, list_inputs
 from cluster.storage import Storage
 from flows.models import build_tiny_bundles
-from flows.prep import run_prep
-from flows.samples import build_broken_files, build_sample_corpus
+from flows.prep import is_small_corpus, run_prep
+from flows.samples import build_broken_files, build_sample_corpus, write_webdataset_tar
 from schemas.config import PrepConfig, load_config
 
 REPO = Path(__file__).parents[2]
@@ -112,6 +112,21 @@ def test_every_valid_input_written_and_every_broken_one_quarantined(local_run, c
     assert set(manifest.stage_throughput) >= {"decode", "caption", "encode_latents"}
     # A small corpus: the model stages share one actor.
     assert "ModelStages" in _actor_classes()
+
+
+def test_a_few_large_tars_are_not_a_small_corpus(tmp_path):
+    for name in ("a.jpg", "b.png"):
+        (tmp_path / name).write_bytes(b"x")
+    write_webdataset_tar(tmp_path / "small.tar", {"0": {"jpg": b"x" * 1000}})
+    config = PrepConfig(input=str(tmp_path), small_corpus_inputs=4)
+    items = list_inputs(config, Storage())
+    assert is_small_corpus(items, config, Storage())  # 2 files + a tar under 1 MiB
+    # A tar of 3 MiB of samples counts as at least 3 inputs: over 4 with only 4 files.
+    write_webdataset_tar(tmp_path / "large.tar", {"0": {"jpg": b"x" * 3 * 2**20}})
+    items = list_inputs(config, Storage())
+    assert len(items) == 4 and not is_small_corpus(items, config, Storage())
+    never = config.model_copy(update={"small_corpus_inputs": 0})
+    assert not is_small_corpus(items[:1], never, Storage())
 
 
 def test_shards_readable_by_plain_pyarrow_and_ray_data(local_run):
