@@ -13,6 +13,11 @@ from ``PrepConfig``, so the corpus is never materialised and memory stays bounde
       -> LatentEncoder  the bundle's VAE (AutoencoderKL for images, Wan VAE for video)
       -> ShardWriter    parquet by bucket + quarantine / filtered tables, each file atomic
 
+Stages without a model (fetch, decode, the writer) run as Ray Data tasks on Ray's pooled
+workers; each model stage gets an actor pool of its own, except on a small corpus
+(``small_corpus_inputs``), where the four share one actor: there, start-up (each actor
+process importing torch and loading its models) is what the job would wait for.
+
 Resume: the written files are the ledger. Inputs whose every row is written are not even
 read again; a partly written input (a video whose clips straddled a crash) is decoded again
 and only its missing rows go on. A re-run therefore ends with exactly one row per valid input.
