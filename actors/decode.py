@@ -18,16 +18,14 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from actors.batches import object_column, optional_text
-from actors.sources import Quarantine
+from actors.sources import IMAGE_FORMATS, Quarantine
 from schemas.config import BucketConfig, DecodeConfig
 from schemas.errors import RaygenError
 from schemas.shards import BucketKey
 
-# PIL's decoders for exactly the image extensions we accept (JPEG's also opens the
-# multi-picture JPEGs many cameras write); another format under a .jpg name is corrupt input.
-IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
-# PIL's convert("RGB") clips these 16-bit modes at 255 instead of scaling them.
-SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+# PIL's convert("RGB") clips these 16-bit modes at 255 instead of scaling them. "I" (32-bit
+# int) is the mode PIL's readers give 16-bit files too (PGM/PPM, some TIFFs).
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 EMPTY_PIXELS = np.zeros((0, 0, 0, 3), dtype=np.uint8)  # (F, H, W, 3) with nothing in it
 
 # Columns MediaDecoder makes; every input column but `data` (source_uri, item_uri,
@@ -98,7 +96,8 @@ def resize_and_crop(
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode as 8-bit RGB; transparency composited on white."""
     if image.mode in SIXTEEN_BIT_MODES:
-        image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))  # (H, W) 'L'
+        grey = np.clip(np.asarray(image, dtype=np.int64), 0, 0xFFFF)  # (H, W)
+        image = Image.fromarray((grey >> 8).astype(np.uint8))  # (H, W) 'L'
     if image.has_transparency_data:
         # Transparent pixels hold arbitrary colours; white is what a viewer shows under them.
         white = Image.new("RGBA", image.size, "white")
@@ -168,7 +167,7 @@ class MediaDecoder:
             )
 
     def _open_image(self, data: bytes) -> Image.Image:
-        """The upright RGB image, or Quarantine."""
+        """The upright RGB image (a multi-frame file's first frame), or Quarantine."""
         try:
             image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             self._check_size(*image.size)  # from the header: before pixels are decoded
@@ -177,7 +176,7 @@ class MediaDecoder:
         except Image.DecompressionBombError as err:  # PIL's own limit, 2x Image.MAX_IMAGE_PIXELS
             raise Quarantine("decompression_bomb", str(err)) from None
         except Image.UnidentifiedImageError:
-            raise Quarantine("corrupt", f"not a {', '.join(IMAGE_FORMATS)} image") from None
+            raise Quarantine("corrupt", "no image format PIL reads recognises it") from None
         except Quarantine:
             raise
         # Malformed files raise whatever the format's parser hits: OSError, SyntaxError,

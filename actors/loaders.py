@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 import torch
-from diffusers import DiffusionPipeline
 
 from cluster.bundles import resolve_bundle
 from cluster.storage import Storage
@@ -26,14 +25,21 @@ def torch_dtype(ref: ModelRef) -> torch.dtype:
 def load_pipeline(
     ref: ModelRef,
     storage: StorageConfig | None = None,
-    pipeline_cls: type[P] = DiffusionPipeline,
+    pipeline_cls: type[P] | None = None,
     **components: Any,
 ) -> P:
-    """A diffusers pipeline on ``ref.device`` in ``ref.dtype``.
+    """A diffusers pipeline (``pipeline_cls``, default ``DiffusionPipeline``) on
+    ``ref.device`` in ``ref.dtype``.
 
     ``components`` replace or drop parts of the bundle (``text_encoder_3=None``), as in
     diffusers' own ``from_pretrained``.
     """
+    if pipeline_cls is None:
+        # Imported here: diffusers' package import costs seconds, and the transformers-only
+        # actors (captioner, filters) load their models through this module without it.
+        from diffusers import DiffusionPipeline
+
+        pipeline_cls = DiffusionPipeline
     path = resolve_bundle(ref.uri, Storage(storage))
     pipe = pipeline_cls.from_pretrained(path, dtype=torch_dtype(ref), **components)
     return pipe.to(ref.device)

@@ -18,14 +18,45 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
+from PIL import EpsImagePlugin, Image, ImageFile, features
 
 from actors.batches import object_column, optional_text
 from cluster.storage import Storage, is_s3, join, local_path
 from schemas.config import DecodeConfig, PrepConfig, StorageConfig
 from schemas.errors import RaygenError
 
-IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp"})
 VIDEO_EXTENSIONS = frozenset({"mp4", "webm", "mov"})
+# PIL formats whose decoder is a separate library that a Pillow build may lack: the
+# features.check name of that library.
+PIL_CODECS = {"AVIF": "avif", "WEBP": "webp", "JPEG2000": "jpg_2000"}
+# Formats PIL registers but cannot decode by itself: it reads only MPEG's header (and .mpg is
+# a video name), and EPS needs a Ghostscript binary.
+PIL_HEADER_ONLY = frozenset({"MPEG"} | (set() if EpsImagePlugin.has_ghostscript() else {"EPS"}))
+
+
+def _pil_image_formats() -> tuple[dict[str, str], dict[str, str]]:
+    """Extension -> PIL format, for the formats this Pillow decodes and for those it registers
+    but cannot decode here (a missing codec library, a stub that needs a handler)."""
+    Image.init()  # registers every plugin's extensions
+    readable: dict[str, str] = {}
+    missing: dict[str, str] = {}
+    for extension, pil_format in Image.registered_extensions().items():
+        name = extension.lstrip(".").lower()
+        if pil_format not in Image.OPEN or name in VIDEO_EXTENSIONS:
+            continue  # write-only (PDF, PALM) or a video name
+        factory = Image.OPEN[pil_format][0]
+        is_stub = isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile)
+        codec = PIL_CODECS.get(pil_format)
+        lacks_codec = codec is not None and not features.check(codec)
+        usable = not (is_stub or pil_format in PIL_HEADER_ONLY or lacks_codec)
+        (readable if usable else missing)[name] = pil_format
+    return readable, missing
+
+
+# Every image format the installed Pillow reads (JPEG, PNG, GIF, BMP, TIFF, WebP, AVIF, ...)
+# is an image input, by extension; a multi-frame file gives its first frame.
+IMAGE_EXTENSIONS, UNREADABLE_IMAGE_EXTENSIONS = _pil_image_formats()
+IMAGE_FORMATS = tuple(sorted(set(IMAGE_EXTENSIONS.values())))  # what MediaDecoder opens
 # A .txt holds the caption of the media file with the same stem; a .json its metadata.
 SIDECAR_EXTENSIONS = frozenset({"txt", "json"})
 LISTING_SUFFIXES = (".parquet", ".jsonl")
@@ -33,7 +64,7 @@ LISTING_SUFFIXES = (".parquet", ".jsonl")
 # Every reason a row can be quarantined for; this stage gives the first three (and
 # "corrupt" for a tar), MediaDecoder the rest.
 QUARANTINE_REASONS = (
-    "unsupported_format",  # not a jpg/jpeg/png/webp image or mp4/webm/mov video
+    "unsupported_format",  # not an image PIL reads (IMAGE_EXTENSIONS) nor an mp4/webm/mov video
     "unreadable",  # storage could not read it (missing, denied) or its caption is not UTF-8
     "too_large",  # above decode.max_bytes; never read
     "empty_file",  # zero bytes
@@ -76,6 +107,15 @@ def _split_name(name: str) -> tuple[str, str]:
     if not dot or "/" in extension:
         return name, ""
     return stem, extension.lower()
+
+
+def _unsupported(name: str) -> Quarantine:
+    extension = _split_name(name)[1]
+    detail = f"extension {extension!r}"
+    if extension in UNREADABLE_IMAGE_EXTENSIONS:
+        pil_format = UNREADABLE_IMAGE_EXTENSIONS[extension]
+        detail += f": this Pillow cannot decode {pil_format} (its codec or handler is not installed)"
+    return Quarantine("unsupported_format", detail)
 
 
 def media_kind(name: str) -> str:
@@ -236,7 +276,7 @@ class FetchMedia:
         kind = media_kind(uri)
         try:
             if kind == "unknown":
-                raise Quarantine("unsupported_format", f"extension {_split_name(uri)[1]!r}")
+                raise _unsupported(uri)
             data = self._read(uri)
             if caption_uri is not None:
                 caption = _decode_caption(self._read(caption_uri), caption_uri)
@@ -282,7 +322,7 @@ class FetchMedia:
         source_uri, kind = f"{tar_uri}#{name}", media_kind(name)
         try:
             if kind == "unknown":
-                raise Quarantine("unsupported_format", f"extension {_split_name(name)[1]!r}")
+                raise _unsupported(name)
             if name not in contents:
                 raise Quarantine(
                     "too_large", f"{sizes[name]} bytes > decode.max_bytes {self.max_bytes}"

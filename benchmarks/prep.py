@@ -7,14 +7,20 @@ calls the very classes the flow maps (``FetchMedia`` ... ``ShardWriter``) on bat
 driver, with the flow's per-stage batch sizes: "the same work without Ray". It runs torch on
 all cores (its default), and once on one thread, to show what intra-op threads give it.
 
-    python -m benchmarks.prep                 # full run, about 8 minutes on 2 cores
-    python -m benchmarks.prep --quick         # smoke run, about a minute
+    python -m benchmarks.prep                 # full run, about 9 minutes on 2 cores
+    python -m benchmarks.prep --quick         # N=8 and 4N=32, one start-up run: < 3 minutes
     python -m benchmarks.prep --set caption.resources.concurrency=2   # try a flow setting
 
 What it reports (printed, and as JSON at ``--out``):
 
+- start-up: ``raygen prep`` on the demo's corpus and tiny bundles (``flows/demo.py``'s
+  config), each run on a fresh local Ray: seconds from the start (Ray starting included) to
+  the first shard file written, and the CPU seconds the process tree spent until then;
+  medians of ``--startup-repeats`` runs, interleaved with the same job forced to one actor
+  pool per model stage (``small_corpus_inputs=0``, what a large corpus runs);
+
 - images/s of each and the ratio flow / loop: medians of ``--repeats`` interleaved runs at
-  ``--images`` N; one run of each at 4N; and the steady state between them (images/s from N
+  ``--images`` N (the flow with one actor pool per model stage, as a large corpus runs); one run of each at 4N; and the steady state between them (images/s from N
   to 4N), where fixed costs (for the flow: actor start-up, imports, model loads) cancel out;
 - the flow's per-stage throughput (the manifest's ``stage_throughput``: rows per second of
   one actor's busy time) next to the loop's per-stage rows per second;
@@ -73,7 +79,7 @@ from cluster.ray_runtime import init_ray, shutdown_ray
 from cluster.storage import Storage
 from flows.models import build_tiny_bundles
 from flows.prep import run_prep
-from flows.samples import PHOTOS, write_listing
+from flows.samples import PHOTOS, build_sample_corpus, write_listing
 from schemas.config import PrepConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,6 +94,8 @@ NOISY_OTHERS = 0.10
 # The memory target: peak at 4N within 20% of the peak at N.
 MEMORY_FLAT_LIMIT = 1.2
 RATIO_TARGET = 1.6
+# Seconds from the start of a small job (Ray starting included) to its first shard file.
+STARTUP_TARGET_S = 15.0
 
 # The flow's settings for a 2-core machine: what a user tuning for this box would write.
 # - num_cpus: Ray Data streams only while every stage has a live actor, so all pools must fit
@@ -353,6 +361,10 @@ class Sampler:
         while not self.stop.wait(SAMPLE_INTERVAL_S):
             self._sample()
 
+    def cpu_so_far(self) -> float:
+        """CPU seconds of the tree since ``measure`` began, as of the last sample."""
+        return sum(s - self.first_cpu.get(pid, 0.0) for pid, s in self.last_cpu.items())
+
     @contextmanager
     def measure(self) -> Iterator[Usage]:
         # Processes alive at the start count only the CPU they spend from now on.
@@ -402,6 +414,31 @@ def measured(fn: Callable[[], Any]) -> tuple[Any, Usage]:
     with sampler.measure() as usage:
         result = fn()
     return result, usage
+
+
+@contextmanager
+def first_shard(output: Path, sampler: Sampler) -> Iterator[dict[str, float]]:
+    """Watches ``output/shards`` from a thread; the yielded dict gets ``seconds`` (since entering)
+    and ``cpu_s`` (the sampler's tree) when the first shard file lands. Files are renamed
+    into place whole, so a visible ``part-*.parquet`` is a written shard."""
+    found: dict[str, float] = {}
+    stop = threading.Event()
+    started = time.perf_counter()
+
+    def watch() -> None:
+        while not stop.wait(0.05):
+            if any((output / "shards").glob("*/part-*.parquet")):
+                sampler._sample()
+                found.update(seconds=time.perf_counter() - started, cpu_s=sampler.cpu_so_far())
+                return
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield found
+    finally:
+        stop.set()
+        thread.join()
 
 
 # ---------------------------------------------------------------------------------------
@@ -497,8 +534,14 @@ def flow_actor_threads(num_cpus: float) -> int:
     return ray.get(threads.remote())
 
 
-def time_loop(config: PrepConfig, num_images: int, repeat: int, threads: int) -> Run:
-    quiet = wait_for_quiet(QUIET_MAX_WAIT_S)
+def time_loop(
+    config: PrepConfig,
+    num_images: int,
+    repeat: int,
+    threads: int,
+    max_wait_s: float = QUIET_MAX_WAIT_S,
+) -> Run:
+    quiet = wait_for_quiet(max_wait_s)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -517,8 +560,14 @@ def time_loop(config: PrepConfig, num_images: int, repeat: int, threads: int) ->
     )
 
 
-def time_flow(config: PrepConfig, num_images: int, repeat: int) -> Run:
-    quiet = wait_for_quiet(QUIET_MAX_WAIT_S)
+def time_flow(
+    config: PrepConfig,
+    num_images: int,
+    repeat: int,
+    contender: str = "flow",
+    max_wait_s: float = QUIET_MAX_WAIT_S,
+) -> Run:
+    quiet = wait_for_quiet(max_wait_s)
     # A fresh local Ray per run, started before the clock: a cluster is up before a job is
     # submitted, and no run inherits another's workers or object store. Ray is down while the
     # loop runs, so the loop never shares the cores with Ray's idle processes.
@@ -527,19 +576,31 @@ def time_flow(config: PrepConfig, num_images: int, repeat: int) -> Run:
     init_s = time.perf_counter() - init_started
     ray.data.DataContext.get_current().enable_progress_bars = False  # display only
     try:
-        threads = flow_actor_threads(config.encode.resources.num_cpus)
-        manifest, usage = measured(lambda: run_prep(config))
+        # Not before a start-up run: its worker, torch imported, could become an actor.
+        threads = 0 if contender != "flow" else flow_actor_threads(config.encode.resources.num_cpus)
+        sampler = Sampler()
+        with sampler.measure() as usage, first_shard(Path(config.output), sampler) as first:
+            manifest = run_prep(config)
     finally:
         shutdown_ray()
     return Run(
-        contender="flow",
+        contender=contender,
         num_images=num_images,
         repeat=repeat,
         images_per_s=manifest.num_written / usage.wall_s,
         num_written=manifest.num_written,
         usage=usage,
         stage_throughput=dict(manifest.stage_throughput),
-        notes={"ray_init_s": init_s, "actor_torch_threads": threads, "busy_before": quiet},
+        notes={
+            "ray_init_s": init_s,
+            "first_shard_s": first["seconds"],
+            # The clock of a `raygen prep` on a laptop: Ray starts inside the job.
+            "start_to_first_shard_s": init_s + first["seconds"],
+            "cpu_to_first_shard_s": first["cpu_s"],
+            "actor_torch_threads": threads,
+            "busy_before": quiet,
+            "small_corpus_inputs": config.small_corpus_inputs,
+        },
     )
 
 
@@ -561,8 +622,53 @@ def make_config(
         **FLOW_SETTINGS,
     }
     # Images only (no video bundle to load) and no CLIP scorer: the work the brief names.
-    fixed = ["video_bundle=null", "filters.scorer=null"]
+    # One actor pool per model stage at N and 4N alike (what a large corpus runs), so the
+    # steady state between them is the pipeline's, not a switch of layouts.
+    fixed = ["video_bundle=null", "filters.scorer=null", "small_corpus_inputs=0"]
     return load_config(PrepConfig, values=values, overrides=[*fixed, *overrides])
+
+
+def demo_config(data: Path, output: Path, small_corpus_inputs: int | None) -> PrepConfig:
+    """``flows/demo.py``'s prep config (tiny bundles, the sample corpus, default resources)."""
+    values: dict[str, Any] = {
+        "input": str(data / "corpus"),
+        "output": str(output),
+        "bundle.uri": str(data / "bundles" / "t2i"),
+        "video_bundle.uri": str(data / "bundles" / "t2v"),
+        "caption.model.uri": str(data / "bundles" / "captioner"),
+        "filters.scorer.uri": str(data / "bundles" / "scorer"),
+        "ray.num_cpus": NUM_CPUS,
+    }
+    if small_corpus_inputs is not None:
+        values["small_corpus_inputs"] = small_corpus_inputs
+    return load_config(PrepConfig, values=values)
+
+
+def summarise_startup(runs: list[Run]) -> dict[str, Any]:
+    """Medians per layout of the start-up runs on the demo corpus."""
+    layouts: dict[str, Any] = {}
+    for layout in sorted({run.contender for run in runs}):
+        group = [run for run in runs if run.contender == layout]
+        layouts[layout.removeprefix("startup_")] = {
+            "runs": len(group),
+            "inputs": group[0].num_images,
+            "written": group[0].num_written,
+            **{
+                key: _median([run.notes[key] for run in group])
+                for key in (
+                    "start_to_first_shard_s",
+                    "ray_init_s",
+                    "first_shard_s",
+                    "cpu_to_first_shard_s",
+                )
+            },
+            "wall_s": _median([run.usage.wall_s for run in group]),
+            "cpu_others_util": _median([run.usage.cpu_others_util for run in group]),
+        }
+    default = layouts["default"]["start_to_first_shard_s"]
+    layouts["target_s"] = STARTUP_TARGET_S
+    layouts["target_met"] = default <= STARTUP_TARGET_S
+    return layouts
 
 
 def _median(values: list[float]) -> float:
@@ -599,6 +705,9 @@ def summarise(runs: list[Run], num_images: int) -> dict[str, Any]:
         "flow_images_per_s": flow_rate,
         "loop_images_per_s": loop_rate,
         "loop_torch_threads": loop_n[0].notes["torch_threads"],
+        "flow_start_to_first_shard_s": _median(
+            [run.notes["start_to_first_shard_s"] for run in flow_n]
+        ),
         # CPU seconds per image: a ratio above 1 needs the loop to leave cores idle, or the
         # flow to spend fewer CPU seconds per image than the loop.
         "cpu_s_per_image": {
@@ -730,6 +839,24 @@ def report(summary: dict[str, Any]) -> str:
             f"{memory['flow_peak_pss_4n']:.0f}): x{memory['rss_ratio_4n_over_n']:.2f} of N "
             f"(PSS x{memory['pss_ratio_4n_over_n']:.2f}; target <= {MEMORY_FLAT_LIMIT})"
         )
+    startup = summary.get("startup")
+    if startup:
+        for layout in ("default", "per_stage_pools"):
+            if layout not in startup:
+                continue
+            row = startup[layout]
+            lines.append(
+                f"  start-up, demo corpus ({row['inputs']} inputs), {layout}: first shard "
+                f"{row['start_to_first_shard_s']:.1f}s after the start (Ray "
+                f"{row['ray_init_s']:.1f}s + job {row['first_shard_s']:.1f}s; "
+                f"{row['cpu_to_first_shard_s']:.0f} CPU s), "
+                f"job {row['wall_s']:.1f}s; median of {row['runs']}, others "
+                f"{row['cpu_others_util']:.0%} of the cores"
+            )
+        lines.append(
+            f"  start-up target: first shard <= {STARTUP_TARGET_S:.0f}s: "
+            f"{'met' if startup['target_met'] else 'NOT met'}"
+        )
     for line in summary["noisy_runs"]:
         lines.append(f"  NOISY: {line}")
     return "\n".join(lines)
@@ -741,7 +868,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each at N")
     parser.add_argument("--resolution", type=int, default=256, help="buckets.resolution")
     parser.add_argument(
-        "--quick", action="store_true", help="smoke run: N=8, 1 repeat, no 4N or 1-thread run"
+        "--quick",
+        action="store_true",
+        help="N=8 and 4N, 1 repeat, no 1-thread run, 1 start-up run: < 3 minutes",
     )
     parser.add_argument("--no-4n", dest="four_n", action="store_false", help="skip the 4N runs")
     parser.add_argument(
@@ -754,11 +883,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         help="a PrepConfig override for both contenders, key.path=value (repeatable)",
     )
+    parser.add_argument(
+        "--startup-repeats",
+        type=int,
+        default=3,
+        help="start-up runs on the demo corpus, of each layout (0: none)",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--workdir", type=Path, default=None, help="keep bundles and corpus here")
     args = parser.parse_args(argv)
+    args.max_wait_s = QUIET_MAX_WAIT_S
+    args.warmup_images = WARMUP_IMAGES
+    args.startup_layouts = ["default", "per_stage_pools"]
     if args.quick:
-        args.images, args.repeats, args.four_n = 8, 1, False
+        # N and 4N for the steady state, one start-up run of the default layout, short
+        # waits for a quiet machine: under 3 minutes on 2 cores.
+        args.images, args.repeats, args.four_n = 8, 1, True
+        args.startup_repeats, args.startup_layouts = min(args.startup_repeats, 1), ["default"]
+        args.max_wait_s, args.warmup_images = 5.0, 2
     return args
 
 
@@ -790,7 +932,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             listings[size] = workdir / f"listing_{size}.jsonl"
             write_listing(listings[size], corpus[:size])
         listings["warmup"] = workdir / "listing_warmup.jsonl"
-        write_listing(listings["warmup"], write_corpus(workdir / "warmup", WARMUP_IMAGES, seed=1))
+        warmup = write_corpus(workdir / "warmup", args.warmup_images, seed=1)
+        write_listing(listings["warmup"], warmup)
+        # The demo's corpus and tiny bundles, for the start-up runs.
+        demo = workdir / "demo"
+        if args.startup_repeats:
+            build_tiny_bundles(demo / "bundles")
+            build_sample_corpus(demo / "corpus")
         outputs = iter(range(10**6))
 
         def config(listing: Any) -> PrepConfig:
@@ -800,8 +948,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         loop_threads = args.loop_threads or torch.get_num_threads()
         # Warm-up, not counted: the loop's lazy imports and first calls, the page cache.
-        print(f"warm-up on {WARMUP_IMAGES} images ...", flush=True)
-        time_loop(config("warmup"), WARMUP_IMAGES, -1, loop_threads)
+        print(f"warm-up on {args.warmup_images} images ...", flush=True)
+        time_loop(config("warmup"), args.warmup_images, -1, loop_threads, args.max_wait_s)
 
         # (contender, size, repeat, loop threads); at N both alternate who goes first, so a
         # drifting background load hits both alike.
@@ -811,18 +959,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             plan += pair if repeat % 2 == 0 else pair[::-1]
         if args.four_n:
             plan += [("loop", 4 * num_images, 0, loop_threads), ("flow", 4 * num_images, 0, 0)]
-            if loop_threads != 1:
+            if loop_threads != 1 and not args.quick:
                 plan.append(("loop", num_images, 0, 1))
+        # Start-up on the demo corpus: the default layout (its model stages share one actor)
+        # and one actor pool per model stage, alternating who goes first.
+        for repeat in range(args.startup_repeats):
+            layouts = [f"startup_{layout}" for layout in args.startup_layouts]
+            plan += [(layout, 0, repeat, 0) for layout in layouts[:: 1 if repeat % 2 == 0 else -1]]
 
         runs: list[Run] = []
         for contender, size, repeat, threads in plan:
             if contender == "loop":
-                run = time_loop(config(size), size, repeat, threads)
+                run = time_loop(config(size), size, repeat, threads, args.max_wait_s)
+            elif contender == "flow":
+                run = time_flow(config(size), size, repeat, max_wait_s=args.max_wait_s)
             else:
-                run = time_flow(config(size), size, repeat)
-            assert run.num_written == size, f"{contender} wrote {run.num_written} of {size}"
+                output = workdir / "out" / f"run_{next(outputs):03d}"
+                small = 0 if contender == "startup_per_stage_pools" else None
+                startup_config = demo_config(demo, output, small)
+                num_inputs = len(list_inputs(startup_config, Storage()))
+                run = time_flow(startup_config, num_inputs, repeat, contender, args.max_wait_s)
+            if not contender.startswith("startup"):
+                assert run.num_written == size, f"{contender} wrote {run.num_written} of {size}"
             runs.append(run)
-            label = f"{contender}{'' if contender == 'flow' else f' ({threads} threads)'}"
+            label = f"{contender}{f' ({threads} threads)' if contender == 'loop' else ''}"
+            if contender != "loop":
+                label += f" (first shard {run.notes['start_to_first_shard_s']:.1f}s from start)"
             print(
                 f"{label} N={size} #{repeat}: {run.images_per_s:.2f} images/s in "
                 f"{run.usage.wall_s:.1f}s; CPU tree {run.usage.cpu_tree_util:.0%}, machine "
@@ -831,7 +993,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 flush=True,
             )
 
-        summary = summarise(runs, num_images)
+        startup_runs = [run for run in runs if run.contender.startswith("startup")]
+        summary = summarise([run for run in runs if run not in startup_runs], num_images)
+        if startup_runs:
+            summary["startup"] = summarise_startup(startup_runs)
         result = {
             "benchmark": "prep",
             "command": " ".join(["python -m benchmarks.prep", *(argv or sys.argv[1:])]),
@@ -848,7 +1013,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "repeats": args.repeats,
                 "resolution": args.resolution,
                 "ray_num_cpus": NUM_CPUS,
-                "warmup_images": WARMUP_IMAGES,
+                "warmup_images": args.warmup_images,
+                "startup_repeats": args.startup_repeats,
+                "quick": args.quick,
                 "loop_torch_threads": loop_threads,
                 "flow_actor_torch_threads": next(
                     run.notes["actor_torch_threads"] for run in runs if run.contender == "flow"

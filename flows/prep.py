@@ -13,6 +13,11 @@ from ``PrepConfig``, so the corpus is never materialised and memory stays bounde
       -> LatentEncoder  the bundle's VAE (AutoencoderKL for images, Wan VAE for video)
       -> ShardWriter    parquet by bucket + quarantine / filtered tables, each file atomic
 
+Stages without a model (fetch, decode, the writer) run as Ray Data tasks on Ray's pooled
+workers; each model stage gets an actor pool of its own, except on a small corpus
+(``small_corpus_inputs``), where the four share one actor: there, start-up (each actor
+process importing torch and loading its models) is what the job would wait for.
+
 Resume: the written files are the ledger. Inputs whose every row is written are not even
 read again; a partly written input (a video whose clips straddled a crash) is decoded again
 and only its missing rows go on. A re-run therefore ends with exactly one row per valid input.
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -146,6 +152,52 @@ def ray_stage(cls: type, stage: str) -> type:
     return RayStage
 
 
+def task_stage(cls: type) -> Any:
+    """``cls`` (a stage that holds no model) as a Ray Data task function: the object is built
+    per batch, which costs microseconds, so the stage runs on Ray's pooled workers instead of
+    starting an actor process of its own."""
+
+    def run(batch: dict[str, np.ndarray], **kwargs: Any) -> dict[str, np.ndarray]:
+        return cls(**kwargs)(batch)
+
+    run.__name__ = run.__qualname__ = cls.__name__
+    return run
+
+
+def _split(batch: dict[str, np.ndarray], size: int) -> list[dict[str, np.ndarray]]:
+    num_rows = len(batch["sample_id"])
+    return [
+        {name: column[start : start + size] for name, column in batch.items()}
+        for start in range(0, max(num_rows, 1), size)
+    ]
+
+
+def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if len(parts) == 1:
+        return parts[0]
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
+class ModelStages:
+    """Several model stages in one actor, called in order, each on batches of its own size.
+
+    What a small corpus runs instead of one actor pool per model: every actor process pays
+    its interpreter, torch / transformers / diffusers imports and model loads before its
+    first row, seconds each, which on a few dozen inputs is most of the job.
+    """
+
+    def __init__(self, stages: list[tuple[type, str, int, dict[str, Any]]]) -> None:
+        self.stages = [
+            (ray_stage(cls, stage)(**kwargs), batch_size)
+            for cls, stage, batch_size, kwargs in stages
+        ]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for stage, batch_size in self.stages:
+            batch = _concat([stage(part) for part in _split(batch, batch_size)])
+        return batch
+
+
 def _map(ds: ray.data.Dataset, cls: type, stage: str, resources: StageResources, **kwargs: Any):
     return ds.map_batches(
         ray_stage(cls, stage),
@@ -155,6 +207,71 @@ def _map(ds: ray.data.Dataset, cls: type, stage: str, resources: StageResources,
         compute=ray.data.ActorPoolStrategy(size=resources.concurrency),
         num_cpus=resources.num_cpus,
         num_gpus=resources.num_gpus,
+    )
+
+
+def _map_tasks(
+    ds: ray.data.Dataset, cls: type, stage: str, resources: StageResources, **kwargs: Any
+):
+    return ds.map_batches(
+        task_stage(ray_stage(cls, stage)),
+        fn_kwargs=kwargs,
+        batch_format="numpy",
+        batch_size=resources.batch_size,
+        compute=ray.data.TaskPoolStrategy(size=resources.concurrency),
+        num_cpus=resources.num_cpus,
+        num_gpus=resources.num_gpus,
+    )
+
+
+def is_small_corpus(items: list[dict[str, Any]], config: PrepConfig, storage: Storage) -> bool:
+    """At most ``config.small_corpus_inputs`` inputs, a WebDataset tar counting one per MiB:
+    its number of samples is unknown until it is read, and a sample is rarely smaller, so a
+    few large tars never pass for a small corpus."""
+    if len(items) > config.small_corpus_inputs:
+        return False
+    count = 0
+    for item in items:
+        if item["kind"] == "tar":
+            fs, path = storage.filesystem(item["item_uri"])
+            size = fs.get_file_info(path).size or 0  # a missing tar: quarantined later
+            count += max(1, math.ceil(size / 2**20))
+        else:
+            count += 1
+    return count <= config.small_corpus_inputs
+
+
+def _map_models(ds: ray.data.Dataset, config: PrepConfig, small: bool) -> ray.data.Dataset:
+    """Filters -> Captioner -> TextEncoder -> LatentEncoder: one actor pool each, or, on a
+    small corpus whose stages would share one GPU anyway, one actor holding them all."""
+    storage = {"storage": config.storage}
+    bundles = {"bundle": config.bundle, "video_bundle": config.video_bundle, **storage}
+    stages = [
+        (Filters, "filter", config.filters.resources, {"config": config.filters, **storage}),
+        (Captioner, "caption", config.caption.resources, {"config": config.caption, **storage}),
+        (TextEncoder, "encode_text", config.encode.resources, {"config": config.encode, **bundles}),
+        (LatentEncoder, "encode_latents", config.encode.resources,
+         {"config": config.encode, **bundles}),
+    ]  # fmt: skip
+    num_gpus = sum(resources.num_gpus for _, _, resources, _ in stages)
+    if not small or num_gpus > 1:
+        for cls, stage, resources, kwargs in stages:
+            ds = _map(ds, cls, stage, resources, **kwargs)
+        return ds
+    return ds.map_batches(
+        ModelStages,
+        fn_constructor_kwargs={
+            "stages": [
+                (cls, stage, resources.batch_size, kwargs)
+                for cls, stage, resources, kwargs in stages
+            ],
+        },
+        batch_format="numpy",
+        batch_size=max(resources.batch_size for _, _, resources, _ in stages),
+        compute=ray.data.ActorPoolStrategy(size=1),
+        # What the separate pools would have held together, so the same models fit.
+        num_cpus=sum(resources.num_cpus for _, _, resources, _ in stages),
+        num_gpus=num_gpus,
     )
 
 
@@ -205,27 +322,21 @@ def run_prep(config: PrepConfig) -> Manifest:
     totals: Counter[str] = Counter()
     if todo:
         ds = ray.data.from_items(todo)
-        ds = _map(ds, FetchMedia, "fetch", config.decode.resources,
-                  config=config.decode, storage=config.storage)
-        ds = _map(ds, MediaDecoder, "decode", config.decode.resources,
-                  config=config.decode, bucket_config=config.buckets)
+        # Stages without a model are tasks (Ray Data fuses fetch and decode into one), so
+        # only the model stages start actor processes.
+        ds = _map_tasks(ds, FetchMedia, "fetch", config.decode.resources,
+                        config=config.decode, storage=config.storage)
+        ds = _map_tasks(ds, MediaDecoder, "decode", config.decode.resources,
+                        config=config.decode, bucket_config=config.buckets)
         if ledger.sample_ids:
             done = [ray.put(ledger.sample_ids)]
             ds = ds.map_batches(SkipWritten, fn_constructor_kwargs={"done": done},
                                 batch_format="numpy", num_cpus=0.1,
                                 compute=ray.data.ActorPoolStrategy(size=1))
-        ds = _map(ds, Filters, "filter", config.filters.resources,
-                  config=config.filters, storage=config.storage)
-        ds = _map(ds, Captioner, "caption", config.caption.resources,
-                  config=config.caption, storage=config.storage)
-        bundles = {"bundle": config.bundle, "video_bundle": config.video_bundle}
-        ds = _map(ds, TextEncoder, "encode_text", config.encode.resources,
-                  config=config.encode, storage=config.storage, **bundles)
-        ds = _map(ds, LatentEncoder, "encode_latents", config.encode.resources,
-                  config=config.encode, storage=config.storage, **bundles)
+        ds = _map_models(ds, config, is_small_corpus(todo, config, storage))
         ds = ds.map_batches(
-            ShardWriter,
-            fn_constructor_kwargs={
+            task_stage(ShardWriter),
+            fn_kwargs={
                 "output": config.output,
                 "latent_std": config.encode.latent_std,
                 "storage": config.storage,
@@ -233,7 +344,7 @@ def run_prep(config: PrepConfig) -> Manifest:
             batch_format="numpy",
             batch_size=config.rows_per_file,
             num_cpus=0.25,
-            compute=ray.data.ActorPoolStrategy(size=config.write_concurrency),
+            compute=ray.data.TaskPoolStrategy(size=config.write_concurrency),
         )
         for stats in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for name, values in stats.items():

@@ -13,6 +13,7 @@ import json
 import shutil
 import struct
 import tarfile
+import time
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,6 +40,7 @@ SYNTHETIC_SIZES = [(96, 64), (64, 96), (80, 80), (128, 64), (64, 64), (72, 128)]
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
 SHAPES = ["circle", "square"]
 WEBDATASET_SAMPLES = 3
+PDF_DATE = time.gmtime(1_704_067_200)  # 2024-01-01
 
 
 def _photos_dir() -> Path | None:
@@ -189,12 +191,21 @@ def build_broken_files(out_dir: str | Path, seed: int = 0) -> dict[str, str | No
     exif = Image.Exif()
     exif[0x0112] = 6
     frames = np.zeros((3, 32, 32, 3), dtype=np.uint8)  # (F, H, W, 3)
+    # Two frames, left red / right blue then all green: prep takes the first.
+    animation = _halves((48, 32), 0, 1, mode="P")
+    animation.putpalette([255, 0, 0, 0, 0, 255, 0, 255, 0])
+    second = Image.new("P", (48, 32), 2)
+    second.putpalette([255, 0, 0, 0, 0, 255, 0, 255, 0])
     files = {
         "broken_empty.jpg": ("empty_file", b""),
         "broken_truncated.png": ("truncated", png[: len(png) // 2]),
         "broken_truncated.jpg": ("truncated", jpeg[: len(jpeg) // 2]),
         "broken_random.jpg": ("corrupt", rng.bytes(2048)),
-        "broken_animation.gif": ("unsupported_format", _encoded(photo, "GIF")),
+        # PIL writes PDFs but reads none: not an image input. Dated, so a seed gives its bytes.
+        "broken_document.pdf": (
+            "unsupported_format",
+            _encoded(photo, "PDF", creationDate=PDF_DATE, modDate=PDF_DATE),
+        ),
         "broken_bomb.png": ("decompression_bomb", _png_declaring(100_000, 100_000)),
         "broken_tiny.png": ("too_small", _encoded(photo.resize((12, 8)), "PNG")),
         "broken_random.mp4": ("corrupt", rng.bytes(4096)),
@@ -208,6 +219,10 @@ def build_broken_files(out_dir: str | Path, seed: int = 0) -> dict[str, str | No
         "unusual_exif_rotated.jpg": (
             None,
             _encoded(_halves((48, 32), "red", "blue"), "JPEG", exif=exif.tobytes()),
+        ),
+        "unusual_animation.gif": (
+            None,
+            _encoded(animation, "GIF", save_all=True, append_images=[second], duration=100),
         ),
     }
     for name, (_, data) in files.items():

@@ -183,6 +183,12 @@ class PrepConfig(Config):
     encode: EncodeConfig = Field(default_factory=EncodeConfig)
     rows_per_file: int = Field(default=256, ge=1, description="rows per shard file, at most")
     write_concurrency: int = Field(default=1, ge=1, description="parallel shard writers")
+    small_corpus_inputs: int = Field(
+        default=64,
+        ge=0,
+        description="up to this many inputs the model stages share one actor: start-up, not "
+        "throughput, is what such a job waits for; 0: one actor pool per stage always",
+    )
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 

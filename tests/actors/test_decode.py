@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
-from PIL import Image
+from PIL import Image, features
 
 from actors.decode import (
     DECODE_COLUMNS,
@@ -168,6 +168,10 @@ def test_unusual_modes_come_out_rgb_with_their_colours(broken):
     left, right = _halves(colours["unusual_rgba.png"], axis=1)
     np.testing.assert_allclose(left, (255, 255, 255), atol=2)
     np.testing.assert_allclose(right, (0, 128, 0), atol=2)
+    # An animated GIF gives its first frame (red | blue), not the second (green).
+    left, right = _halves(colours["unusual_animation.gif"], axis=1)
+    np.testing.assert_allclose(left, RED, atol=2)
+    np.testing.assert_allclose(right, BLUE, atol=2)
 
 
 def test_exif_orientation_is_applied(broken):
@@ -180,6 +184,108 @@ def test_exif_orientation_is_applied(broken):
     top, bottom = _halves(pixels, axis=0)
     np.testing.assert_allclose(top, RED, atol=12)
     np.testing.assert_allclose(bottom, BLUE, atol=12)
+
+
+def _red_blue(mode: str = "RGB") -> Image.Image:
+    """48x32, left half red, right half blue, converted to ``mode``."""
+    image = Image.new("RGB", (48, 32), RED)
+    image.paste(BLUE, (24, 0, 48, 32))
+    return image.convert(mode)
+
+
+def _palette_red_blue(transparent_left: bool = False) -> Image.Image:
+    image = Image.new("P", (48, 32), 0)
+    image.paste(1, (24, 0, 48, 32))
+    image.putpalette([*RED, *BLUE, 0, 255, 0])
+    if transparent_left:
+        image.info["transparency"] = 0
+    return image
+
+
+def _grey16(mode: str = "I;16") -> Image.Image:
+    grey = np.full((32, 48), 0x4000, dtype=np.uint16)  # (H, W): 64 of 255 in 8 bits
+    grey[:, 24:] = 0xC000  # 192
+    return Image.fromarray(grey).convert(mode) if mode != "I;16" else Image.fromarray(grey)
+
+
+def _alpha_left(mode: str) -> Image.Image:
+    """Left half fully transparent (its colour red), right half opaque blue."""
+    image = _red_blue("RGBA")
+    image.paste((255, 0, 0, 0), (0, 0, 24, 32))
+    return image.convert(mode)
+
+
+WHITE, GREY = (255, 255, 255), (29, 29, 29)  # GREY: ITU-R 601 luma of pure blue
+# file name -> (image, save options, expected mean colour of the left and right quarters,
+# tolerance): real files written by PIL, each decoded through FetchMedia + MediaDecoder.
+FORMAT_CASES = {
+    "palette.gif": (_palette_red_blue(), {}, RED, BLUE, 2),
+    "transparent.gif": (_palette_red_blue(transparent_left=True), {}, WHITE, BLUE, 2),
+    "animated.gif": (
+        _palette_red_blue(),
+        {"save_all": True, "append_images": [Image.new("P", (48, 32), 2)], "duration": 100},
+        RED,
+        BLUE,
+        2,
+    ),
+    "rgb.bmp": (_red_blue(), {}, RED, BLUE, 2),
+    "palette.bmp": (_red_blue().quantize(4), {}, RED, BLUE, 2),
+    "bilevel.bmp": (_red_blue("L").point(lambda v: 255 * (v > 50)).convert("1"), {}, WHITE, (0,) * 3, 2),
+    "rgb.tiff": (_red_blue(), {}, RED, BLUE, 2),
+    "cmyk.tiff": (_red_blue("CMYK"), {}, RED, BLUE, 2),
+    "grey16.tiff": (_grey16(), {}, (64,) * 3, (192,) * 3, 2),
+    "la.tiff": (_alpha_left("LA"), {}, WHITE, GREY, 2),
+    "rgba.tiff": (_alpha_left("RGBA"), {"compression": "tiff_lzw"}, WHITE, BLUE, 2),
+    "grey16.pgm": (_grey16("I"), {}, (64,) * 3, (192,) * 3, 2),
+    "la.png": (_alpha_left("LA"), {}, WHITE, GREY, 2),
+    "rgba.webp": (_alpha_left("RGBA"), {"lossless": True}, WHITE, BLUE, 2),
+    "rgb.tga": (_red_blue(), {}, RED, BLUE, 2),
+}
+if features.check("avif"):  # where Pillow has its AVIF plugin
+    FORMAT_CASES["rgb.avif"] = (_red_blue(), {"quality": 90}, RED, BLUE, 24)
+    FORMAT_CASES["rgba.avif"] = (_alpha_left("RGBA"), {"quality": 90}, WHITE, BLUE, 24)
+
+
+@pytest.fixture(scope="module")
+def formats(tmp_path_factory) -> dict[str, dict]:
+    root = tmp_path_factory.mktemp("formats")
+    for name, (image, options, *_) in FORMAT_CASES.items():
+        image.save(root / name, **options)
+    return decode_folder(root)
+
+
+@pytest.mark.parametrize("name", sorted(FORMAT_CASES))
+def test_every_format_pil_reads_decodes_to_rgb_with_its_colours(formats, name):
+    image, _, left_colour, right_colour, atol = FORMAT_CASES[name]
+    row = formats[name]
+    assert (row["status"], row["reason"]) == ("ok", ""), row["detail"]
+    assert (row["original_width"], row["original_height"]) == image.size
+    pixels = row["pixels"][0]  # (H, W, 3)
+    assert pixels.dtype == np.uint8 and pixels.shape == (48, 80, 3)  # the 80x48 bucket
+    left, right = _halves(pixels, axis=1)
+    np.testing.assert_allclose(left, left_colour, atol=atol)
+    np.testing.assert_allclose(right, right_colour, atol=atol)
+
+
+def test_corrupt_files_of_every_format_are_quarantined_with_a_reason(tmp_path):
+    expected = {}
+    for name in ("palette.gif", "rgb.bmp", "rgb.tiff", "rgba.webp", "rgb.avif", "rgb.tga"):
+        if name not in FORMAT_CASES:
+            continue
+        image, options, *_ = FORMAT_CASES[name]
+        image.save(tmp_path / name, **options)
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / name).unlink()
+        stem, suffix = name.split(".")
+        (tmp_path / f"cut_{stem}.{suffix}").write_bytes(data[: len(data) // 2])
+        (tmp_path / f"noise_{stem}.{suffix}").write_bytes(np.random.default_rng(0).bytes(2048))
+        # GIF, BMP, TIFF and TGA decoders say when data ends early; WebP's and AVIF's
+        # libraries only that they cannot decode it.
+        expected[f"cut_{stem}.{suffix}"] = "corrupt" if suffix in ("webp", "avif") else "truncated"
+        expected[f"noise_{stem}.{suffix}"] = "corrupt"
+    rows = decode_folder(tmp_path)
+    assert {name: row["reason"] for name, row in rows.items()} == expected
+    assert all(row["status"] == "quarantined" and row["detail"] for row in rows.values())
 
 
 def test_decompression_bomb_limit_comes_from_config(tmp_path):

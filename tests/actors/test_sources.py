@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import features
 
-from actors.sources import MEDIA_COLUMNS, FetchMedia, list_inputs
+from actors.sources import MEDIA_COLUMNS, FetchMedia, list_inputs, media_kind
 from cluster.storage import Storage
 from flows.samples import (
     WEBDATASET_SAMPLES,
@@ -83,6 +84,33 @@ def test_folder_items_pair_captions_and_keep_stray_files(tmp_path):
     assert all(item["caption"] is None for item in items)
 
 
+def test_every_format_pil_reads_is_an_image_by_its_extension():
+    names = ["a.GIF", "b.bmp", "c.tif", "d.tiff", "e.webp", "f.jpeg", "g.png", "h.ppm", "i.tga"]
+    if features.check("avif"):
+        names.append("j.avif")
+    assert {name: media_kind(name) for name in names} == dict.fromkeys(names, "image")
+    assert {name: media_kind(name) for name in ["v.mp4", "v.MOV", "v.mpg"]} == {
+        "v.mp4": "video",
+        "v.MOV": "video",
+        "v.mpg": "unknown",  # PIL reads only MPEG's header; not a video we decode either
+    }
+    # PIL writes PDFs but reads none; HDF5 is a stub that needs a handler of one's own.
+    assert media_kind("doc.pdf") == media_kind("cube.h5") == media_kind("notes") == "unknown"
+
+
+def test_unsupported_formats_say_why(tmp_path):
+    (tmp_path / "doc.pdf").write_bytes(b"%PDF-1.4")
+    (tmp_path / "cube.h5").write_bytes(b"\x89HDF\r\n\x1a\n")
+    config = PrepConfig(input=str(tmp_path))
+    named = by_name(fetch(config, list_inputs(config, Storage())), str(tmp_path))
+    assert {name: row["reason"] for name, row in named.items()} == {
+        "cube.h5": "unsupported_format",
+        "doc.pdf": "unsupported_format",
+    }
+    assert named["doc.pdf"]["detail"] == "extension 'pdf'"
+    assert "cannot decode HDF5" in named["cube.h5"]["detail"]
+
+
 def test_relative_input_is_made_absolute_and_empty_input_is_an_error(tmp_path, monkeypatch):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "a.jpg").write_bytes(b"x")
@@ -109,8 +137,9 @@ def test_files_are_fetched_with_their_captions(corpus):
     assert named["video_00.mp4"]["media_kind"] == "video"
     assert named["unusual_cmyk.jpg"]["caption_original"] is None
     assert named["broken_empty.jpg"]["data"] == b"" and named["broken_empty.jpg"]["reason"] == ""
-    gif = named["broken_animation.gif"]
-    assert (gif["media_kind"], gif["reason"], gif["data"]) == ("unknown", "unsupported_format", b"")
+    assert named["unusual_animation.gif"]["media_kind"] == "image"
+    pdf = named["broken_document.pdf"]
+    assert (pdf["media_kind"], pdf["reason"], pdf["data"]) == ("unknown", "unsupported_format", b"")
     assert len(set(rows["sample_id"])) == len(rows["sample_id"])
 
 
@@ -136,7 +165,7 @@ def test_unreadable_tars_quarantine_the_tar_and_odd_members_their_row(tmp_path):
         whole,
         {
             "a": {"jpg": b"\xff\xd8" * 400, "txt": b"  a cat \n", "json": b"{}"},
-            "b": {"gif": b"GIF89a"},
+            "b": {"pdf": b"%PDF-1.4"},
             "c": {"txt": b"a caption of nothing"},
             "d": {"png": b"p" * 4000, "txt": b"\xff\xfe not utf-8"},
         },
@@ -154,7 +183,7 @@ def test_unreadable_tars_quarantine_the_tar_and_odd_members_their_row(tmp_path):
         "cut.tar": ("unknown", "corrupt", None, 1),
         "noise.tar": ("unknown", "corrupt", None, 1),
         "whole.tar#a.jpg": ("image", "", "a cat", 4),
-        "whole.tar#b.gif": ("unknown", "unsupported_format", None, 4),
+        "whole.tar#b.pdf": ("unknown", "unsupported_format", None, 4),
         "whole.tar#c.txt": ("unknown", "unsupported_format", None, 4),
         "whole.tar#d.png": ("image", "too_large", None, 4),
     }

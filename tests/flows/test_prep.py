@@ -24,8 +24,8 @@ from actors.decode import MediaDecoder
 from actors.sources import FetchMedia, list_inputs
 from cluster.storage import Storage
 from flows.models import build_tiny_bundles
-from flows.prep import run_prep
-from flows.samples import build_broken_files, build_sample_corpus
+from flows.prep import is_small_corpus, run_prep
+from flows.samples import build_broken_files, build_sample_corpus, write_webdataset_tar
 from schemas.config import PrepConfig, load_config
 from schemas.shards import BucketKey
 
@@ -113,6 +113,23 @@ def test_every_valid_input_written_and_every_broken_one_quarantined(local_run, c
     assert manifest_file["vae"]["image"]["scaling_factor"] == pytest.approx(1.5305)
     assert (output / "empty_prompt.safetensors").is_file()
     assert set(manifest.stage_throughput) >= {"decode", "caption", "encode_latents"}
+    # A small corpus: the model stages share one actor.
+    assert "ModelStages" in _actor_classes()
+
+
+def test_a_few_large_tars_are_not_a_small_corpus(tmp_path):
+    for name in ("a.jpg", "b.png"):
+        (tmp_path / name).write_bytes(b"x")
+    write_webdataset_tar(tmp_path / "small.tar", {"0": {"jpg": b"x" * 1000}})
+    config = PrepConfig(input=str(tmp_path), small_corpus_inputs=4)
+    items = list_inputs(config, Storage())
+    assert is_small_corpus(items, config, Storage())  # 2 files + a tar under 1 MiB
+    # A tar of 3 MiB of samples counts as at least 3 inputs: over 4 with only 4 files.
+    write_webdataset_tar(tmp_path / "large.tar", {"0": {"jpg": b"x" * 3 * 2**20}})
+    items = list_inputs(config, Storage())
+    assert len(items) == 4 and not is_small_corpus(items, config, Storage())
+    never = config.model_copy(update={"small_corpus_inputs": 0})
+    assert not is_small_corpus(items[:1], never, Storage())
 
 
 def test_shards_readable_by_plain_pyarrow_and_ray_data(local_run):
@@ -181,9 +198,12 @@ def test_s3_in_and_out_match_local(local_run, bundles, corpus, s3_bucket, storag
     root, _ = corpus
     storage = Storage(storage_config)
     storage.upload_dir(root, f"{s3_bucket}/corpus")
+    # One actor pool per model stage, as a large corpus runs; the local run held all models
+    # in one actor (a small corpus): both must write the same rows.
     config = _config(bundles, f"{s3_bucket}/corpus", f"{s3_bucket}/shards",
-                     storage=storage_config.model_dump())
+                     storage=storage_config.model_dump(), small_corpus_inputs=0)
     remote = run_prep(config)
+    assert {"Filters", "Captioner", "TextEncoder", "LatentEncoder"} <= set(_actor_classes())
     assert remote.num_written == manifest.num_written
     assert remote.quarantined == manifest.quarantined
     fs, path = storage.filesystem(f"{s3_bucket}/shards/shards")
@@ -204,6 +224,16 @@ def test_s3_in_and_out_match_local(local_run, bundles, corpus, s3_bucket, storag
                 assert local[key][name] is None
             else:
                 np.testing.assert_allclose(row[name], local[key][name], atol=1e-4)
+
+
+def _actor_classes() -> list[str]:
+    """The Ray Data stages this Ray has started actors for (alive or done), read from the GCS
+    (the tests' Ray has no dashboard, so no State API)."""
+    from ray._private.state import actors
+
+    # Ray Data names an actor "MapWorker(MapBatches(<stage>))".
+    names = [actor["ActorClassName"] for actor in actors().values()]
+    return [name.rpartition("(")[2].split(")")[0] for name in names]
 
 
 def _cli(config_path: Path, **kwargs) -> subprocess.Popen:

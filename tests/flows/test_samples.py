@@ -77,7 +77,9 @@ def test_broken_files_are_what_their_names_say(tmp_path):
         "unusual_palette_alpha.png": "P",
         "unusual_rgba.png": "RGBA",
         "unusual_exif_rotated.jpg": "RGB",
+        "unusual_animation.gif": "P",
     }
+    assert Image.open(tmp_path / "unusual_animation.gif").n_frames == 2
     assert Image.open(tmp_path / "unusual_exif_rotated.jpg").getexif()[0x0112] == 6
 
 
