@@ -56,6 +56,10 @@ def configure_console(verbose: bool) -> None:
     # `| tee`): a progress line that arrives at exit is no progress line.
     if isinstance(sys.stdout, io.TextIOWrapper):  # not when a caller swapped in its own
         sys.stdout.reconfigure(line_buffering=True)
+    if not sys.stdout.isatty():
+        # Ray colours the prefix of what it forwards (the raylet's warnings reach the driver
+        # even when worker output does not): escape codes in a file or a pipe.
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     if verbose or is_verbose():
         os.environ[VERBOSE_ENV] = "1"
         return
