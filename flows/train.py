@@ -642,7 +642,9 @@ def train_loop(args: dict[str, Any]) -> None:
         objective.load_state_dict(state["objective"])
         step = state["step"]
         stream.seek(state["epoch"], state["position"])
-        args["console"].say(f"[raygen train] rank {rank}: resumed at step {step} from {checkpoint.path}")
+        args["console"].say(
+            f"[raygen train] rank {rank}: resumed at step {step} from {checkpoint.path}"
+        )
 
     # --- steps ---
     while step < config.max_steps:
