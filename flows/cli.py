@@ -2,6 +2,9 @@
 
 Every flow takes `--config FILE` (YAML of its config model), repeatable `--set key.path=value`
 overrides, and flags for the fields everyone sets. Precedence: defaults < file < flags < --set.
+
+The console shows raygen's own lines; `raygen -v COMMAND` shows Ray's and the libraries' output
+as well (see cluster/ray_runtime.py).
 """
 
 from __future__ import annotations
@@ -33,7 +36,13 @@ examples:
   raygen submit --address http://head:8265 -- prep --config configs/prep.yaml
 
 Commands run on a local Ray started in-process unless --address or $RAY_ADDRESS names a cluster.
+Ray's own output goes to its log files (/tmp/ray/session_latest/logs); -v shows it here too.
 """
+
+VERBOSE_HELP = (
+    "also show Ray's and the model libraries' output (worker logs, progress bars, warnings); "
+    "by default they go to Ray's log files and the console shows raygen's own lines"
+)
 
 # Flows that later issues build. Their subcommands already parse and validate a config so
 # that scripts and manifests can be written against the final interface today.
@@ -65,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     models = commands.add_parser("models", help="build or inspect model bundles")
@@ -207,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--data-dir", default="./raygen-data", metavar="DIR", help="default: %(default)s"
     )
+    # Also after the command (`raygen demo -v`, `./dev demo -v`); SUPPRESS keeps a -v given
+    # before it.
+    for command in [*commands.choices.values(), tiny, detect]:
+        command.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP
+        )
     return parser
 
 
@@ -389,6 +405,10 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from cluster.ray_runtime import configure_console
+
+    # Before any flow imports Ray's libraries or the model libraries: they read it on import.
+    configure_console(args.verbose)
     try:
         if args.command in FLOW_FLAGS:
             cls, flags = FLOW_FLAGS[args.command]

@@ -7,7 +7,9 @@ tokenizers, schedulers) at a size that builds in about a second and runs on a CP
 
 Tokenizers are built from `CAPTION_WORDS` without any download: a byte-level BPE (CLIP), a
 Unigram (T5 / UMT5) and a WordPiece (BERT, for BLIP), each wrapped in the transformers class
-the real checkpoint uses.
+the real checkpoint uses. Image processors are built with transformers' PIL backend, named as
+such (torchvision is not a dependency); the saved config names the backend-neutral class, so
+a bundle loads with whichever backend the loading machine has.
 """
 
 from __future__ import annotations
@@ -41,12 +43,12 @@ from transformers import (
     BertTokenizer,
     BlipConfig,
     BlipForConditionalGeneration,
-    BlipImageProcessor,
+    BlipImageProcessorPil,
     BlipProcessor,
     BlipTextConfig,
     BlipVisionConfig,
     CLIPConfig,
-    CLIPImageProcessor,
+    CLIPImageProcessorPil,
     CLIPModel,
     CLIPProcessor,
     CLIPTextConfig,
@@ -61,7 +63,7 @@ from transformers import (
     UMT5EncoderModel,
     ViTConfig,
     ViTForImageClassification,
-    ViTImageProcessor,
+    ViTImageProcessorPil,
 )
 
 TINY_BUNDLES: tuple[str, ...] = (
@@ -305,7 +307,7 @@ def _build_captioner(out: Path, seed: int) -> None:
             )
         )
     processor = BlipProcessor(
-        image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
+        image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}),
         tokenizer=tokenizer,
     )
     model.save_pretrained(out, safe_serialization=True)
@@ -334,7 +336,7 @@ def _build_scorer(out: Path, seed: int) -> None:
             )
         )
     processor = CLIPProcessor(
-        image_processor=CLIPImageProcessor(
+        image_processor=CLIPImageProcessorPil(
             size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
         ),
         tokenizer=tokenizer,
@@ -376,7 +378,7 @@ _TINY_VIT = {
 def _save_image_classifier(out: Path, seed: int, config: ViTConfig) -> None:
     with _seeded(seed):
         model = ViTForImageClassification(config)
-    processor = ViTImageProcessor(size={"height": 32, "width": 32})
+    processor = ViTImageProcessorPil(size={"height": 32, "width": 32})
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -346,9 +347,18 @@ def run_prep(config: PrepConfig) -> Manifest:
             num_cpus=0.25,
             compute=ray.data.TaskPoolStrategy(size=config.write_concurrency),
         )
+        # On a terminal Ray Data draws the live bar; elsewhere a line per written batch.
+        lines = not sys.stdout.isatty()
         for stats in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for name, values in stats.items():
                 totals[name] += float(np.sum(values))
+            if lines:
+                print(
+                    f"prep: {totals['rows']:.0f} rows done ({totals['written']:.0f} written, "
+                    f"{totals['quarantined']:.0f} quarantined, {totals['filtered']:.0f} "
+                    f"filtered) in {time.perf_counter() - started:.0f}s",
+                    flush=True,
+                )
 
     # ---- manifest -------------------------------------------------------------------------
     manifest_uri = join(config.output, MANIFEST_NAME)

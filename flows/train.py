@@ -52,7 +52,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from cluster.bundles import resolve_bundle
-from cluster.ray_runtime import init_ray
+from cluster.ray_runtime import DriverConsole, init_ray
 from cluster.storage import Storage, is_s3, join
 from flows.shard_reader import (
     Bucket,
@@ -260,7 +260,8 @@ class RectifiedFlow:
         self.shift = float(scheduler.get("shift", scheduler.get("flow_shift", 1.0)))
         self.num_train_timesteps = int(scheduler.get("num_train_timesteps", 1000))
         self.config, self.plan, self.device = config, plan, device
-        self.empty = {k: torch.from_numpy(v).to(device) for k, v in plan.empty_prompt.items()}
+        # A copy: the plan's arrays arrive read-only from Ray's object store.
+        self.empty = {k: torch.tensor(v, device=device) for k, v in plan.empty_prompt.items()}
 
     def loss(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator
@@ -448,7 +449,8 @@ def _ema_weights(model: torch.nn.Module, ema: EMAModel) -> dict[str, torch.Tenso
 
 
 def train_loop(args: dict[str, Any]) -> None:
-    """What each Ray Train worker runs; ``args`` = config JSON, plan, objective name."""
+    """What each Ray Train worker runs; ``args`` = config JSON, plan, objective name, and the
+    driver's console."""
     config: LoopConfig = args["config_cls"].model_validate(args["config"])
     plan: RunPlan = args["plan"]
     if is_s3(plan.bundle_uri):
@@ -524,7 +526,9 @@ def train_loop(args: dict[str, Any]) -> None:
         step = state["step"]
         stream.seek(state["epoch"], state["position"])
         resumed_from = step
-        print(f"[raygen train] rank {rank}: resumed at step {step} from {checkpoint.path}")
+        args["console"].say(
+            f"[raygen train] rank {rank}: resumed at step {step} from {checkpoint.path}"
+        )
 
     # --- steps ---
     while step < config.max_steps:
@@ -789,10 +793,15 @@ class MetricsLog(UserCallback):
     """On the Train controller: rank 0's metrics -> progress lines, metrics.jsonl, loss.png."""
 
     def __init__(
-        self, output: str, storage: Storage, total_steps: int, history: list[dict]
+        self,
+        output: str,
+        storage: Storage,
+        total_steps: int,
+        history: list[dict],
+        console: DriverConsole,
     ) -> None:
         self.output, self.storage, self.total_steps = output, storage, total_steps
-        self.history = history
+        self.history, self.console = history, console
 
     def after_report(
         self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any
@@ -805,17 +814,15 @@ class MetricsLog(UserCallback):
         self.history = [r for r in self.history if r["step"] < first] + records
         for resumed in records:
             if "resumed_from_step" in resumed:
-                print(
-                    f"[raygen] resumed from the checkpoint of step {resumed['resumed_from_step']}",
-                    flush=True,
+                self.console.say(
+                    f"[raygen] resumed from the checkpoint of step {resumed['resumed_from_step']}"
                 )
         record = records[-1]
-        print(
+        self.console.say(
             f"[raygen] step {record['step']}/{self.total_steps} loss {record['loss']:.4f} "
             f"grad_norm {record['grad_norm']:.3f} lr {record['lr']:.2e} "
             f"{record['samples_per_s']:.1f} samples/s data_wait {record['data_wait_fraction']:.1%}"
-            + (" [checkpoint]" if checkpoint else ""),
-            flush=True,
+            + (" [checkpoint]" if checkpoint else "")
         )
         lines = "".join(json.dumps(r) + "\n" for r in self.history)
         self.storage.write_bytes(join(self.output, "metrics.jsonl"), lines.encode())
@@ -824,6 +831,14 @@ class MetricsLog(UserCallback):
                 [r["step"] for r in self.history], [r["loss"] for r in self.history]
             )
             self.storage.write_bytes(join(self.output, "loss.png"), curve)
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        # Worker output stays in Ray's logs: say here that workers failed (Ray Train restarts
+        # them from the last checkpoint while failures are left; the last one is raised).
+        for rank, error in sorted(worker_exceptions.items()):
+            # A worker's error text is its traceback; the last line names the exception.
+            summary = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+            self.console.say(f"[raygen] worker rank {rank} failed: {summary}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -880,6 +895,7 @@ def run_loop(
         + ", ".join(f"{b.name} ({b.num_rows} rows)" for b in plan.buckets.values()),
         flush=True,
     )
+    console = DriverConsole()
     trainer = ray.train.torch.TorchTrainer(
         train_loop,
         train_loop_config={
@@ -887,6 +903,7 @@ def run_loop(
             "config_cls": type(config),
             "plan": plan,
             "objective": objective,
+            "console": console,
         },
         scaling_config=ScalingConfig(
             num_workers=config.num_workers,
@@ -902,11 +919,12 @@ def run_loop(
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoints_to_keep),
-            callbacks=[MetricsLog(config.output, storage, config.max_steps, history)],
+            callbacks=[MetricsLog(config.output, storage, config.max_steps, history, console)],
         ),
         datasets=bucket_datasets(plan.buckets, storage),
     )
-    result = trainer.fit()
+    with console.shown():
+        result = trainer.fit()
     metrics = ((result.metrics or {}).get("records") or [{}])[-1]
     if storage.exists(join(config.output, STOPPED)):
         stopped = json.loads(storage.read_bytes(join(config.output, STOPPED)))

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
+import tempfile
 import time
+import uuid
+from pathlib import Path
 
 import pytest
 import ray
 
-from cluster.ray_runtime import init_ray
+from cluster.ray_runtime import VERBOSE_ENV, init_ray
 from schemas.config import RayConfig
+
+REPO = Path(__file__).parents[2]
 
 
 def _closed_port() -> int:
@@ -81,3 +89,71 @@ def test_dashboard_url_is_a_user_error(no_ray: None) -> None:
 def test_address_without_port_is_a_user_error(no_ray: None) -> None:
     with pytest.raises(ValueError, match="head-node"):
         init_ray(RayConfig(address="head-node"))
+
+
+# A driver as a raygen command runs one: console chosen first, then a local Ray. A worker
+# prints, says a line through the driver's console, then another worker fails.
+_DRIVER = """
+import sys, time
+import ray
+from cluster.ray_runtime import DriverConsole, configure_console, init_ray
+from schemas.config import RayConfig
+
+configure_console(verbose=sys.argv[1] == "verbose")
+init_ray(RayConfig(num_cpus=1))
+marker = sys.argv[2]
+
+@ray.remote
+def work(console):
+    print(f"printed by a worker {marker}")
+    console.say(f"said by a worker {marker}")
+
+@ray.remote
+def fail():
+    raise ValueError(f"a worker's error {marker}")
+
+console = DriverConsole()
+with console.shown():
+    ray.get(work.remote(console))
+time.sleep(3)  # Ray forwards worker output every few hundred ms when it forwards at all
+ray.get(fail.remote())
+"""
+
+
+def _run_driver(mode: str, marker: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", VERBOSE_ENV)}
+    return subprocess.run(
+        [sys.executable, "-c", _DRIVER, mode, marker],
+        cwd=REPO,
+        env={**env, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+@pytest.mark.slow
+def test_quiet_console_keeps_worker_output_in_rays_logs_but_shows_errors() -> None:
+    marker = uuid.uuid4().hex
+    result = _run_driver("quiet", marker)
+    console = result.stdout + result.stderr
+
+    assert f"said by a worker {marker}" in result.stdout  # raygen's own line, relayed
+    assert f"printed by a worker {marker}" not in console
+    # The failure reaches the user with the worker's traceback, and the command fails.
+    assert result.returncode != 0
+    assert f"ValueError: a worker's error {marker}" in result.stderr
+    assert ", in fail\n" in result.stderr  # the worker's frame
+    # What the worker printed is in Ray's log files.
+    logs = Path(tempfile.gettempdir(), "ray").glob("session_*/logs/worker-*.out")
+    assert any(marker in path.read_text(errors="replace") for path in logs)
+
+
+@pytest.mark.slow
+def test_verbose_console_shows_worker_output() -> None:
+    marker = uuid.uuid4().hex
+    result = _run_driver("verbose", marker)
+
+    assert f"printed by a worker {marker}" in result.stdout
+    assert f"said by a worker {marker}" in result.stdout
+    assert f"ValueError: a worker's error {marker}" in result.stderr

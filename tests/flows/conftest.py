@@ -21,6 +21,7 @@ REPO = Path(__file__).parents[2]
 class DemoRun:
     data: Path  # the demo's --data-dir
     stdout: str
+    stderr: str
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +36,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
         timeout=400,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    return DemoRun(data, result.stdout)
+    return DemoRun(data, result.stdout, result.stderr)
 
 
 @pytest.fixture(scope="session")

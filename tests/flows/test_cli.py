@@ -115,3 +115,50 @@ def test_flags_and_set_reach_the_config(tmp_path):
 def test_submit_without_a_command_is_a_user_error(capsys):
     assert main(["submit", "--address", "http://127.0.0.1:1"]) == 2
     assert "name the raygen command" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["-v", "demo"],
+        ["demo", "--verbose"],
+        ["models", "tiny", "--out", "x", "-v"],
+        ["watermark", "detect", "a.png", "-v"],
+    ],
+)
+def test_verbose_is_accepted_before_and_after_the_command(argv):
+    assert build_parser().parse_args(argv).verbose is True
+
+
+def test_quiet_is_the_default_and_submit_passes_its_command_flags_on():
+    assert build_parser().parse_args(["demo"]).verbose is False
+    args = build_parser().parse_args(["submit", "--", "prep", "-v"])
+    assert args.verbose is False and args.argv == ["--", "prep", "-v"]
+
+
+@pytest.mark.slow
+def test_a_failing_worker_is_shown_on_the_quiet_console(demo_run, tiny_bundles, tmp_path):
+    # Worker output stays in Ray's logs by default; a worker's error must not. The captioner
+    # stage given the CLIP scorer's bundle fails where it loads, in a Ray Data actor.
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("synthetic_00.png", "synthetic_00.txt"):
+        (corpus / name).write_bytes((demo_run.data / "corpus" / name).read_bytes())
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "flows.cli", "prep",
+            "--input", str(corpus),
+            "--output", str(tmp_path / "shards"),
+            "--bundle", str(tiny_bundles["t2i"]),
+            "--set", f"video_bundle.uri={tiny_bundles['t2v']}",
+            "--set", f"filters.scorer.uri={tiny_bundles['scorer']}",
+            "--set", f"caption.model.uri={tiny_bundles['scorer']}",
+        ],  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" in result.stderr
+    assert "Captioner" in result.stderr and "CLIPConfig" in result.stderr, result.stderr[-3000:]
