@@ -23,6 +23,9 @@ from schemas.api import GenerateRequest
 from schemas.config import ServeConfig
 
 Event = tuple[str, dict[str, Any]]  # (SSE event name, its data)
+# How long a failed chain's calls get to show their own outcome when the graph looks for
+# the one that failed first.
+_SETTLED_S = 0.2
 
 
 class ReplicaFailed(Exception):
@@ -118,8 +121,6 @@ class _Calls:
         try:
             return await last
         except Exception:
-            for _, response in self.calls:
-                response.cancel()
             stage = await self._first_failed()
             if stage is not None:
                 raise ReplicaFailed(stage) from None
@@ -136,10 +137,14 @@ class _Calls:
         in graph order that failed (the ones after it failed for want of its result)."""
         for name, response in self.calls:
             try:
-                await response
+                # A call that has not settled by now (another image's, in parallel) is not
+                # what failed: the failure came through the calls before it.
+                await asyncio.wait_for(_settled(response), _SETTLED_S)
+            except TimeoutError:
+                continue
             except RayActorError:
                 return name
-            except (Exception, asyncio.CancelledError):
+            except Exception:
                 return None
         return None
 
@@ -262,6 +267,10 @@ class ImageGraph:
             *(_named(name, handle.stats.remote()) for name, handle in stages.items())
         )
         return dict(zip(stages, results, strict=True))
+
+
+async def _settled(response: DeploymentResponse) -> Any:
+    return await response
 
 
 async def _named(stage: str, response: DeploymentResponse) -> Any:
