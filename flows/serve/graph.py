@@ -10,6 +10,7 @@ happen, so for it every stage is awaited in turn and the denoisers stream their 
 """
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -26,6 +27,10 @@ Event = tuple[str, dict[str, Any]]  # (SSE event name, its data)
 # How long a failed chain's calls get to show their own outcome when the graph looks for
 # the one that failed first.
 _SETTLED_S = 0.2
+# A Serve replica actor's name: SERVE_REPLICA::<app>#<deployment>#<replica id>. Serve reports a
+# call whose argument came from a dead replica as an upstream crash, with Ray's
+# ActorDiedError (which names the dead actor) as its cause.
+_REPLICA_NAME = re.compile(r"SERVE_REPLICA::[^#\s]+#([^#\s]+)#")
 
 
 class ReplicaFailed(Exception):
@@ -120,8 +125,8 @@ class _Calls:
             return last
         try:
             return await last
-        except Exception:
-            stage = await self._first_failed()
+        except Exception as err:
+            stage = _dead_stage(err) or await self._first_failed()
             if stage is not None:
                 raise ReplicaFailed(stage) from None
             raise
@@ -267,6 +272,15 @@ class ImageGraph:
             *(_named(name, handle.stats.remote()) for name, handle in stages.items())
         )
         return dict(zip(stages, results, strict=True))
+
+
+def _dead_stage(err: BaseException | None) -> str | None:
+    """The stage whose replica died, named by the actor error behind ``err``, if any."""
+    while err is not None:
+        if isinstance(err, RayActorError) and (match := _REPLICA_NAME.search(str(err))):
+            return match.group(1)
+        err = err.__cause__
+    return None
 
 
 async def _settled(response: DeploymentResponse) -> Any:
