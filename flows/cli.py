@@ -302,7 +302,7 @@ _GENERATE_FIELDS = (
 def _run_generate(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from flows.serve import ServerError, generate_image, write_images
+    from flows.client import ServerError, generate_image, write_images
     from schemas.api import GenerateRequest
 
     fields = {name: getattr(args, name) for name in _GENERATE_FIELDS}

@@ -377,6 +377,10 @@ class ServeDeployments(Config):
     ingress: DeploymentSettings = Field(
         default_factory=lambda: DeploymentSettings(max_ongoing_requests=32)
     )
+    # Drives each image request through the stages; it holds no model, only their calls.
+    graph: DeploymentSettings = Field(
+        default_factory=lambda: DeploymentSettings(max_ongoing_requests=32)
+    )
     text_encoder: DeploymentSettings = Field(default_factory=DeploymentSettings)
     base: DeploymentSettings = Field(default_factory=DeploymentSettings)
     refiner: DeploymentSettings = Field(default_factory=DeploymentSettings)

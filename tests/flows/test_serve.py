@@ -4,8 +4,9 @@ validation, prompt filter, watermark, URLs on S3, the server-sent-events progres
 batching, overload and timeouts (a timed-out batch stops early), the metrics on Ray's
 metrics endpoint, and the `raygen generate` client.
 
-Parity is checked on float32 pixels through the ingress deployment's ``pixels`` method (the
-same stages and code path as the routes, stopping before the safety stage), because every
+Parity is checked on float32 pixels from the image graph's handle (``ImageGraph`` with
+``output_type`` float32: the same stages and code path as the routes, stopping before the
+safety stage), because every
 image the routes return carries the invisible watermark, which changes pixels on purpose;
 the PNGs the routes return are checked against the pipeline's uint8 image to the watermark's
 size.
@@ -38,7 +39,8 @@ from actors.safety import detect_watermark
 from flows.cli import main
 from flows.models import build_tiny_bundles
 from flows.serve import APP_NAME, api_key_digests, app_builder, build_app, deployment_options
-from schemas.api import GenerateRequest
+from flows.serve.checks import InvalidInput, ShapeFactors, check_inputs
+from schemas.api import GenerateRequest, VideoRequest
 from schemas.config import ConfigError, DeploymentSettings, ServeConfig, StorageConfig
 from tests.conftest import S3_REGION, free_port
 
@@ -61,7 +63,7 @@ BLOCKED = "forbidden fruit"
 @dataclass(frozen=True)
 class Server:
     url: str
-    ingress: DeploymentHandle
+    graph: DeploymentHandle
     config: ServeConfig
 
 
@@ -149,8 +151,9 @@ def server(
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        ingress = serve.run(build_app(config), name=APP_NAME, route_prefix="/")
-        yield Server(f"http://127.0.0.1:{port}", ingress, config)
+        serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+        graph = serve.get_deployment_handle("graph", APP_NAME)
+        yield Server(f"http://127.0.0.1:{port}", graph, config)
     finally:
         serve.shutdown()
         os.environ.pop(API_KEYS_ENV, None)
@@ -263,7 +266,7 @@ def max_abs(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
 
 
-def staged_pixels(server: Server, **fields: Any) -> np.ndarray:
+def staged_pixels(server: Server, seed: int, **fields: Any) -> np.ndarray:
     request = GenerateRequest(
         prompt=PROMPT,
         negative_prompt=NEGATIVE_PROMPT,
@@ -271,11 +274,15 @@ def staged_pixels(server: Server, **fields: Any) -> np.ndarray:
         height=HEIGHT,
         width=WIDTH,
         num_inference_steps=NUM_STEPS,
+        seed=seed,
         **fields,
     )
-    result = server.ingress.pixels.remote(request).result()
-    [image] = result["images"]
+    staged = server.graph.remote(request, [seed], "float32").result()
+    [image] = staged.value
     assert image.dtype == np.float32 and image.shape == (HEIGHT, WIDTH, 3)
+    # Each stage reports its own seconds, in graph order; nothing after the VAE ran.
+    stages = ["text_encoder", "base", *(["refiner"] if request.refiner else []), "vae_decode"]
+    assert list(staged.seconds) == stages and all(s > 0 for s in staged.seconds.values())
     return image
 
 
@@ -601,6 +608,7 @@ def test_openai_client_b64_json_and_url(server):
 
 @pytest.mark.slow
 def test_concurrent_requests_batch_and_overflow_is_503_with_retry_after(server):
+    before = stats(server)
     body = {
         "prompt": "a crowded market",
         "height": HEIGHT,
@@ -616,8 +624,10 @@ def test_concurrent_requests_batch_and_overflow_is_503_with_retry_after(server):
     for status, headers, _ in results:
         if status == 503:
             assert headers.get("retry-after") == "2"
-    # Concurrent requests of one shape and step count shared a denoise call.
-    assert stats(server)["base"]["batch_sizes"].get("2", 0) >= 1  # JSON keys are strings
+    # Concurrent requests of one shape and step count shared a denoise call (counted here,
+    # not by earlier tests).
+    after = stats(server)["base"]["batch_sizes"]  # JSON keys are strings
+    assert after.get("2", 0) - before["base"]["batch_sizes"].get("2", 0) >= 1, (before, after)
 
 
 @pytest.mark.slow
@@ -714,3 +724,41 @@ def test_app_builder_takes_a_config_file_and_overrides(tmp_path):
     assert isinstance(app, serve.Application)
     with pytest.raises(ConfigError, match="unknown key 'max_heigth'"):
         app_builder({"max_heigth": "5"})
+
+
+def test_check_inputs_names_the_field_for_images_and_videos():
+    config = ServeConfig.model_validate(
+        {
+            "max_height": 64,
+            "max_width": 64,
+            "max_images_per_request": 2,
+            "request_timeout_s": 60,
+            "video": {"max_height": 32, "max_width": 32, "max_num_frames": 9},
+        }
+    )
+    image, video = ShapeFactors(16), ShapeFactors(16, frame_multiple=4)
+    check_inputs(GenerateRequest(prompt="a cat", height=32, width=64), config, image)
+    check_inputs(VideoRequest(prompt="a cat", height=32, width=16, num_frames=9), config, video)
+    cases = [
+        (GenerateRequest(prompt="a", height=40, width=32), image, "height", "multiple of 16"),
+        (GenerateRequest(prompt="a", height=32, width=80), image, "width", "at most 64"),
+        (GenerateRequest(prompt="a", height=32, width=32, num_images_per_prompt=3), image,
+         "num_images_per_prompt", "at most 2"),
+        (GenerateRequest(prompt="a", height=32, width=32, refiner=True), image, "refiner",
+         "no refiner"),
+        (GenerateRequest(prompt="a", height=32, width=32, upscale=1), image, "upscale",
+         "0 super-resolution"),
+        (GenerateRequest(prompt="a", height=32, width=32, model="x"), image, "model", "'raygen'"),
+        (GenerateRequest(prompt="a", height=32, width=32, timeout_s=61), image, "timeout_s",
+         "at most 60"),
+        (VideoRequest(prompt="a", height=48, width=32, num_frames=5), video, "height",
+         "at most 32"),
+        (VideoRequest(prompt="a", height=32, width=32, num_frames=6), video, "num_frames",
+         "multiple of 4"),
+        (VideoRequest(prompt="a", height=32, width=32, num_frames=13), video, "num_frames",
+         "at most 9"),
+    ]  # fmt: skip
+    for request, factors, field, message in cases:
+        with pytest.raises(InvalidInput, match=message) as caught:
+            check_inputs(request, config, factors)
+        assert caught.value.field == field

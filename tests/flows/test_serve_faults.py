@@ -1,4 +1,4 @@
-"""The serving graph (`flows/serve.py`) under load on a real local Ray Serve with a tiny
+"""The serving graph (`flows/serve/`) under load on a real local Ray Serve with a tiny
 bundle: a base replica killed mid-request, and the base stage autoscaling up and back down.
 
 One Serve app serves both tests. Its base stage autoscales between one and two replicas on
@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import ray
+from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
 from flows.models import build_tiny_bundles
@@ -198,6 +199,26 @@ def base_replica_actors() -> list[str]:
     ]
 
 
+def replica_calls(deployment: str) -> dict[str, float]:
+    """Calls each replica of ``deployment`` has answered, by replica id (the end of its
+    actor's name), from Serve's own per-replica counter on Ray's metrics endpoint (replicas
+    report every second: ray_local's metrics_report_interval_ms)."""
+    [node] = ray.nodes()
+    url = f"http://127.0.0.1:{node['MetricsExportPort']}/metrics"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        text = response.read().decode()
+    calls: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if (
+                sample.name == "ray_serve_deployment_request_counter_total"
+                and sample.labels.get("deployment") == deployment
+            ):
+                replica = sample.labels["replica"]
+                calls[replica] = calls.get(replica, 0.0) + sample.value
+    return calls
+
+
 def test_killing_the_base_replica_under_load_fails_cleanly_then_recovers(server):
     [replica] = base_replica_actors()
     actor = ray.get_actor(replica, namespace="serve")
@@ -260,19 +281,30 @@ def test_killing_the_base_replica_under_load_fails_cleanly_then_recovers(server)
 
 def test_the_base_stage_scales_up_under_load_and_back_down(server):
     wait_for(lambda: base_replica_states() == {"RUNNING": 1}, 30, "one base replica at rest")
+    [first] = base_replica_actors()
     with Load(server, AUTOSCALING_TEST_CLIENTS) as load:
         wait_for(
             lambda: base_replica_states().get("RUNNING", 0) == 2,
             REPLICA_START_S,
             "a second base replica running under load",
         )
-        # The new replica takes requests: the load keeps going through the scale-up.
         scaled_at = time.monotonic()
+        [second] = set(base_replica_actors()) - {first}
+        second_id = second.rsplit("#", 1)[-1]
+        # The new replica takes requests: Serve counts calls it answered (under this load,
+        # only denoise calls reach the base: the graph asked its size factors long ago).
+        wait_for(
+            lambda: replica_calls("base").get(second_id, 0) >= 1,
+            60,
+            f"the second base replica ({second_id}) answered a call",
+            poll_s=1,
+        )
         wait_for(
             lambda: len(load.finished(since=scaled_at)) >= AUTOSCALING_TEST_CLIENTS,
             60,
             "requests after the scale-up finished",
         )
+    print(f"calls per base replica under load: {replica_calls('base')}")
     stopped_at = time.monotonic()
     wait_for(
         lambda: base_replica_states() == {"RUNNING": 1}, 30, "back to one base replica at rest"

@@ -1,4 +1,4 @@
-"""Video jobs on a real local Ray Serve with tiny bundles (`flows/serve.py`'s video graph):
+"""Video jobs on a real local Ray Serve with tiny bundles (`flows/serve/video_jobs.py`):
 submit (202), progress, the watermarked MP4 behind the job's URL, the safety check on its
 frames, cancelling queued and running jobs, the queue bound (503), validation 422s naming the
 field, job records shared by every ingress replica and kept in storage, so that they outlive
@@ -34,14 +34,9 @@ from actors.safety import detect_watermark
 from actors.video import to_uint8
 from flows.cli import main
 from flows.models import build_tiny_bundles
-from flows.serve import (
-    APP_NAME,
-    VIDEO_JOBS_FOLDER,
-    VideoDecodeStage,
-    VideoJobs,
-    _Job,
-    build_app,
-)
+from flows.serve import APP_NAME, build_app
+from flows.serve.stages import VideoDecodeStage
+from flows.serve.video_jobs import VIDEO_JOBS_FOLDER, VideoJobs, _Job
 from schemas.api import VideoJob
 from schemas.config import (
     ModelRef,

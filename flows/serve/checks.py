@@ -1,0 +1,85 @@
+"""What a request may ask of this server, checked in one place before any model runs."""
+
+from dataclasses import dataclass
+
+from schemas.api import GenerateRequest, VideoRequest
+from schemas.config import ServeConfig
+
+
+class InvalidInput(ValueError):
+    """A request field this server cannot serve; the ingress answers 422 naming ``field``."""
+
+    def __init__(self, field: str, value: object, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.value = value
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ShapeFactors:
+    """What the model fixes about output shapes, read once from the stage that holds it."""
+
+    size_multiple: int  # sides: the VAE's downscale times the transformer's patch size
+    frame_multiple: int | None = None  # video: (num_frames - 1) must be a multiple of it
+
+
+def check_inputs(
+    request: GenerateRequest | VideoRequest, config: ServeConfig, factors: ShapeFactors
+) -> None:
+    """The checks that depend on this server (its sizes, stages, model name and limits);
+    the request's own field ranges are its schema's. Raises ``InvalidInput``."""
+    if isinstance(request, VideoRequest):
+        video = config.video
+        assert video is not None and factors.frame_multiple is not None
+        _check_sides(request, factors.size_multiple, video.max_height, video.max_width)
+        if (request.num_frames - 1) % factors.frame_multiple:
+            raise InvalidInput(
+                "num_frames",
+                request.num_frames,
+                f"num_frames - 1 must be a multiple of {factors.frame_multiple} (the VAE's "
+                "temporal downscale)",
+            )
+        if request.num_frames > video.max_num_frames:
+            raise InvalidInput(
+                "num_frames", request.num_frames, f"must be at most {video.max_num_frames}"
+            )
+        return
+    if request.model is not None and request.model != config.model_name:
+        raise InvalidInput(
+            "model", request.model, f"unknown model; this server serves {config.model_name!r}"
+        )
+    _check_sides(request, factors.size_multiple, config.max_height, config.max_width)
+    if request.num_images_per_prompt > config.max_images_per_request:
+        raise InvalidInput(
+            "num_images_per_prompt",
+            request.num_images_per_prompt,
+            f"at most {config.max_images_per_request} images per request",
+        )
+    if request.refiner and config.refiner is None:
+        raise InvalidInput("refiner", request.refiner, "this server has no refiner stage")
+    if request.upscale > len(config.super_resolution):
+        raise InvalidInput(
+            "upscale",
+            request.upscale,
+            f"this server has {len(config.super_resolution)} super-resolution stages",
+        )
+    if request.timeout_s is not None and request.timeout_s > config.request_timeout_s:
+        raise InvalidInput(
+            "timeout_s", request.timeout_s, f"must be at most {config.request_timeout_s:g}"
+        )
+
+
+def _check_sides(
+    request: GenerateRequest | VideoRequest, multiple: int, max_height: int, max_width: int
+) -> None:
+    for field, value, maximum in (
+        ("height", request.height, max_height),
+        ("width", request.width, max_width),
+    ):
+        if value < multiple or value % multiple:
+            raise InvalidInput(
+                field, value, f"must be a multiple of {multiple} (VAE downscale x patch size)"
+            )
+        if value > maximum:
+            raise InvalidInput(field, value, f"must be at most {maximum}")

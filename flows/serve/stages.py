@@ -1,0 +1,508 @@
+"""The stages: thin Serve deployments over ``actors/`` classes, one per role.
+
+An image stage takes and returns a `Staged` value: what it made plus the seconds each stage
+that led to it spent in its replica. So the graph can pass a stage's response straight on to
+the next stage's call (the data goes stage to stage through Ray's object store, never back
+through the caller) and still report every stage's seconds from the last stage's result.
+Video stages are called by the video job that drives them and are timed there.
+"""
+
+import asyncio
+import io
+import time
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from ray import serve
+
+from actors.generation import Denoiser, DenoiseRequest, PromptEncoder, Upscaler, VaeDecoder
+from actors.safety import ImageSafetyChecker, embed_watermark
+from actors.video import (
+    VideoDecoder,
+    VideoDenoiser,
+    VideoDenoiseRequest,
+    VideoEmbeddings,
+    VideoPromptEncoder,
+    encode_mp4,
+    to_uint8,
+)
+from cluster.bundles import resolve_bundle
+from cluster.storage import Storage
+from schemas.config import (
+    DeploymentSettings,
+    ModelRef,
+    SafetyConfig,
+    StorageConfig,
+    SuperResolutionStage,
+)
+
+
+def _torch_dtype(model: ModelRef) -> torch.dtype:
+    return getattr(torch, model.dtype)
+
+
+def _local_bundle(model: ModelRef, storage: StorageConfig) -> str:
+    return str(resolve_bundle(model.uri, Storage(storage)))
+
+
+def _deployment_name() -> str:
+    """The stage's name in the graph: its deployment's (one class serves base and refiner,
+    and every super-resolution stage)."""
+    return serve.get_replica_context().deployment
+
+
+@dataclass(frozen=True)
+class Staged:
+    """A stage's output and the seconds (in the replica, a batch's wait included) that each
+    stage behind it took, in graph order. A request of n images makes n denoiser calls at
+    once: a stage after them counts the slowest."""
+
+    value: Any
+    seconds: dict[str, float]
+
+    @classmethod
+    def after(cls, value: Any, inputs: tuple["Staged", ...], stage: str, start: float) -> "Staged":
+        seconds: dict[str, float] = {}
+        for item in inputs:
+            for name, spent in item.seconds.items():
+                seconds[name] = max(spent, seconds.get(name, 0.0))
+        seconds[stage] = time.perf_counter() - start
+        return cls(value, seconds)
+
+
+# ---------------------------------------------------------------------------------------
+# Image stages
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EncodeItem:
+    """One request's texts for the shared text encoders."""
+
+    prompt: str
+    negative_prompt: str | None
+    max_sequence_length: int
+
+
+@serve.deployment
+class TextEncoderStage:
+    """CLIP + T5 for every stage that needs embeddings; concurrent requests' uncached texts
+    go through the encoders as one batch."""
+
+    def __init__(
+        self,
+        model: ModelRef,
+        storage: StorageConfig,
+        settings: DeploymentSettings,
+        cache_size: int,
+    ) -> None:
+        self.name = _deployment_name()
+        self.encoder = PromptEncoder(
+            _local_bundle(model, storage),
+            device=model.device,
+            dtype=_torch_dtype(model),
+            cache_size=cache_size,
+        )
+        self._encode_batch.set_max_batch_size(settings.max_batch_size)
+        self._encode_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        self.num_requests = 0
+
+    async def encode(self, item: EncodeItem) -> Staged:
+        """The item's ``PromptEmbeddings``."""
+        start = time.perf_counter()
+        return Staged.after(await self._encode_batch(item), (), self.name, start)
+
+    @serve.batch
+    async def _encode_batch(self, items: list[EncodeItem]) -> list[Any]:
+        self.num_requests += len(items)
+        groups: dict[int, list[int]] = defaultdict(list)
+        for index, item in enumerate(items):
+            groups[item.max_sequence_length].append(index)
+        results: list[Any] = [None] * len(items)
+        for max_sequence_length, indices in groups.items():
+            embeddings = await asyncio.to_thread(
+                self.encoder.encode,
+                [items[i].prompt for i in indices],
+                [items[i].negative_prompt for i in indices],
+                max_sequence_length,
+            )
+            for index, embedding in zip(indices, embeddings, strict=True):
+                results[index] = embedding
+        return results
+
+    async def stats(self) -> dict[str, int]:
+        return {
+            "requests": self.num_requests,
+            "cache_hits": self.encoder.hits,
+            "cache_misses": self.encoder.misses,
+        }
+
+
+@dataclass(frozen=True)
+class DenoiseSpec:
+    """One image's denoising settings; the stage adds the embeddings and, for a refiner, the
+    latents the base stopped at (both arrive as the previous stages' results)."""
+
+    seed: int
+    guidance_scale: float
+    height: int
+    width: int
+    num_inference_steps: int
+    denoising_start: float | None = None
+    denoising_end: float | None = None
+
+    def request(self, embeddings: Staged, latents: Staged | None) -> DenoiseRequest:
+        return DenoiseRequest(
+            embeddings=embeddings.value,
+            seed=self.seed,
+            guidance_scale=self.guidance_scale,
+            height=self.height,
+            width=self.width,
+            num_inference_steps=self.num_inference_steps,
+            denoising_start=self.denoising_start,
+            denoising_end=self.denoising_end,
+            latents=None if latents is None else latents.value,
+        )
+
+
+@dataclass(eq=False)
+class _Denoising:
+    """One request in a denoiser stage: its caller's step callback (streaming callers), and
+    whether its caller has gone (a timeout or a disconnect cancelled the call)."""
+
+    request: DenoiseRequest
+    on_step: Callable[[int, int], None] | None = None  # (steps done, num steps)
+    steps_done: int = 0  # written by the thread that runs the batch
+    cancelled: bool = False
+
+
+@serve.deployment
+class DenoiserStage:
+    """The base DiT or the refiner: concurrent requests that share (height, width, steps,
+    sequence length) denoise together, one transformer forward per step for all of them and
+    both halves of their classifier-free guidance.
+
+    ``denoise`` returns a request's latents; ``denoise_steps`` streams its progress first, as
+    the video denoiser does. A call cancelled while its batch runs (Serve cancels the
+    caller's coroutine, not the batch) marks its request; a batch stops between steps once
+    every request in it is marked, so a timed-out request leaves no work running.
+    """
+
+    def __init__(
+        self, model: ModelRef, storage: StorageConfig, settings: DeploymentSettings
+    ) -> None:
+        self.name = _deployment_name()
+        self.denoiser = Denoiser(
+            _local_bundle(model, storage), device=model.device, dtype=_torch_dtype(model)
+        )
+        self._denoise_batch.set_max_batch_size(settings.max_batch_size)
+        self._denoise_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        self.num_requests = 0
+        self.batch_sizes: Counter[int] = Counter()  # requests per call -> calls
+        self.num_steps = 0  # steps run, one per step of a call whatever its batch size
+        self.num_stopped = 0  # calls stopped early: every request in them was cancelled
+
+    async def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE's downscale times the patch size."""
+        return self.denoiser.vae_scale_factor * self.denoiser.transformer.config.patch_size
+
+    async def denoise(
+        self, spec: DenoiseSpec, embeddings: Staged, latents: Staged | None = None
+    ) -> Staged:
+        """The request's latents (C, h, w)."""
+        start = time.perf_counter()
+        item = _Denoising(spec.request(embeddings, latents))
+        inputs = (embeddings,) if latents is None else (embeddings, latents)
+        return Staged.after(await self._denoise_one(item), inputs, self.name, start)
+
+    async def denoise_steps(
+        self, spec: DenoiseSpec, embeddings: Staged, latents: Staged | None = None
+    ) -> AsyncIterator[tuple[int, int, Staged | None]]:
+        """``denoise``, streamed: ``(steps done, num_steps, None)`` after each step of the
+        request's span, ``(num_steps, num_steps, latents)`` last."""
+        start = time.perf_counter()
+        steps: asyncio.Queue[tuple[int, int] | None] = asyncio.Queue()
+        item = _Denoising(
+            spec.request(embeddings, latents),
+            on_step=lambda done, total: steps.put_nowait((done, total)),
+        )
+        result = asyncio.ensure_future(self._denoise_one(item))
+        # After the last step's callback: the batch's thread schedules those first.
+        result.add_done_callback(lambda _: steps.put_nowait(None))
+        inputs = (embeddings,) if latents is None else (embeddings, latents)
+        try:
+            last = (0, 0)
+            while (step := await steps.get()) is not None:
+                last = step
+                yield (*step, None)
+            yield (*last, Staged.after(await result, inputs, self.name, start))
+        finally:
+            result.cancel()  # the caller went away: mark the request (a no-op once done)
+
+    async def _denoise_one(self, item: _Denoising) -> torch.Tensor:
+        try:
+            return await self._denoise_batch(item)
+        except asyncio.CancelledError:
+            item.cancelled = True
+            raise
+
+    @serve.batch
+    async def _denoise_batch(self, items: list[_Denoising]) -> list[torch.Tensor | None]:
+        self.num_requests += len(items)
+        loop = asyncio.get_running_loop()
+        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for index, item in enumerate(items):
+            groups[item.request.batch_key].append(index)
+        results: list[Any] = [None] * len(items)
+        for indices in groups.values():
+            group = [items[i] for i in indices]
+            if all(item.cancelled for item in group):
+                continue  # cancelled while an earlier group ran
+            self.batch_sizes[len(group)] += 1
+            latents = await asyncio.to_thread(
+                self.denoiser.denoise,
+                [item.request for item in group],
+                lambda done, num_steps, group=group: self._step_end(loop, group, done, num_steps),
+            )
+            for index, sample in zip(indices, latents, strict=True):
+                results[index] = sample  # (C, h, w)
+        return results
+
+    def _step_end(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        group: list[_Denoising],
+        steps_done: list[int],
+        num_steps: list[int],
+    ) -> bool:
+        """After each step of a call, in its thread: progress to the streaming callers; True
+        (stop the call) once every request in it is cancelled."""
+        self.num_steps += 1
+        for item, done, total in zip(group, steps_done, num_steps, strict=True):
+            if item.on_step is not None and done != item.steps_done:
+                loop.call_soon_threadsafe(item.on_step, done, total)
+            item.steps_done = done
+        stop = all(item.cancelled for item in group)
+        self.num_stopped += stop
+        return stop
+
+    async def stats(self) -> dict[str, Any]:
+        return {
+            "requests": self.num_requests,
+            "batch_sizes": dict(self.batch_sizes),
+            "steps": self.num_steps,
+            "stopped": self.num_stopped,
+        }
+
+
+@serve.deployment
+class VaeDecodeStage:
+    def __init__(self, model: ModelRef, storage: StorageConfig) -> None:
+        self.name = _deployment_name()
+        self.decoder = VaeDecoder(
+            _local_bundle(model, storage), device=model.device, dtype=_torch_dtype(model)
+        )
+        self.num_requests = 0
+
+    async def decode(self, output_type: str, *latents: Staged) -> Staged:
+        """(H, W, 3) images, uint8 or float32 in [0, 1], of a request's latents (C, h, w)."""
+        start = time.perf_counter()
+        self.num_requests += 1
+        images = await asyncio.to_thread(
+            self.decoder.decode, [sample.value for sample in latents], output_type
+        )
+        return Staged.after(images, latents, self.name, start)
+
+    async def stats(self) -> dict[str, int]:
+        return {"requests": self.num_requests}
+
+
+@serve.deployment
+class SuperResolutionDeployment:
+    """One x4 stage of the cascade; its noise level, steps and guidance come from config."""
+
+    def __init__(self, stage: SuperResolutionStage, storage: StorageConfig) -> None:
+        self.name = _deployment_name()
+        self.stage = stage
+        self.upscaler = Upscaler(
+            _local_bundle(stage.model, storage),
+            device=stage.model.device,
+            dtype=_torch_dtype(stage.model),
+        )
+        # The pipeline keeps per-call state on itself: one call at a time.
+        self.lock = asyncio.Lock()
+        self.num_requests = 0
+
+    async def upscale(
+        self,
+        images: Staged,
+        prompt: str,
+        negative_prompt: str | None,
+        seeds: list[int],
+    ) -> Staged:
+        start = time.perf_counter()
+        self.num_requests += 1
+        async with self.lock:
+            upscaled = await asyncio.to_thread(
+                self.upscaler.upscale,
+                images.value,
+                [prompt] * len(images.value),
+                seeds,
+                noise_level=self.stage.noise_level,
+                num_inference_steps=self.stage.num_inference_steps,
+                guidance_scale=self.stage.guidance_scale,
+                negative_prompts=[negative_prompt] * len(images.value),
+            )
+        return Staged.after(upscaled, (images,), self.name, start)
+
+    async def stats(self) -> dict[str, int]:
+        return {"requests": self.num_requests}
+
+
+def _image_checker(safety: SafetyConfig, storage: StorageConfig) -> ImageSafetyChecker | None:
+    """The configured image classifier, shared by image and video outputs; None: no check."""
+    if safety.image_checker is None:
+        return None
+    return ImageSafetyChecker(
+        _local_bundle(safety.image_checker, storage),
+        safety.max_nsfw_score,
+        device=safety.image_checker.device,
+        dtype=_torch_dtype(safety.image_checker),
+    )
+
+
+@dataclass(frozen=True)
+class FinishedImages:
+    pngs: list[bytes]
+    flagged: list[bool]  # per image: the checker blacked it out
+
+
+@serve.deployment
+class SafetyStage:
+    """The last stage: image safety check (when configured), invisible watermark, PNG."""
+
+    def __init__(self, safety: SafetyConfig, storage: StorageConfig) -> None:
+        self.name = _deployment_name()
+        self.watermark_key = safety.watermark_key
+        self.checker = _image_checker(safety, storage)
+        self.num_requests = 0
+
+    async def finish(self, images: Staged) -> Staged:
+        """``FinishedImages`` of the uint8 images."""
+        start = time.perf_counter()
+        self.num_requests += 1
+        finished = await asyncio.to_thread(self._finish, images.value)
+        return Staged.after(finished, (images,), self.name, start)
+
+    def _finish(self, images: list[np.ndarray]) -> FinishedImages:
+        flagged = [False] * len(images)
+        if self.checker is not None:
+            images, flagged = self.checker.check(images)
+        pngs = [_png(embed_watermark(image, self.watermark_key)) for image in images]
+        return FinishedImages(pngs, flagged)
+
+    async def stats(self) -> dict[str, int]:
+        return {"requests": self.num_requests}
+
+
+def _png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------
+# Video stages (driven by a video job, see video_jobs.py)
+# ---------------------------------------------------------------------------------------
+
+
+@serve.deployment
+class VideoTextEncoderStage:
+    def __init__(self, model: ModelRef, storage: StorageConfig) -> None:
+        self.encoder = VideoPromptEncoder(
+            _local_bundle(model, storage), device=model.device, dtype=_torch_dtype(model)
+        )
+        self.num_requests = 0
+
+    async def encode(
+        self,
+        prompt: str,
+        negative_prompt: str | None,
+        guidance_scale: float,
+        max_sequence_length: int,
+    ) -> VideoEmbeddings:
+        self.num_requests += 1
+        return await asyncio.to_thread(
+            self.encoder.encode, prompt, negative_prompt, guidance_scale, max_sequence_length
+        )
+
+    async def stats(self) -> dict[str, int]:
+        return {"requests": self.num_requests}
+
+
+@serve.deployment
+class VideoDenoiserStage:
+    """The video DiT. ``denoise`` streams ``(steps done, None)`` after each step and
+    ``(num_steps, latents)`` last; each step runs in its own thread call, so a cancelled
+    call stops between steps."""
+
+    def __init__(self, model: ModelRef, storage: StorageConfig) -> None:
+        self.denoiser = VideoDenoiser(
+            _local_bundle(model, storage), device=model.device, dtype=_torch_dtype(model)
+        )
+        self.num_requests = 0
+        self.num_steps = 0
+
+    async def shape_factors(self) -> tuple[int, int]:
+        """(sides' multiple: VAE spatial downscale x patch, the VAE's temporal downscale)."""
+        return self.denoiser.size_multiple, self.denoiser.vae_scale_factor_temporal
+
+    async def denoise(
+        self, request: VideoDenoiseRequest
+    ) -> AsyncIterator[tuple[int, torch.Tensor | None]]:
+        self.num_requests += 1
+        steps = self.denoiser.steps(request)
+        while True:
+            step, latents = await asyncio.to_thread(next, steps)
+            self.num_steps += 1
+            yield step, latents
+            if latents is not None:
+                return
+
+    async def stats(self) -> dict[str, int]:
+        return {"requests": self.num_requests, "steps": self.num_steps}
+
+
+@serve.deployment
+class VideoDecodeStage:
+    """Wan VAE decode; the image safety check (when configured) on every frame and the
+    invisible watermark in every frame, as the safety stage does for images; H.264 MP4."""
+
+    def __init__(self, model: ModelRef, storage: StorageConfig, safety: SafetyConfig) -> None:
+        self.decoder = VideoDecoder(
+            _local_bundle(model, storage), device=model.device, dtype=_torch_dtype(model)
+        )
+        self.watermark_key = safety.watermark_key
+        self.checker = _image_checker(safety, storage)
+        self.num_requests = 0
+
+    async def mp4(self, latents: torch.Tensor, fps: int) -> tuple[bytes, bool]:
+        """The MP4, and whether the checker flagged a frame (then every frame is black)."""
+        self.num_requests += 1
+        return await asyncio.to_thread(self._mp4, latents, fps)
+
+    def _mp4(self, latents: torch.Tensor, fps: int) -> tuple[bytes, bool]:
+        frames = to_uint8(self.decoder.decode(latents))  # (F, H, W, 3)
+        flagged = False
+        if self.checker is not None:
+            frames, flagged = self.checker.check_video(frames)
+        marked = np.stack([embed_watermark(frame, self.watermark_key) for frame in frames])
+        return encode_mp4(marked, fps), flagged
+
+    async def stats(self) -> dict[str, int]:
+        return {"requests": self.num_requests}
