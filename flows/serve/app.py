@@ -8,6 +8,7 @@ flows.serve:app_builder`` (``args: {config: ...}``) deploy the same app.
 
 import hashlib
 import os
+import threading
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -177,7 +178,13 @@ def run_serve(config: ServeConfig) -> None:
     interrupted."""
     init_ray(config.ray)
     serve.start(http_options={"host": config.host, "port": config.port})
-    serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=True)
+    serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+    # The replicas' own log lines stay in Ray's logs (quiet console): say where to go here.
+    print(f"[raygen] serving at http://{config.host}:{config.port} (Ctrl-C stops)", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        serve.shutdown()
 
 
 def _absolute_local_paths(config: ServeConfig) -> ServeConfig:
