@@ -125,6 +125,7 @@ def _start_local_ray() -> None:
     import ray
 
     ray.init(
+        address="local",  # never a test's $RAY_ADDRESS
         num_cpus=2,
         include_dashboard=False,
         logging_level="ERROR",
@@ -172,3 +173,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if _RAY_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    # Tests that need Ray down run before the session's Ray starts (a stable sort keeps the
+    # rest in file order), so `no_ray` need not restart it after each of them.
+    items.sort(key=lambda item: "no_ray" not in getattr(item, "fixturenames", ()))
