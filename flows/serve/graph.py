@@ -10,6 +10,7 @@ happen, so for it every stage is awaited in turn and the denoisers stream their 
 """
 
 import asyncio
+import contextlib
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
@@ -17,6 +18,7 @@ from typing import Any
 
 from ray import serve
 from ray.exceptions import RayActorError
+from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
 from flows.serve.stages import DenoiseSpec, EncodeItem, Staged
@@ -210,7 +212,11 @@ class ImageGraph:
             # However the request ends early (its time limit, a dead replica, a failed
             # stage, a streaming client gone), none of its stage calls keeps running.
             for _, response in calls.calls:
-                response.cancel()
+                with contextlib.suppress(Exception):
+                    # Serve's cancel re-raises a call's own failure (a dead upstream
+                    # replica): that call is over already, and the request's error is
+                    # the one to report.
+                    response.cancel()
             raise
 
     async def _generate(
@@ -276,10 +282,17 @@ class ImageGraph:
 
 def _dead_stage(err: BaseException | None) -> str | None:
     """The stage whose replica died, named by the actor error behind ``err``, if any."""
-    while err is not None:
-        if isinstance(err, RayActorError) and (match := _REPLICA_NAME.search(str(err))):
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        # Serve raises its upstream-crash error inside the handler of the actor error, so
+        # the actor error is its context; the message quotes the dead actor's name too.
+        upstream = isinstance(err, RayServeException) and "upstream actor died" in str(err)
+        if (isinstance(err, RayActorError) or upstream) and (
+            match := _REPLICA_NAME.search(str(err))
+        ):
             return match.group(1)
-        err = err.__cause__
+        err = err.__cause__ or err.__context__
     return None
 
 
