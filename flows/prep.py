@@ -43,6 +43,7 @@ from actors.batches import restore_optional_text
 from actors.captioner import Captioner
 from actors.decode import MediaDecoder
 from actors.encoders import LatentEncoder, TextEncoder, empty_prompt_embeddings, vae_factors
+from actors.families import family_of
 from actors.filters import Filters
 from actors.sources import FetchMedia, list_inputs
 from actors.writer import ShardWriter
@@ -295,6 +296,12 @@ def preflight(config: PrepConfig, storage: Storage) -> None:
                 raise RaygenError(f"bundle {ref.uri}: no files under it")
         else:
             validate_bundle(ref.uri)
+    # What the bundles' families need of the data, from their configs alone.
+    family_of(config.bundle.uri, storage, media="image")
+    if config.video_bundle is not None:
+        video = family_of(config.video_bundle.uri, storage, media="video")
+        multiples = video.multiples(config.video_bundle.uri, storage)
+        multiples.check_frames(config.decode.video_num_frames, "decode.video_num_frames")
 
 
 @ray.remote

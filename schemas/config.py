@@ -105,20 +105,16 @@ class DecodeConfig(Config):
     max_bytes: int = Field(default=2**30, ge=1, description="larger files are quarantined")
     video_fps: float = Field(default=8.0, gt=0, description="frames are sampled at this rate")
     video_num_frames: int = Field(
-        default=9, ge=1, description="frames per clip; the Wan VAE takes 4k+1"
+        default=9,
+        ge=1,
+        description="frames per clip; the video bundle's VAE fixes which (Wan: 4k+1), "
+        "checked when prep starts",
     )
     video_max_clips: int = Field(default=4, ge=1, description="clips kept per video")
     shot_threshold: float = Field(
         default=0.35, gt=0, le=1, description="mean abs frame difference that starts a new shot"
     )
     resources: StageResources = Field(default_factory=StageResources)
-
-    @field_validator("video_num_frames")
-    @classmethod
-    def _wan_frames(cls, value: int) -> int:
-        if (value - 1) % 4:
-            raise ValueError(f"{value} frames: the Wan VAE needs 4k+1 frames (5, 9, 13, 17, ...)")
-        return value
 
 
 class BucketConfig(Config):
