@@ -58,7 +58,7 @@ def family_of(
         )
     if media is not None and family.media != media:
         raise FamilyError(
-            f"{shown}: a {class_name} makes {family.media}s, but this needs a {media} bundle"
+            f"{shown}: a {class_name} makes {family.media}s, but this needs one that makes {media}s"
         )
     return family
 

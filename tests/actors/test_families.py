@@ -122,7 +122,9 @@ def test_an_unknown_pipeline_class_names_the_supported_ones(bundles, tmp_path):
 
 
 def test_a_bundle_of_the_other_media_kind_is_refused(bundles):
-    with pytest.raises(FamilyError, match="WanPipeline makes videos, but this needs a image"):
+    with pytest.raises(
+        FamilyError, match="WanPipeline makes videos, but this needs one that makes images"
+    ):
         family_of(bundles["t2v"], media="image")
     assert family_of(bundles["t2v"], media="video") is WAN_T2V
 
