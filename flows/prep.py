@@ -50,7 +50,7 @@ from actors.writer import ShardWriter
 from cluster.bundles import validate_bundle
 from cluster.ray_runtime import init_ray
 from cluster.storage import Storage, is_s3, join
-from schemas.config import ModelRef, PrepConfig, StageResources
+from schemas.config import ConfigError, ModelRef, PrepConfig, StageResources
 from schemas.errors import RaygenError
 from schemas.shards import (
     BUCKET,
@@ -283,8 +283,9 @@ def _model_refs(config: PrepConfig) -> list[ModelRef]:
     return [ref for ref in refs if ref is not None]
 
 
-def preflight(config: PrepConfig, storage: Storage) -> None:
-    """Fail in seconds, naming the field, before any worker starts."""
+def preflight(config: PrepConfig, storage: Storage) -> PrepConfig:
+    """Fail in seconds, naming the field, before any worker starts. Returns the config with
+    what the bundles decide filled in: ``buckets.step`` when it is null."""
     storage.check(config.input)
     storage.check(config.output)
     for ref in _model_refs(config):
@@ -297,11 +298,25 @@ def preflight(config: PrepConfig, storage: Storage) -> None:
         else:
             validate_bundle(ref.uri)
     # What the bundles' families need of the data, from their configs alone.
-    family_of(config.bundle.uri, storage, media="image")
-    if config.video_bundle is not None:
-        video = family_of(config.video_bundle.uri, storage, media="video")
-        multiples = video.multiples(config.video_bundle.uri, storage)
-        multiples.check_frames(config.decode.video_num_frames, "decode.video_num_frames")
+    refs = {"image": config.bundle, "video": config.video_bundle}
+    multiples = {
+        media: family_of(ref.uri, storage, media=media).multiples(ref.uri, storage)
+        for media, ref in refs.items()
+        if ref is not None
+    }
+    if "video" in multiples:
+        multiples["video"].check_frames(config.decode.video_num_frames, "decode.video_num_frames")
+    size = math.lcm(*(m.size for m in multiples.values()))
+    if config.buckets.step is None:
+        return config.model_copy(
+            update={"buckets": config.buckets.model_copy(update={"step": size})}
+        )
+    if config.buckets.step % size:
+        raise ConfigError(
+            f"buckets.step: {config.buckets.step} is not a multiple of {size}, the bundles' VAE "
+            f"downscale x patch size: training could not patch every bucket's latents"
+        )
+    return config
 
 
 @ray.remote
@@ -314,7 +329,7 @@ def _bundle_facts(config: PrepConfig) -> tuple[bytes, dict[str, dict[str, Any]]]
 def run_prep(config: PrepConfig) -> Manifest:
     started = time.perf_counter()
     storage = Storage(config.storage)
-    preflight(config, storage)
+    config = preflight(config, storage)
 
     # ---- resume: what is already written ------------------------------------------------
     ledger = read_ledger(config.output, storage)

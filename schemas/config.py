@@ -119,10 +119,16 @@ class DecodeConfig(Config):
 
 class BucketConfig(Config):
     """SDXL-style aspect-ratio buckets: about ``resolution**2`` pixels, sides a multiple of
-    ``step`` (the VAE's downscale times the transformer's patch size)."""
+    ``step``, which must be a multiple of the bundles' VAE downscale times their transformers'
+    patch size so training can patch every latent."""
 
     resolution: int = Field(default=64, ge=8)
-    step: int = Field(default=16, ge=1)
+    step: int | None = Field(
+        default=None,
+        ge=1,
+        description="null: the bundles' own multiple (VAE downscale x patch size), "
+        "read from their configs when prep starts",
+    )
     max_aspect: float = Field(default=2.0, ge=1.0, description="widest and tallest bucket")
 
 
