@@ -166,6 +166,11 @@ Tokenize = Callable[[Any, list[str], int], dict[str, np.ndarray]]
 
 @dataclass(frozen=True)
 class Family:
+    """One model family: its pipeline class and media kind, which components each stage
+    loads, how prompts are encoded, how latents are normalised, and which config keys give
+    its shape multiples and text widths. Numbers come from a bundle's configs, never from
+    here."""
+
     name: str
     pipeline: type[DiffusionPipeline]
     media: Media
