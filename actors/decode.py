@@ -47,6 +47,11 @@ DECODE_COLUMNS = (
 def buckets(config: BucketConfig) -> list[tuple[int, int]]:
     """(width, height) buckets of about ``resolution**2`` pixels, sides multiples of
     ``step``, aspect ratio at most ``max_aspect`` either way; sorted."""
+    if config.step is None:
+        raise RaygenError(
+            "buckets.step: null, which prep sets from the bundles when it starts "
+            "(flows.prep.preflight); give a step to bucket without them"
+        )
     area = config.resolution**2
     found: set[tuple[int, int]] = set()
     for short in range(config.step, config.resolution + 1, config.step):

@@ -2,9 +2,10 @@
 through its VAE, each with the diffusers pipeline's own code so training sees exactly what
 the pipeline would have computed.
 
-Images use ``PrepConfig.bundle`` (an SD3 bundle: two CLIP encoders + T5, AutoencoderKL);
-videos use ``PrepConfig.video_bundle`` (a Wan bundle: UMT5, AutoencoderKLWan). Only the
-components a stage needs are loaded.
+Images use ``PrepConfig.bundle`` (an image family's bundle, SD3: two CLIP encoders + T5,
+AutoencoderKL); videos use ``PrepConfig.video_bundle`` (a video family's, Wan: UMT5,
+AutoencoderKLWan). What each family loads, encodes and scales is ``actors/families.py``'s;
+only the components a stage needs are loaded.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, AutoencoderKLWan, StableDiffusion3Pipeline, WanPipeline
-from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
 from actors.batches import (
     empty_tensor,
@@ -25,7 +24,9 @@ from actors.batches import (
     pixel_groups,
     row_frames,
 )
-from actors.loaders import load_component_config, load_pipeline
+from actors.families import Family, Multiples, component_config, family_of
+from actors.loaders import load_pipeline
+from cluster.storage import Storage
 from schemas.config import EncodeConfig, ModelRef, PrepConfig, StorageConfig
 from schemas.shards import (
     CAPTION,
@@ -38,32 +39,22 @@ from schemas.shards import (
     BucketKey,
 )
 
-# Components each pipeline's text encoding never touches.
-_NOT_TEXT = {
-    StableDiffusion3Pipeline: ("transformer", "vae"),
-    WanPipeline: ("transformer", "transformer_2", "vae"),
-}
-_TEXT_ENCODERS = {
-    StableDiffusion3Pipeline: ("text_encoder", "text_encoder_2", "text_encoder_3"),
-    WanPipeline: ("text_encoder",),
-}
-# Everything but the VAE (and the scheduler, which holds no weights).
-_NOT_VAE = {
-    StableDiffusion3Pipeline: (
-        "transformer",
-        *_TEXT_ENCODERS[StableDiffusion3Pipeline],
-        "tokenizer",
-        "tokenizer_2",
-        "tokenizer_3",
-    ),
-    WanPipeline: ("transformer", "transformer_2", "text_encoder", "tokenizer"),
-}
+
+def _families(
+    bundle: ModelRef, video_bundle: ModelRef | None, storage: StorageConfig
+) -> dict[str, tuple[ModelRef, Family]]:
+    """Per media kind, the bundle that encodes it and the bundle's family."""
+    refs = {"image": bundle, "video": video_bundle}
+    return {
+        media: (ref, family_of(ref.uri, Storage(storage), media=media))
+        for media, ref in refs.items()
+        if ref is not None
+    }
 
 
-def _pipeline(
-    ref: ModelRef, storage: StorageConfig, pipeline_cls: type, drop: tuple[str, ...]
-) -> Any:
-    pipe = load_pipeline(ref, storage, pipeline_cls, **dict.fromkeys(drop))
+def _pipeline(ref: ModelRef, storage: StorageConfig, family: Family, *keep: str) -> Any:
+    """The family's pipeline with only the ``keep`` component groups loaded."""
+    pipe = load_pipeline(ref, storage, family.pipeline, **family.unloaded(*keep))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -77,19 +68,17 @@ class TextEncoder:
 
     ``encode.text == "embeddings"`` adds, for kind in ("original", "synthetic"):
 
-    - ``prompt_embeds_{kind}``: float32 (L, D). Images: ``StableDiffusion3Pipeline
-      .encode_prompt`` without classifier-free guidance, L = 77 CLIP positions +
-      ``encode.max_sequence_length`` T5 positions. Videos: ``WanPipeline.encode_prompt``,
-      L = ``encode.max_sequence_length``.
-    - ``pooled_prompt_embeds_{kind}``: float32 (D,), the two CLIP encoders' pooled outputs
-      (images only; Wan has none).
+    - ``prompt_embeds_{kind}``: float32 (L, D), the family's ``encode_prompt`` without
+      classifier-free guidance. SD3: L = 77 CLIP positions + ``encode.max_sequence_length``
+      T5 positions; Wan: L = ``encode.max_sequence_length``.
+    - ``pooled_prompt_embeds_{kind}``: float32 (D,), for families that pool (SD3: the two
+      CLIP encoders' pooled outputs; Wan has none).
 
     ``encode.text == "tokens"`` loads only the tokenizers and adds ``input_ids_{kind}``: per
-    row a ``dict[str, np.ndarray]`` of int32 token ids per text encoder, ``"clip_l"``,
-    ``"clip_g"``, ``"t5"`` for images and ``"t5"`` (Wan's UMT5) for videos, padded and
-    truncated exactly as the pipeline feeds its encoders (Wan's attention mask is
-    ``ids != tokenizer.pad_token_id``). Ray Data turns the column into an Arrow struct of
-    int32 lists (keys a row lacks read back as None).
+    row a ``dict[str, np.ndarray]`` of int32 token ids per text encoder (the family's
+    ``tokenize``: ``"clip_l"``, ``"clip_g"``, ``"t5"`` for SD3, ``"t5"`` (UMT5) for Wan),
+    padded and truncated exactly as the pipeline feeds its encoders. Ray Data turns the
+    column into an Arrow struct of int32 lists (keys a row lacks read back as None).
 
     A missing caption or a row that is not ok gets empty values: ``(0, 0)`` and ``(0,)``
     float32 arrays, or None for token ids.
@@ -104,17 +93,12 @@ class TextEncoder:
     ) -> None:
         self.tokens_only = config.text == "tokens"
         self.max_sequence_length = config.max_sequence_length
+        keep = ("tokenizers",) if self.tokens_only else ("text_encoders", "tokenizers")
+        self.families: dict[str, Family] = {}
         self.pipes: dict[str, Any] = {}
-        for kind, ref, pipeline_cls in (
-            ("image", bundle, StableDiffusion3Pipeline),
-            ("video", video_bundle, WanPipeline),
-        ):
-            if ref is None:
-                continue
-            drop = _NOT_TEXT[pipeline_cls]
-            if self.tokens_only:
-                drop += _TEXT_ENCODERS[pipeline_cls]
-            self.pipes[kind] = _pipeline(ref, storage, pipeline_cls, drop)
+        for media, (ref, family) in _families(bundle, video_bundle, storage).items():
+            self.families[media] = family
+            self.pipes[media] = _pipeline(ref, storage, family, *keep)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = num_rows(batch)
@@ -157,50 +141,15 @@ class TextEncoder:
 
     def _embeddings(self, media: str, prompts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
         """(B, L, D) sequence embeddings and (B, D) pooled ones (None for Wan)."""
-        pipe = self.pipes[media]
-        with torch.inference_mode():
-            if media == "image":
-                prompt_embeds, _, pooled, _ = pipe.encode_prompt(
-                    prompt=prompts,
-                    prompt_2=None,
-                    prompt_3=None,
-                    do_classifier_free_guidance=False,
-                    max_sequence_length=self.max_sequence_length,
-                )
-                return _numpy(prompt_embeds), _numpy(pooled)
-            prompt_embeds, _ = pipe.encode_prompt(
-                prompt=prompts,
-                do_classifier_free_guidance=False,
-                max_sequence_length=self.max_sequence_length,
-            )
-            return _numpy(prompt_embeds), None
+        prompt_embeds, pooled = self.families[media].encode_prompt(
+            self.pipes[media], prompts, self.max_sequence_length
+        )
+        return _numpy(prompt_embeds), None if pooled is None else _numpy(pooled)
 
     def _tokens(self, media: str, prompts: list[str]) -> list[dict[str, np.ndarray]]:
-        """Token ids per encoder, tokenized with the arguments the pipeline's own
-        ``_get_clip_prompt_embeds`` / ``_get_t5_prompt_embeds`` use."""
-        pipe = self.pipes[media]
-        t5 = {
-            "padding": "max_length",
-            "max_length": self.max_sequence_length,
-            "truncation": True,
-            "add_special_tokens": True,
-            "return_tensors": "np",
-        }
-        if media == "image":
-            clip = {
-                "padding": "max_length",
-                "max_length": pipe.tokenizer_max_length,
-                "truncation": True,
-                "return_tensors": "np",
-            }
-            ids = {
-                "clip_l": pipe.tokenizer(prompts, **clip).input_ids,
-                "clip_g": pipe.tokenizer_2(prompts, **clip).input_ids,
-                "t5": pipe.tokenizer_3(prompts, **t5).input_ids,
-            }  # (B, L) each
-        else:
-            # Wan cleans the text (ftfy, whitespace) before its tokenizer sees it.
-            ids = {"t5": pipe.tokenizer([prompt_clean(p) for p in prompts], **t5).input_ids}
+        """Token ids per encoder, one dict per prompt."""
+        family = self.families[media]
+        ids = family.tokenize(self.pipes[media], prompts, self.max_sequence_length)  # (B, L) each
         return [
             {name: values[position].astype(np.int32) for name, values in ids.items()}
             for position in range(len(prompts))
@@ -209,15 +158,17 @@ class TextEncoder:
 
 def empty_prompt_embeddings(config: PrepConfig) -> dict[str, np.ndarray]:
     """Embeddings of the empty prompt "", which training swaps in for classifier-free-guidance
-    dropout: ``image_prompt_embeds`` (L, D) and ``image_pooled_prompt_embeds`` (D,) from the
-    image bundle, ``video_prompt_embeds`` (L, D) from the video bundle when there is one.
-    Float32, encoded like ``TextEncoder``'s embeddings whatever ``encode.text`` says."""
+    dropout, per media kind with a bundle: ``{media}_prompt_embeds`` (L, D) and, for a family
+    that pools (SD3), ``{media}_pooled_prompt_embeds`` (D,). Float32, encoded like
+    ``TextEncoder``'s embeddings whatever ``encode.text`` says."""
     encode = config.encode.model_copy(update={"text": "embeddings"})
     encoder = TextEncoder(encode, config.bundle, config.video_bundle, config.storage)
-    prompt_embeds, pooled = encoder._embeddings("image", [""])
-    embeddings = {"image_prompt_embeds": prompt_embeds[0], "image_pooled_prompt_embeds": pooled[0]}
-    if "video" in encoder.pipes:
-        embeddings["video_prompt_embeds"] = encoder._embeddings("video", [""])[0][0]
+    embeddings = {}
+    for media in encoder.pipes:
+        prompt_embeds, pooled = encoder._embeddings(media, [""])
+        embeddings[f"{media}_prompt_embeds"] = prompt_embeds[0]
+        if pooled is not None:
+            embeddings[f"{media}_pooled_prompt_embeds"] = pooled[0]
     return embeddings
 
 
@@ -244,13 +195,11 @@ class LatentEncoder:
         storage: StorageConfig,
     ) -> None:
         self.latent_std = config.latent_std
+        self.multiples: dict[str, Multiples] = {}
         self.pipes: dict[str, Any] = {}
-        for kind, ref, pipeline_cls in (
-            ("image", bundle, StableDiffusion3Pipeline),
-            ("video", video_bundle, WanPipeline),
-        ):
-            if ref is not None:
-                self.pipes[kind] = _pipeline(ref, storage, pipeline_cls, _NOT_VAE[pipeline_cls])
+        for media, (ref, family) in _families(bundle, video_bundle, storage).items():
+            self.multiples[media] = family.multiples(ref.uri, Storage(storage))
+            self.pipes[media] = _pipeline(ref, storage, family, "vae")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         kinds = [str(kind) for kind in batch["media_kind"]]
@@ -281,22 +230,22 @@ class LatentEncoder:
         return {**batch, **{name: object_column(values) for name, values in columns.items()}}
 
     def _encode_images(self, pixels: np.ndarray) -> Any:
-        pipe = self.pipes["image"]
+        pipe, downscale = self.pipes["image"], self.multiples["image"].latent
         height, width = pixels.shape[1:3]  # pixels: (B, H, W, 3) uint8
-        if height % pipe.vae_scale_factor or width % pipe.vae_scale_factor:
+        if height % downscale or width % downscale:
             # The processor would silently resize; the bucket is wrong for this VAE instead.
             raise ValueError(
                 f"image bucket {BucketKey(height, width)}: sides must be multiples of the VAE's "
-                f"downscale {pipe.vae_scale_factor} (see buckets.step)"
+                f"downscale {downscale} (see buckets.step)"
             )
         image = pipe.image_processor.preprocess(pixels.astype(np.float32) / 255)  # (B, 3, H, W)
         image = image.to(pipe.vae.device, pipe.vae.dtype)
         return pipe.vae.encode(image).latent_dist
 
     def _encode_videos(self, pixels: np.ndarray) -> Any:
-        pipe = self.pipes["video"]
+        pipe, multiples = self.pipes["video"], self.multiples["video"]
         num_frames, height, width = pixels.shape[1:4]  # pixels: (B, F, H, W, 3) uint8
-        spatial, temporal = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
+        spatial, temporal = multiples.latent, multiples.frames
         if height % spatial or width % spatial or (num_frames - 1) % temporal:
             raise ValueError(
                 f"video bucket {BucketKey(height, width, num_frames)}: the video VAE needs sides "
@@ -309,26 +258,14 @@ class LatentEncoder:
 
 
 def vae_factors(config: PrepConfig) -> dict[str, dict[str, Any]]:
-    """The factors training applies to the stored (unscaled) latents, read from each VAE's
-    config without loading weights:
-
-    - ``"image"``: ``scaling_factor``, ``shift_factor``; training uses
-      ``(latent_mean - shift_factor) * scaling_factor``.
-    - ``"video"`` (when ``video_bundle`` is set): Wan's per-channel ``latents_mean`` and
-      ``latents_std``; training uses ``(latent_mean - latents_mean) / latents_std``.
-    """
-    image = load_component_config(config.bundle, AutoencoderKL, config.storage, "vae")
-    # VAE configs older than SD3's have no shift_factor key: they shift by nothing.
-    factors: dict[str, dict[str, Any]] = {
-        "image": {
-            "scaling_factor": image["scaling_factor"],
-            "shift_factor": image.get("shift_factor"),
-        }
+    """Per media kind with a bundle, the factors training normalises the stored (unscaled)
+    latents with (the family's ``latent_factors`` of its VAE config, read without loading
+    weights): SD3's ``scaling_factor`` and ``shift_factor``, Wan's per-channel
+    ``latents_mean`` and ``latents_std``."""
+    storage = Storage(config.storage)
+    return {
+        media: family.latent_factors(component_config(ref.uri, family.vae, storage))
+        for media, (ref, family) in _families(
+            config.bundle, config.video_bundle, config.storage
+        ).items()
     }
-    if config.video_bundle is not None:
-        video = load_component_config(config.video_bundle, AutoencoderKLWan, config.storage, "vae")
-        factors["video"] = {
-            "latents_mean": video["latents_mean"],
-            "latents_std": video["latents_std"],
-        }
-    return factors

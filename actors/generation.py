@@ -22,32 +22,16 @@ from typing import Literal
 
 import numpy as np
 import torch
-from diffusers import (
-    AutoencoderKL,
-    FlowMatchEulerDiscreteScheduler,
-    SD3Transformer2DModel,
-    StableDiffusion3Pipeline,
-    StableDiffusionUpscalePipeline,
-)
+from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusionUpscalePipeline
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
     calculate_shift,
     retrieve_timesteps,
 )
 from diffusers.utils.torch_utils import randn_tensor
 
+from actors.families import family_of
+
 ImageType = Literal["uint8", "float32"]
-# StableDiffusion3Pipeline's components a stage leaves unloaded: everything but the text
-# encoders (and their tokenizers), and everything but the VAE.
-_NOT_TEXT = ("transformer", "vae")
-_NOT_VAE = (
-    "transformer",
-    "text_encoder",
-    "text_encoder_2",
-    "text_encoder_3",
-    "tokenizer",
-    "tokenizer_2",
-    "tokenizer_3",
-)
 
 
 @dataclass(frozen=True)
@@ -119,7 +103,7 @@ class DenoiseRequest:
 
 
 class PromptEncoder:
-    """SD3's three text encoders (CLIP-L, CLIP-G, T5) through the pipeline's own
+    """The bundle's text encoders (SD3: CLIP-L, CLIP-G, T5) through the family's
     ``encode_prompt``, behind an LRU cache of per-text embeddings.
 
     A text is encoded once per (text, max_sequence_length) while it stays among the
@@ -138,8 +122,9 @@ class PromptEncoder:
     ) -> None:
         if cache_size < 0:
             raise ValueError(f"cache_size must be >= 0, got {cache_size}")
-        self.pipe = StableDiffusion3Pipeline.from_pretrained(
-            bundle_dir, dtype=dtype, **dict.fromkeys(_NOT_TEXT)
+        self.family = family_of(bundle_dir, media="image")
+        self.pipe = self.family.pipeline.from_pretrained(
+            bundle_dir, dtype=dtype, **self.family.unloaded("text_encoders", "tokenizers")
         ).to(device)
         self.cache_size = cache_size
         # (text, max_sequence_length) -> ((L, D), (D_pooled,)), least recently used first.
@@ -190,14 +175,10 @@ class PromptEncoder:
     ) -> dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]:
         # A negative prompt goes through the same code as a prompt (encode_prompt encodes
         # both with clip_skip None), so one call without guidance encodes either kind.
-        with torch.no_grad():
-            prompt_embeds, _, pooled, _ = self.pipe.encode_prompt(
-                prompt=texts,
-                prompt_2=None,
-                prompt_3=None,
-                do_classifier_free_guidance=False,
-                max_sequence_length=max_sequence_length,
-            )  # (B, L, D), (B, D_pooled)
+        prompt_embeds, pooled = self.family.encode_prompt(
+            self.pipe, texts, max_sequence_length
+        )  # (B, L, D), (B, D_pooled)
+        assert pooled is not None, "the denoiser's transformer takes pooled embeddings"
         # A copy per text: a view would keep (and pickle) the whole batch's storage.
         return {
             (text, max_sequence_length): (
@@ -209,7 +190,8 @@ class PromptEncoder:
 
 
 class Denoiser:
-    """The bundle's SD3 transformer and scheduler: the base model or an SDXL-style refiner.
+    """The bundle's transformer (SD3's MMDiT) and flow-matching scheduler: the base model or
+    an SDXL-style refiner.
 
     ``denoise`` runs a batch of requests that share ``DenoiseRequest.batch_key``; each step is
     one transformer forward over [uncond of the guided requests..., cond of all...], and the
@@ -226,18 +208,14 @@ class Denoiser:
     ) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
-        self.transformer = (
-            SD3Transformer2DModel.from_pretrained(bundle_dir, subfolder="transformer", dtype=dtype)
-            .to(self.device)
-            .eval()
+        family = family_of(bundle_dir, media="image")
+        pipe = family.pipeline.from_pretrained(
+            bundle_dir, dtype=dtype, **family.unloaded("denoisers")
         )
+        self.transformer = pipe.transformer.to(self.device).eval()
         # A template only: each call steps fresh copies of it.
-        self.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
-            bundle_dir, subfolder="scheduler"
-        )
-        vae_config = AutoencoderKL.load_config(bundle_dir, subfolder="vae")
-        # StableDiffusion3Pipeline's latent downscale: one halving per VAE level but the last.
-        self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+        self.scheduler = pipe.scheduler
+        self.multiples = family.multiples(bundle_dir)
 
     def denoise(
         self,
@@ -261,14 +239,12 @@ class Denoiser:
                     "requests in one denoise call must share (height, width, "
                     f"num_inference_steps, sequence length): {request.batch_key} != {key}"
                 )
-        multiple = self.vae_scale_factor * self.transformer.config.patch_size
-        if height % multiple or width % multiple:
-            raise ValueError(f"height and width must be multiples of {multiple}: {height}x{width}")
+        self.multiples.check_size(height, width)
         latent_shape = (
             1,
             self.transformer.config.in_channels,
-            height // self.vae_scale_factor,
-            width // self.vae_scale_factor,
+            height // self.multiples.latent,
+            width // self.multiples.latent,
         )
         timesteps = self._scheduler(num_inference_steps, latent_shape).timesteps  # (N,)
 
@@ -354,18 +330,19 @@ class Denoiser:
         self, num_inference_steps: int, latent_shape: tuple[int, ...]
     ) -> FlowMatchEulerDiscreteScheduler:
         """A fresh scheduler with the pipeline's timesteps (the step index lives in it)."""
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
+        scheduler = type(self.scheduler).from_config(self.scheduler.config)
         kwargs = {}
-        if scheduler.config.get("use_dynamic_shifting", None):
-            # As StableDiffusion3Pipeline.__call__: the shift follows the image token count.
+        if scheduler.config.use_dynamic_shifting:
+            # As StableDiffusion3Pipeline.__call__: the shift follows the image token count,
+            # between the scheduler config's bounds.
             patch_size = self.transformer.config.patch_size
             image_seq_len = (latent_shape[2] // patch_size) * (latent_shape[3] // patch_size)
             kwargs["mu"] = calculate_shift(
                 image_seq_len,
-                scheduler.config.get("base_image_seq_len", 256),
-                scheduler.config.get("max_image_seq_len", 4096),
-                scheduler.config.get("base_shift", 0.5),
-                scheduler.config.get("max_shift", 1.16),
+                scheduler.config.base_image_seq_len,
+                scheduler.config.max_image_seq_len,
+                scheduler.config.base_shift,
+                scheduler.config.max_shift,
             )
         retrieve_timesteps(scheduler, num_inference_steps, self.device, **kwargs)
         return scheduler
@@ -397,7 +374,7 @@ class Denoiser:
 
 
 class VaeDecoder:
-    """The bundle's VAE: latents to images, as ``StableDiffusion3Pipeline``'s tail does."""
+    """The bundle's VAE: latents to images, as the family's pipeline's tail does."""
 
     def __init__(
         self,
@@ -405,8 +382,9 @@ class VaeDecoder:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        self.pipe = StableDiffusion3Pipeline.from_pretrained(
-            bundle_dir, dtype=dtype, **dict.fromkeys(_NOT_VAE)
+        self.family = family_of(bundle_dir, media="image")
+        self.pipe = self.family.pipeline.from_pretrained(
+            bundle_dir, dtype=dtype, **self.family.unloaded("vae")
         ).to(device)
 
     def decode(
@@ -419,7 +397,7 @@ class VaeDecoder:
             raise ValueError(f"latents in one decode call must share a shape, got {shapes}")
         vae = self.pipe.vae
         batch = torch.stack(list(latents)).to(vae.device, vae.dtype)  # (B, C, h, w)
-        batch = batch / vae.config.scaling_factor + vae.config.shift_factor
+        batch = self.family.denormalize(batch, vae.config)
         with torch.no_grad():
             pixels = vae.decode(batch, return_dict=False)[0]  # (B, 3, H, W)
         images = self.pipe.image_processor.postprocess(pixels, output_type="np")

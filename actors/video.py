@@ -24,8 +24,9 @@ from pathlib import Path
 import av
 import numpy as np
 import torch
-from diffusers import AutoencoderKLWan, WanPipeline
 from diffusers.utils.torch_utils import randn_tensor
+
+from actors.families import family_of
 
 # x264's constant rate factor for served MP4s (0: lossless, 23: x264's default). Measured with
 # yuv444p on the tiny model's 32x48 frames, the hard case (few coefficients per watermark bit,
@@ -33,11 +34,6 @@ from diffusers.utils.torch_utils import randn_tensor
 # (29 count as marked), at 6 frames read 22; PSNR to the unmarked frames is 44 dB at 2.
 # Frames of 256x256 and up read 32 of 32 at 2.
 MP4_CRF = 2
-
-# WanPipeline's components a stage leaves unloaded.
-_NOT_TEXT = ("transformer", "vae")
-_NOT_TRANSFORMER = ("text_encoder", "tokenizer", "vae")
-_NOT_VAE = ("transformer", "text_encoder", "tokenizer")
 
 
 @dataclass(frozen=True)
@@ -61,7 +57,7 @@ class VideoDenoiseRequest:
 
 
 class VideoPromptEncoder:
-    """The bundle's UMT5 encoder through ``WanPipeline.encode_prompt``."""
+    """The bundle's text encoder (Wan: UMT5) through the family's ``encode_prompt``."""
 
     def __init__(
         self,
@@ -69,8 +65,9 @@ class VideoPromptEncoder:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        self.pipe = WanPipeline.from_pretrained(
-            bundle_dir, dtype=dtype, **dict.fromkeys(_NOT_TEXT)
+        self.family = family_of(bundle_dir, media="video")
+        self.pipe = self.family.pipeline.from_pretrained(
+            bundle_dir, dtype=dtype, **self.family.unloaded("text_encoders", "tokenizers")
         ).to(device)
 
     def encode(
@@ -80,20 +77,16 @@ class VideoPromptEncoder:
         guidance_scale: float,
         max_sequence_length: int,
     ) -> VideoEmbeddings:
-        # The pipeline encodes a negative prompt (None: the empty text) only with guidance.
-        guided = guidance_scale > 1.0
-        with torch.no_grad():
-            prompt_embeds, negative_embeds = self.pipe.encode_prompt(
-                prompt=prompt,
-                negative_prompt=negative_prompt,
-                do_classifier_free_guidance=guided,
-                max_sequence_length=max_sequence_length,
-                device=self.pipe.device,
-            )  # (1, L, D) each
-        return VideoEmbeddings(
-            prompt_embeds[0].to("cpu", copy=True),
-            None if negative_embeds is None else negative_embeds[0].to("cpu", copy=True),
-        )
+        # The pipeline encodes a negative prompt (None: the empty text) only with guidance,
+        # in a call of its own through the same code as the prompt.
+        negative_embeds = None
+        if guidance_scale > 1.0:
+            negative_embeds = self._encode(negative_prompt or "", max_sequence_length)
+        return VideoEmbeddings(self._encode(prompt, max_sequence_length), negative_embeds)
+
+    def _encode(self, text: str, max_sequence_length: int) -> torch.Tensor:
+        prompt_embeds, _ = self.family.encode_prompt(self.pipe, [text], max_sequence_length)
+        return prompt_embeds[0].to("cpu", copy=True)  # (L, D)
 
 
 class VideoDenoiser:
@@ -111,32 +104,18 @@ class VideoDenoiser:
         dtype: torch.dtype = torch.float32,
     ) -> None:
         self.device = torch.device(device)
-        pipe = WanPipeline.from_pretrained(
-            bundle_dir, dtype=dtype, **dict.fromkeys(_NOT_TRANSFORMER)
+        family = family_of(bundle_dir, media="video")
+        pipe = family.pipeline.from_pretrained(
+            bundle_dir, dtype=dtype, **family.unloaded("denoisers")
         )
         self.transformer = pipe.transformer.to(self.device).eval()
         # A template only: each video steps a fresh copy of it.
         self.scheduler = pipe.scheduler
-        vae_config = AutoencoderKLWan.load_config(bundle_dir, subfolder="vae")
-        self.vae_scale_factor_temporal = vae_config["scale_factor_temporal"]
-        self.vae_scale_factor_spatial = vae_config["scale_factor_spatial"]
-
-    @property
-    def size_multiple(self) -> int:
-        """Video sides must be multiples of this: the VAE's downscale times the patch size."""
-        _, patch_height, patch_width = self.transformer.config.patch_size
-        assert patch_height == patch_width, "Wan patches are square"
-        return self.vae_scale_factor_spatial * patch_height
+        self.multiples = family.multiples(bundle_dir)
 
     def check(self, height: int, width: int, num_frames: int) -> None:
-        multiple = self.size_multiple
-        if height % multiple or width % multiple:
-            raise ValueError(f"height and width must be multiples of {multiple}: {height}x{width}")
-        if (num_frames - 1) % self.vae_scale_factor_temporal:
-            raise ValueError(
-                f"num_frames - 1 must be a multiple of {self.vae_scale_factor_temporal}, "
-                f"got {num_frames}"
-            )
+        self.multiples.check_size(height, width)
+        self.multiples.check_frames(num_frames)
 
     def steps(self, request: VideoDenoiseRequest) -> Iterator[tuple[int, torch.Tensor | None]]:
         """After each step: (steps done, None); after the last: (num_steps, latents
@@ -187,20 +166,19 @@ class VideoDenoiser:
 
     def _initial_latents(self, request: VideoDenoiseRequest) -> torch.Tensor:
         # What WanPipeline.prepare_latents draws for one prompt given a seeded CPU generator.
-        num_latent_frames = (request.num_frames - 1) // self.vae_scale_factor_temporal + 1
         shape = (
             1,
             self.transformer.config.in_channels,
-            num_latent_frames,
-            request.height // self.vae_scale_factor_spatial,
-            request.width // self.vae_scale_factor_spatial,
+            self.multiples.latent_frames(request.num_frames),
+            request.height // self.multiples.latent,
+            request.width // self.multiples.latent,
         )
         generator = torch.Generator("cpu").manual_seed(request.seed)
         return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
 
 
 class VideoDecoder:
-    """The bundle's video VAE: latents to frames, as ``WanPipeline``'s tail does."""
+    """The bundle's video VAE: latents to frames, as the family's pipeline's tail does."""
 
     def __init__(
         self,
@@ -208,8 +186,9 @@ class VideoDecoder:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        self.pipe = WanPipeline.from_pretrained(
-            bundle_dir, dtype=dtype, **dict.fromkeys(_NOT_VAE)
+        self.family = family_of(bundle_dir, media="video")
+        self.pipe = self.family.pipeline.from_pretrained(
+            bundle_dir, dtype=dtype, **self.family.unloaded("vae")
         ).to(device)
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
@@ -217,10 +196,7 @@ class VideoDecoder:
         latents (C, f, h, w)."""
         vae = self.pipe.vae
         batch = latents[None].to(vae.device, vae.dtype)  # (1, C, f, h, w)
-        mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1)
-        std = torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1)
-        # The pipeline divides by 1 / std: the same float32 ops, so the same bits.
-        batch = batch / (1.0 / std).to(batch) + mean.to(batch)
+        batch = self.family.denormalize(batch, vae.config)
         with torch.no_grad():
             video = vae.decode(batch, return_dict=False)[0]  # (1, 3, F, H, W)
         frames = self.pipe.video_processor.postprocess_video(video, output_type="np")

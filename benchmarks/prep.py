@@ -78,7 +78,7 @@ from actors.writer import ShardWriter
 from cluster.ray_runtime import init_ray, shutdown_ray
 from cluster.storage import Storage
 from flows.models import build_tiny_bundles
-from flows.prep import run_prep
+from flows.prep import preflight, run_prep
 from flows.samples import PHOTOS, build_sample_corpus, write_listing
 from schemas.config import PrepConfig, load_config
 
@@ -485,6 +485,7 @@ def run_loop(config: PrepConfig) -> dict[str, Any]:
     ``batch_size`` from ``config`` (the flow's), on chunks of the largest: what a user
     without Ray would write with the same classes."""
     storage = Storage(config.storage)
+    config = preflight(config, storage)  # the flow's checks, and buckets.step from the bundles
     items = list_inputs(config, storage)
     started = time.perf_counter()
     bundles = (config.bundle, config.video_bundle, config.storage)

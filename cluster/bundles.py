@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from cluster.storage import ObjectInfo, Storage, is_s3, local_path
+from cluster.storage import ObjectInfo, Storage, is_s3, join, local_path
 from schemas.errors import RaygenError
 
 WEIGHT_SUFFIX = ".safetensors"
@@ -112,9 +112,20 @@ def validate_bundle(path: str | Path, *, source: str | None = None) -> dict[str,
     )
 
 
+def read_bundle_json(uri: str | Path, name: str, storage: Storage | None = None) -> dict[str, Any]:
+    """One JSON file of a bundle (``model_index.json``, ``vae/config.json``), local or s3://,
+    read on its own: a bundle's facts without fetching (or validating) its weights."""
+    shown = join(str(uri), name)
+    return _parse_json((storage or Storage()).read_bytes(shown), shown)
+
+
 def _read_json(path: Path, shown: str) -> dict[str, Any]:
+    return _parse_json(path.read_bytes(), shown)
+
+
+def _parse_json(text: bytes, shown: str) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(text)
     except json.JSONDecodeError as err:
         raise BundleError(f"{shown}: not valid JSON: {err}") from None
     if not isinstance(data, dict):

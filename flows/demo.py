@@ -28,9 +28,9 @@ DEMO_PROMPT = "a red circle on a blue background"
 def generate_sample(bundle_uri: str, prompt: str, seed: int, out_path: str) -> tuple[int, int]:
     """Load the bundle where the task runs (never in the driver) and write one PNG."""
     import torch
-    from diffusers import StableDiffusion3Pipeline
 
-    pipe = load_pipeline(ModelRef(uri=bundle_uri), None, StableDiffusion3Pipeline)
+    # The pipeline class the bundle's model_index.json names (the trained SD3 bundle's).
+    pipe = load_pipeline(ModelRef(uri=bundle_uri))
     pipe.set_progress_bar_config(disable=True)  # one image: the demo's own lines say enough
     image = pipe(
         prompt,

@@ -16,14 +16,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import (
-    FlowMatchEulerDiscreteScheduler,
-    SD3Transformer2DModel,
-    StableDiffusion3Pipeline,
-)
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
+from actors.families import family_of
 from flows.train import RunPlan, RunResult, run_loop
 from schemas.config import ConfigError, DistillConfig
 
@@ -289,8 +286,8 @@ def distance_to_teacher(
     prompts encoded to `max_sequence_length` T5 tokens: the student only matches its teacher
     at the prompt-embedding length it was distilled with.
     """
-    teacher = StableDiffusion3Pipeline.from_pretrained(teacher_dir)
-    student = StableDiffusion3Pipeline.from_pretrained(student_dir)
+    teacher = family_of(teacher_dir, media="image").pipeline.from_pretrained(teacher_dir)
+    student = family_of(student_dir, media="image").pipeline.from_pretrained(student_dir)
     for pipe in (teacher, student):
         pipe.set_progress_bar_config(disable=True)
 
@@ -298,7 +295,7 @@ def distance_to_teacher(
     shape = (len(prompts), teacher.transformer.config.in_channels, size, size)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))  # (P, C, h, w)
 
-    def sample(pipe: StableDiffusion3Pipeline, steps: int, guidance: float) -> Tensor:
+    def sample(pipe: DiffusionPipeline, steps: int, guidance: float) -> Tensor:
         return pipe(
             prompts,
             num_inference_steps=steps,

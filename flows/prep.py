@@ -43,13 +43,14 @@ from actors.batches import restore_optional_text
 from actors.captioner import Captioner
 from actors.decode import MediaDecoder
 from actors.encoders import LatentEncoder, TextEncoder, empty_prompt_embeddings, vae_factors
+from actors.families import family_of
 from actors.filters import Filters
 from actors.sources import FetchMedia, list_inputs
 from actors.writer import ShardWriter
 from cluster.bundles import validate_bundle
 from cluster.ray_runtime import init_ray
 from cluster.storage import Storage, is_s3, join
-from schemas.config import ModelRef, PrepConfig, StageResources
+from schemas.config import ConfigError, ModelRef, PrepConfig, StageResources
 from schemas.errors import RaygenError
 from schemas.shards import (
     BUCKET,
@@ -282,8 +283,9 @@ def _model_refs(config: PrepConfig) -> list[ModelRef]:
     return [ref for ref in refs if ref is not None]
 
 
-def preflight(config: PrepConfig, storage: Storage) -> None:
-    """Fail in seconds, naming the field, before any worker starts."""
+def preflight(config: PrepConfig, storage: Storage) -> PrepConfig:
+    """Fail in seconds, naming the field, before any worker starts. Returns the config with
+    what the bundles decide filled in: ``buckets.step`` when it is null."""
     storage.check(config.input)
     storage.check(config.output)
     for ref in _model_refs(config):
@@ -295,6 +297,26 @@ def preflight(config: PrepConfig, storage: Storage) -> None:
                 raise RaygenError(f"bundle {ref.uri}: no files under it")
         else:
             validate_bundle(ref.uri)
+    # What the bundles' families need of the data, from their configs alone.
+    refs = {"image": config.bundle, "video": config.video_bundle}
+    multiples = {
+        media: family_of(ref.uri, storage, media=media).multiples(ref.uri, storage)
+        for media, ref in refs.items()
+        if ref is not None
+    }
+    if "video" in multiples:
+        multiples["video"].check_frames(config.decode.video_num_frames, "decode.video_num_frames")
+    size = math.lcm(*(m.size for m in multiples.values()))
+    if config.buckets.step is None:
+        return config.model_copy(
+            update={"buckets": config.buckets.model_copy(update={"step": size})}
+        )
+    if config.buckets.step % size:
+        raise ConfigError(
+            f"buckets.step: {config.buckets.step} is not a multiple of {size}, the bundles' VAE "
+            f"downscale x patch size: training could not patch every bucket's latents"
+        )
+    return config
 
 
 @ray.remote
@@ -307,7 +329,7 @@ def _bundle_facts(config: PrepConfig) -> tuple[bytes, dict[str, dict[str, Any]]]
 def run_prep(config: PrepConfig) -> Manifest:
     started = time.perf_counter()
     storage = Storage(config.storage)
-    preflight(config, storage)
+    config = preflight(config, storage)
 
     # ---- resume: what is already written ------------------------------------------------
     ledger = read_ledger(config.output, storage)

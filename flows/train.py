@@ -37,7 +37,6 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from diffusers import DiffusionPipeline
 from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling
 from PIL import Image, ImageDraw
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -51,6 +50,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from actors.families import FAMILIES, Family, component_config, family_of
 from cluster.bundles import resolve_bundle
 from cluster.ray_runtime import DriverConsole, init_ray
 from cluster.storage import Storage, is_s3, join
@@ -69,7 +69,6 @@ from schemas.shards import MANIFEST_NAME, BucketKey, Manifest
 # Ray Train keeps its run state (checkpoints, snapshot) under <output>/<RUN_NAME>.
 RUN_NAME = "ray-train"
 STOPPED = "stopped.json"  # why a run stopped early: written by rank 0, read by the driver
-MEDIA_BY_TRANSFORMER = {"SD3Transformer2DModel": "image", "WanTransformer3DModel": "video"}
 
 
 class TrainingError(RaygenError):
@@ -89,13 +88,17 @@ class RunPlan:
     bundle_dir: str  # local folder of the bundle; workers on other nodes re-resolve s3:// ones
     bundle_uri: str
     transformer_class: str
-    pipeline_class: str
+    pipeline_class: str  # the bundle's model_index.json _class_name: its family's key
     buckets: dict[str, Bucket]
     batch_per_worker: int
     vae: dict[str, Any]  # the manifest's factors for this media kind
     empty_prompt: dict[str, np.ndarray]  # "prompt_embeds" (L, D), "pooled_prompt_embeds" (D,)
     samples: dict[str, np.ndarray] = field(default_factory=dict)  # fixed rows for sample grids
     sample_bucket: str = ""
+
+    @property
+    def family(self) -> Family:
+        return FAMILIES[self.pipeline_class]
 
 
 def plan_run(config: LoopConfig, bundle_uri: str, storage: Storage) -> RunPlan:
@@ -105,14 +108,10 @@ def plan_run(config: LoopConfig, bundle_uri: str, storage: Storage) -> RunPlan:
     manifest = Manifest.model_validate_json(storage.read_bytes(manifest_uri))
     bundle_dir = resolve_bundle(bundle_uri, storage)
     index = json.loads((bundle_dir / "model_index.json").read_text())
-    transformer_class = index["transformer"][1]
-    media = MEDIA_BY_TRANSFORMER.get(transformer_class)
-    if media is None:
-        raise ConfigError(
-            f"bundle: {bundle_uri} has a {transformer_class}; training supports "
-            f"{', '.join(MEDIA_BY_TRANSFORMER)}"
-        )
-    transformer_config = json.loads((bundle_dir / "transformer" / "config.json").read_text())
+    family = family_of(bundle_uri, storage)  # an error names the URI the user gave
+    media = family.media
+    transformer_class = index[family.denoisers[0]][1]
+    transformer_config = component_config(bundle_dir, family.denoisers[0])
     if isinstance(config, TrainConfig) and config.init == "scratch":
         transformer_config.update(config.transformer_config)
     elif isinstance(config, TrainConfig) and config.transformer_config:
@@ -172,7 +171,7 @@ def _check_shapes(
 ) -> None:
     channels = model["in_channels"]
     patch = model["patch_size"]
-    patch = tuple(patch) if isinstance(patch, list) else (patch, patch)  # (t?, h, w)
+    patch = tuple(patch) if isinstance(patch, list | tuple) else (patch, patch)  # (t?, h, w)
     for bucket in buckets.values():
         shape = bucket.latent_shape
         if shape[0] != channels:
@@ -195,7 +194,7 @@ def _check_shapes(
 
 
 def _check_text_widths(plan: RunPlan, model: dict[str, Any], transformer_class: str) -> None:
-    width = model.get("joint_attention_dim") or model.get("text_dim")
+    width, _ = plan.family.text_widths(model)
     stored = plan.empty_prompt["prompt_embeds"].shape[-1]
     if width != stored:
         raise ConfigError(
@@ -253,12 +252,10 @@ class RectifiedFlow:
         else:
             model = transformer_cls.from_pretrained(plan.bundle_dir, subfolder="transformer")
         self.model = model.to(device).train()
-        scheduler = json.loads(
-            (Path(plan.bundle_dir) / "scheduler" / "scheduler_config.json").read_text()
-        )
+        scheduler = component_config(plan.bundle_dir, "scheduler")
         # FlowMatchEulerDiscreteScheduler calls it shift, Wan's UniPC flow_shift.
-        self.shift = float(scheduler.get("shift", scheduler.get("flow_shift", 1.0)))
-        self.num_train_timesteps = int(scheduler.get("num_train_timesteps", 1000))
+        self.shift = float(scheduler["shift"] if "shift" in scheduler else scheduler["flow_shift"])
+        self.num_train_timesteps = int(scheduler["num_train_timesteps"])
         self.config, self.plan, self.device = config, plan, device
         # A copy: the plan's arrays arrive read-only from Ray's object store.
         self.empty = {k: torch.tensor(v, device=device) for k, v in plan.empty_prompt.items()}
@@ -648,15 +645,8 @@ def _to_model_inputs(
     device: torch.device,
 ) -> dict[str, torch.Tensor]:
     """Stored latents -> the model's scale; caption choice per row."""
-    latents = torch.as_tensor(arrays["latents"], device=device)
-    if plan.media == "image":
-        # (B, C, h, w): SD3's VAE factors, as its pipeline undoes them before decoding.
-        latents = (latents - plan.vae["shift_factor"]) * plan.vae["scaling_factor"]
-    else:
-        # (B, C, f, h, w): Wan's per-channel statistics.
-        mean = torch.tensor(plan.vae["latents_mean"], device=device).view(1, -1, 1, 1, 1)
-        std = torch.tensor(plan.vae["latents_std"], device=device).view(1, -1, 1, 1, 1)
-        latents = (latents - mean) / std
+    latents = torch.as_tensor(arrays["latents"], device=device)  # (B, C, h, w) or (B, C, f, h, w)
+    latents = plan.family.normalize(latents, plan.vae)
     has_original = torch.as_tensor(arrays["has_original"], device=device)
     has_synthetic = torch.as_tensor(arrays["has_synthetic"], device=device)
     if caption == "mix":
@@ -694,12 +684,11 @@ def sample_grid(
     transformer = unwrapped_copy(objective.model)
     transformer.load_state_dict(weights)
     transformer.to(device).eval()
-    # No text encoders: the grid's prompts are stored embeddings. Which ones a pipeline has
-    # (SD3: three, Wan: one) is in its model_index.json.
-    index = json.loads((Path(plan.bundle_dir) / "model_index.json").read_text())
-    text_parts = [name for name in index if name.startswith(("text_encoder", "tokenizer"))]
-    pipe = DiffusionPipeline.from_pretrained(
-        plan.bundle_dir, transformer=transformer, **dict.fromkeys(text_parts)
+    # No text encoders: the grid's prompts are stored embeddings.
+    family = plan.family
+    unloaded = family.unloaded("denoisers", "vae")
+    pipe = family.pipeline.from_pretrained(
+        plan.bundle_dir, **unloaded, **{family.denoisers[0]: transformer}
     ).to(device)
     n = len(plan.samples["prompt_embeds_original"])
     prompt = np.where(

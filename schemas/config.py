@@ -105,7 +105,10 @@ class DecodeConfig(Config):
     max_bytes: int = Field(default=2**30, ge=1, description="larger files are quarantined")
     video_fps: float = Field(default=8.0, gt=0, description="frames are sampled at this rate")
     video_num_frames: int = Field(
-        default=9, ge=1, description="frames per clip; the Wan VAE takes 4k+1"
+        default=9,
+        ge=1,
+        description="frames per clip; the video bundle's VAE fixes which (Wan: 4k+1), "
+        "checked when prep starts",
     )
     video_max_clips: int = Field(default=4, ge=1, description="clips kept per video")
     shot_threshold: float = Field(
@@ -113,20 +116,19 @@ class DecodeConfig(Config):
     )
     resources: StageResources = Field(default_factory=StageResources)
 
-    @field_validator("video_num_frames")
-    @classmethod
-    def _wan_frames(cls, value: int) -> int:
-        if (value - 1) % 4:
-            raise ValueError(f"{value} frames: the Wan VAE needs 4k+1 frames (5, 9, 13, 17, ...)")
-        return value
-
 
 class BucketConfig(Config):
     """SDXL-style aspect-ratio buckets: about ``resolution**2`` pixels, sides a multiple of
-    ``step`` (the VAE's downscale times the transformer's patch size)."""
+    ``step``, which must be a multiple of the bundles' VAE downscale times their transformers'
+    patch size so training can patch every latent."""
 
     resolution: int = Field(default=64, ge=8)
-    step: int = Field(default=16, ge=1)
+    step: int | None = Field(
+        default=None,
+        ge=1,
+        description="null: the bundles' own multiple (VAE downscale x patch size), "
+        "read from their configs when prep starts",
+    )
     max_aspect: float = Field(default=2.0, ge=1.0, description="widest and tallest bucket")
 
 

@@ -201,7 +201,8 @@ class Manifest(BaseModel):
     shards: list[str] = Field(default_factory=list, description="shard files, relative")
     buckets: dict[str, int] = Field(default_factory=dict, description="bucket -> rows")
     # Latents are stored unscaled; training applies the VAE's own factors, recorded here per
-    # media kind ("image": scaling_factor/shift_factor; "video": Wan's latents_mean/std).
+    # media kind, as the bundle's family reads them from its VAE config (actors/families.py:
+    # SD3's scaling_factor/shift_factor, Wan's latents_mean/std).
     vae: dict[str, dict[str, Any]] = Field(default_factory=dict)
     empty_prompt: str | None = Field(
         default=None, description="safetensors file of the empty prompt's embeddings (CFG dropout)"

@@ -1,7 +1,6 @@
 """What a request may ask of this server, checked in one place before any model runs."""
 
-from dataclasses import dataclass
-
+from actors.families import Multiples
 from schemas.api import GenerateRequest, VideoRequest
 from schemas.config import ServeConfig
 
@@ -16,28 +15,22 @@ class InvalidInput(ValueError):
         self.message = message
 
 
-@dataclass(frozen=True)
-class ShapeFactors:
-    """What the model fixes about output shapes, read once from the stage that holds it."""
-
-    size_multiple: int  # sides: the VAE's downscale times the transformer's patch size
-    frame_multiple: int | None = None  # video: (num_frames - 1) must be a multiple of it
-
-
 def check_inputs(
-    request: GenerateRequest | VideoRequest, config: ServeConfig, factors: ShapeFactors
+    request: GenerateRequest | VideoRequest, config: ServeConfig, multiples: Multiples
 ) -> None:
     """The checks that depend on this server (its sizes, stages, model name and limits);
-    the request's own field ranges are its schema's. Raises ``InvalidInput``."""
+    the request's own field ranges are its schema's. ``multiples``: what the served bundle's
+    family fixes about shapes, asked once of the stage that holds it. Raises
+    ``InvalidInput``."""
     if isinstance(request, VideoRequest):
         video = config.video
-        assert video is not None and factors.frame_multiple is not None
-        _check_sides(request, factors.size_multiple, video.max_height, video.max_width)
-        if (request.num_frames - 1) % factors.frame_multiple:
+        assert video is not None and multiples.frames is not None
+        _check_sides(request, multiples.size, video.max_height, video.max_width)
+        if (request.num_frames - 1) % multiples.frames:
             raise InvalidInput(
                 "num_frames",
                 request.num_frames,
-                f"num_frames - 1 must be a multiple of {factors.frame_multiple} (the VAE's "
+                f"num_frames - 1 must be a multiple of {multiples.frames} (the VAE's "
                 "temporal downscale)",
             )
         if request.num_frames > video.max_num_frames:
@@ -49,7 +42,7 @@ def check_inputs(
         raise InvalidInput(
             "model", request.model, f"unknown model; this server serves {config.model_name!r}"
         )
-    _check_sides(request, factors.size_multiple, config.max_height, config.max_width)
+    _check_sides(request, multiples.size, config.max_height, config.max_width)
     if request.num_images_per_prompt > config.max_images_per_request:
         raise InvalidInput(
             "num_images_per_prompt",

@@ -21,6 +21,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
+from actors.families import Multiples
 from flows.serve.stages import DenoiseSpec, EncodeItem, Staged
 from schemas.api import GenerateRequest
 from schemas.config import ServeConfig
@@ -178,7 +179,7 @@ class ImageGraph:
         self.vae_decode = vae_decode
         self.super_resolution = super_resolution
         self.safety = safety
-        self._size_multiple: int | None = None
+        self._multiples: Multiples | None = None
 
     async def __call__(
         self, body: GenerateRequest, seeds: list[int], output_type: str = "uint8"
@@ -258,11 +259,11 @@ class ImageGraph:
             images = await calls.stage("safety", self.safety.finish.remote(images))
         return await calls.result(images)
 
-    async def size_multiple(self) -> int:
-        """Image sides must be multiples of this (the base's VAE downscale x patch size)."""
-        if self._size_multiple is None:
-            self._size_multiple = await _named("base", self.base.size_multiple.remote())
-        return self._size_multiple
+    async def multiples(self) -> Multiples:
+        """What the base's bundle fixes about image sizes."""
+        if self._multiples is None:
+            self._multiples = await _named("base", self.base.multiples.remote())
+        return self._multiples
 
     async def stats(self) -> dict[str, Any]:
         """Per stage (the replica that answered): requests served, encoder cache hits and

@@ -26,9 +26,10 @@ from ray.serve import metrics
 from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from actors.families import Multiples
 from actors.safety import PromptFilter
 from cluster.storage import Storage, is_s3
-from flows.serve.checks import InvalidInput, ShapeFactors, check_inputs
+from flows.serve.checks import InvalidInput, check_inputs
 from flows.serve.graph import ReplicaFailed, stage_names
 from flows.serve.stages import FinishedImages, Staged
 from flows.serve.video_jobs import VIDEOS_FOLDER
@@ -240,8 +241,8 @@ class Ingress:
             tag_keys=("route", "status"),
         )
         # What the model fixes about shapes: asked of the stages once, then kept.
-        self._image_factors: ShapeFactors | None = None
-        self._video_factors: ShapeFactors | None = None
+        self._image_multiples: Multiples | None = None
+        self._video_multiples: Multiples | None = None
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_api(self)
@@ -375,10 +376,10 @@ class Ingress:
     async def _admit(self, body: GenerateRequest, fields: dict[str, str]) -> list[int]:
         """Check the request against this server and run the prompt filter, before any model
         runs; returns the seed of each image. ``fields`` renames fields in 422s."""
-        if self._image_factors is None:
-            self._image_factors = ShapeFactors(await self._call(self.graph.size_multiple.remote()))
+        if self._image_multiples is None:
+            self._image_multiples = await self._call(self.graph.multiples.remote())
         try:
-            check_inputs(body, self.config, self._image_factors)
+            check_inputs(body, self.config, self._image_multiples)
         except InvalidInput as err:
             raise _invalid(err, fields) from None
         self._filter_prompt(body.prompt)
@@ -499,11 +500,10 @@ class Ingress:
 
     async def create_video(self, body: VideoRequest) -> Any:
         jobs = self._video_jobs()
-        if self._video_factors is None:
-            multiple, temporal = await self._call(jobs.shape_factors.remote())
-            self._video_factors = ShapeFactors(multiple, temporal)
+        if self._video_multiples is None:
+            self._video_multiples = await self._call(jobs.multiples.remote())
         try:
-            check_inputs(body, self.config, self._video_factors)
+            check_inputs(body, self.config, self._video_multiples)
         except InvalidInput as err:
             raise _invalid(err, {}) from None
         self._filter_prompt(body.prompt)

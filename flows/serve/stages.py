@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from ray import serve
 
+from actors.families import Multiples
 from actors.generation import Denoiser, DenoiseRequest, PromptEncoder, Upscaler, VaeDecoder
 from actors.safety import ImageSafetyChecker, embed_watermark
 from actors.video import (
@@ -207,9 +208,9 @@ class DenoiserStage:
         self.num_steps = 0  # steps run, one per step of a call whatever its batch size
         self.num_stopped = 0  # calls stopped early: every request in them was cancelled
 
-    async def size_multiple(self) -> int:
-        """Image sides must be multiples of this: the VAE's downscale times the patch size."""
-        return self.denoiser.vae_scale_factor * self.denoiser.transformer.config.patch_size
+    async def multiples(self) -> Multiples:
+        """What the bundle fixes about image sizes (its family's multiples)."""
+        return self.denoiser.multiples
 
     async def denoise(
         self, spec: DenoiseSpec, embeddings: Staged, latents: Staged | None = None
@@ -458,9 +459,9 @@ class VideoDenoiserStage:
         self.num_requests = 0
         self.num_steps = 0
 
-    async def shape_factors(self) -> tuple[int, int]:
-        """(sides' multiple: VAE spatial downscale x patch, the VAE's temporal downscale)."""
-        return self.denoiser.size_multiple, self.denoiser.vae_scale_factor_temporal
+    async def multiples(self) -> Multiples:
+        """What the bundle fixes about video sizes and frame counts (its family's multiples)."""
+        return self.denoiser.multiples
 
     async def denoise(
         self, request: VideoDenoiseRequest

@@ -20,6 +20,7 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from actors.families import Multiples
 from actors.video import VideoDenoiseRequest
 from cluster.storage import Storage
 from schemas.api import VideoJob, VideoRequest
@@ -85,8 +86,8 @@ class VideoJobs:
         # task that wrote one was cancelled while waiting for it.
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="video-job-records")
 
-    async def shape_factors(self) -> tuple[int, int]:
-        return await self.denoiser.shape_factors.remote()
+    async def multiples(self) -> Multiples:
+        return await self.denoiser.multiples.remote()
 
     async def submit(self, body: VideoRequest, seed: int) -> VideoJob | None:
         """The new job, queued and stored; None when ``max_jobs`` are already queued or

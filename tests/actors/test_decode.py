@@ -26,6 +26,13 @@ from schemas.errors import RaygenError
 from schemas.shards import BucketKey
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
+# What prep's preflight reads from the tiny bundles (VAE downscale 8 x patch 2); these tests
+# decode without bundles.
+STEP = 16
+
+
+def prep_config(**config) -> PrepConfig:
+    return PrepConfig(**{"buckets": {"step": STEP}, **config})
 
 
 def item_batch(items: list[dict]) -> dict[str, np.ndarray]:
@@ -34,7 +41,7 @@ def item_batch(items: list[dict]) -> dict[str, np.ndarray]:
 
 def decode_folder(folder: Path, **config) -> dict[str, dict]:
     """Fetch + decode every input under ``folder``; rows keyed by file name (a clip: "name-cK")."""
-    prep = PrepConfig(input=str(folder), **config)
+    prep = prep_config(input=str(folder), **config)
     fetched = FetchMedia(prep.decode, prep.storage)(item_batch(list_inputs(prep, Storage())))
     decoded = MediaDecoder(prep.decode, prep.buckets)(fetched)
     rows = {}
@@ -67,7 +74,7 @@ def write_two_shots(path: Path, num_frames: int, fps: int) -> None:
 @pytest.mark.parametrize(
     "config",
     [
-        BucketConfig(),
+        BucketConfig(step=STEP),
         BucketConfig(resolution=1024, step=64),
         BucketConfig(resolution=512, step=16, max_aspect=3.0),
         BucketConfig(resolution=256, step=32),
@@ -86,14 +93,16 @@ def test_buckets_are_step_multiples_of_about_the_target_area(config):
 
 
 def test_bucket_values_and_impossible_settings():
-    assert buckets(BucketConfig()) == [(48, 80), (64, 64), (80, 48)]
+    assert buckets(BucketConfig(step=STEP)) == [(48, 80), (64, 64), (80, 48)]
     assert (1344, 768) in buckets(BucketConfig(resolution=1024, step=64))  # SDXL's own
     with pytest.raises(RaygenError, match="no bucket"):
         buckets(BucketConfig(resolution=8, step=16))
+    with pytest.raises(RaygenError, match="buckets.step: null"):
+        buckets(BucketConfig())  # prep's preflight sets it from the bundles
 
 
 def test_nearest_bucket_and_center_crop_on_a_known_case():
-    options = buckets(BucketConfig())
+    options = buckets(BucketConfig(step=STEP))
     assert nearest_bucket(128, 64, options) == (80, 48)
     assert nearest_bucket(64, 128, options) == (48, 80)
     assert nearest_bucket(70, 64, options) == (64, 64)
@@ -343,7 +352,7 @@ def test_shot_boundary_starts_a_new_clip(tmp_path):
 
 def test_fetch_reasons_and_extra_columns_pass_through(tmp_path):
     Image.new("RGB", (32, 32), "red").save(tmp_path / "a.png")
-    prep = PrepConfig(input=str(tmp_path))
+    prep = prep_config(input=str(tmp_path))
     fetched = FetchMedia(prep.decode, prep.storage)(item_batch(list_inputs(prep, Storage())))
     fetched = {name: np.concatenate([values, values]) for name, values in fetched.items()}
     fetched["reason"][1], fetched["detail"][1] = "too_large", "too many bytes"
@@ -365,7 +374,7 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def test_columns_survive_a_ray_data_pipeline(corpus, ray_local):
-    prep = PrepConfig(input=str(corpus), decode={"video_num_frames": 5})
+    prep = prep_config(input=str(corpus), decode={"video_num_frames": 5})
     items = list_inputs(prep, Storage())
     fetch_kwargs = {"config": prep.decode, "storage": prep.storage}
     decode_kwargs = {"config": prep.decode, "bucket_config": prep.buckets}

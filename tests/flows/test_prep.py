@@ -24,9 +24,10 @@ from actors.decode import MediaDecoder
 from actors.sources import FetchMedia, list_inputs
 from cluster.storage import Storage
 from flows.models import build_tiny_bundles
-from flows.prep import is_small_corpus, run_prep
+from flows.prep import is_small_corpus, preflight, run_prep
 from flows.samples import build_broken_files, build_sample_corpus, write_webdataset_tar
-from schemas.config import PrepConfig, load_config
+from schemas.config import ConfigError, PrepConfig, load_config
+from schemas.errors import RaygenError
 from schemas.shards import BucketKey
 
 REPO = Path(__file__).parents[2]
@@ -117,6 +118,30 @@ def test_every_valid_input_written_and_every_broken_one_quarantined(local_run, c
     assert "ModelStages" in _actor_classes()
 
 
+def test_preflight_reads_the_frame_rule_and_bucket_step_from_the_bundles(bundles, tmp_path):
+    config = _config(bundles, str(tmp_path / "in"), str(tmp_path / "out"))
+    assert config.buckets.step is None
+    assert preflight(config, Storage()).buckets.step == 16  # VAE downscale 8 x patch 2
+    bad = _config(bundles, str(tmp_path / "in"), str(tmp_path / "out"), **{"buckets.step": 24})
+    with pytest.raises(ConfigError, match="^buckets.step: 24 is not a multiple of 16"):
+        preflight(bad, Storage())
+    # Wan's VAE downscales time 4x: clips of 4k+1 frames.
+    bad = _config(
+        bundles, str(tmp_path / "in"), str(tmp_path / "out"), **{"decode.video_num_frames": 8}
+    )
+    with pytest.raises(RaygenError, match=r"^decode.video_num_frames: 8 frames.*4k\+1 frames"):
+        preflight(bad, Storage())
+    # Without a video bundle any count will do: nothing encodes clips.
+    images_only = bad.model_copy(update={"video_bundle": None})
+    assert preflight(images_only, Storage()).decode.video_num_frames == 8
+    # The image bundle must be an image family's.
+    swapped = _config(
+        bundles, str(tmp_path / "in"), str(tmp_path / "out"), **{"bundle.uri": str(bundles["t2v"])}
+    )
+    with pytest.raises(RaygenError, match="WanPipeline makes videos, but this needs one that"):
+        preflight(swapped, Storage())
+
+
 def test_a_few_large_tars_are_not_a_small_corpus(tmp_path):
     for name in ("a.jpg", "b.png"):
         (tmp_path / name).write_bytes(b"x")
@@ -154,7 +179,7 @@ def test_stored_latents_and_embeddings_match_diffusers(local_run, bundles):
     # The same preprocessing the flow ran, then the bundle VAE's own encode.
     items = [item for item in list_inputs(config, Storage(config.storage)) if source.startswith(item["item_uri"])]
     fetched = FetchMedia(config.decode, config.storage)({k: np.array([item[k] for item in items], dtype=object) for k in items[0]})
-    decoded = MediaDecoder(config.decode, config.buckets)(fetched)
+    decoded = MediaDecoder(config.decode, preflight(config, Storage()).buckets)(fetched)
     index = list(decoded["source_uri"]).index(source)
     pixels = torch.from_numpy(np.asarray(decoded["pixels"][index], dtype=np.float32))
     pixels = (pixels / 127.5 - 1.0).permute(0, 3, 1, 2)  # (1, H, W, 3) -> (1, 3, H, W)

@@ -35,11 +35,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from actors.families import Multiples
 from actors.safety import detect_watermark
 from flows.cli import main
 from flows.models import build_tiny_bundles
 from flows.serve import APP_NAME, api_key_digests, app_builder, build_app, deployment_options
-from flows.serve.checks import InvalidInput, ShapeFactors, check_inputs
+from flows.serve.checks import InvalidInput, check_inputs
 from schemas.api import GenerateRequest, VideoRequest
 from schemas.config import ConfigError, DeploymentSettings, ServeConfig, StorageConfig
 from tests.conftest import S3_REGION, free_port
@@ -736,7 +737,7 @@ def test_check_inputs_names_the_field_for_images_and_videos():
             "video": {"max_height": 32, "max_width": 32, "max_num_frames": 9},
         }
     )
-    image, video = ShapeFactors(16), ShapeFactors(16, frame_multiple=4)
+    image, video = Multiples(latent=8, size=16), Multiples(latent=8, size=16, frames=4)
     check_inputs(GenerateRequest(prompt="a cat", height=32, width=64), config, image)
     check_inputs(VideoRequest(prompt="a cat", height=32, width=16, num_frames=9), config, video)
     cases = [
@@ -758,7 +759,7 @@ def test_check_inputs_names_the_field_for_images_and_videos():
         (VideoRequest(prompt="a", height=32, width=32, num_frames=13), video, "num_frames",
          "at most 9"),
     ]  # fmt: skip
-    for request, factors, field, message in cases:
+    for request, multiples, field, message in cases:
         with pytest.raises(InvalidInput, match=message) as caught:
-            check_inputs(request, config, factors)
+            check_inputs(request, config, multiples)
         assert caught.value.field == field

@@ -1,0 +1,360 @@
+"""Model families: everything raygen knows about a kind of bundle, written once.
+
+A family (SD3 text-to-image, Wan text-to-video) is one ``Family`` entry in ``FAMILIES``,
+keyed by the pipeline class a bundle's ``model_index.json`` names (``_class_name``). Its
+numbers are read from the bundle's component configs (VAE downscale, latent factors, patch
+size, text widths), so a published checkpoint and a tiny bundle of the same class are
+treated alike; its prompt encoding is the pipeline's own ``encode_prompt``. Prep's encoders,
+train's plan and objective, serve's stages and request checks and distillation all ask
+``family_of(bundle)``; no other module knows a family's facts.
+
+Adding a family (SDXL, Flux, Wan i2v) is one more entry here, and its tests.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import diffusers
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, StableDiffusion3Pipeline, WanPipeline
+from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+from cluster.bundles import read_bundle_json
+from cluster.storage import Storage
+from schemas.errors import RaygenError
+
+Media = Literal["image", "video"]
+Bundle = str | Path  # a bundle folder, local or s3://
+Config = Mapping[str, Any]  # a component's config: a dict, or a loaded component's .config
+GROUPS = ("text_encoders", "tokenizers", "denoisers", "vae")
+
+
+class FamilyError(RaygenError):
+    """A bundle whose pipeline class raygen has no family for, or of the wrong media kind."""
+
+
+def family_of(
+    bundle: Bundle | Config, storage: Storage | None = None, *, media: Media | None = None
+) -> Family:
+    """The family of a bundle folder (local or s3://; only its model_index.json is read) or
+    of a model_index.json already read. ``media``: the kind the caller makes; a bundle of the
+    other kind is an error, as is a pipeline class no family has."""
+    if isinstance(bundle, Mapping):
+        index, shown = bundle, "bundle"
+    else:
+        index, shown = read_bundle_json(bundle, "model_index.json", storage), f"bundle {bundle}"
+    class_name = index.get("_class_name")
+    family = FAMILIES.get(class_name)
+    if family is None:
+        raise FamilyError(
+            f"{shown}: a {class_name} pipeline, which raygen has no family for; "
+            f"it supports {', '.join(FAMILIES)}"
+        )
+    if media is not None and family.media != media:
+        raise FamilyError(
+            f"{shown}: a {class_name} makes {family.media}s, but this needs one that makes {media}s"
+        )
+    return family
+
+
+def component_config(
+    bundle: Bundle, component: str, storage: Storage | None = None
+) -> dict[str, Any]:
+    """A diffusers component's config as the loaded component's ``.config`` holds it: its
+    config.json over the defaults of its class (as model_index.json names it). No weights are
+    read, and an s3:// bundle is not downloaded."""
+    library, class_name = read_bundle_json(bundle, "model_index.json", storage)[component]
+    assert library == "diffusers", f"{component} is a {library} component, not a diffusers one"
+    parameters = inspect.signature(getattr(diffusers, class_name).__init__).parameters
+    defaults = {
+        name: parameter.default
+        for name, parameter in parameters.items()
+        if parameter.default is not inspect.Parameter.empty
+    }
+    filename = "scheduler_config.json" if "Scheduler" in class_name else "config.json"
+    return {**defaults, **read_bundle_json(bundle, f"{component}/{filename}", storage)}
+
+
+@dataclass(frozen=True)
+class Multiples:
+    """What a bundle fixes about output shapes, from its VAE and transformer configs."""
+
+    latent: int  # pixels per latent position along a side: the VAE's spatial downscale
+    size: int  # sides must be multiples of this: latent x the transformer's patch size
+    frames: int | None = None  # video: num_frames - 1 a multiple of it (VAE temporal downscale)
+
+    def check_size(self, height: int, width: int) -> None:
+        if height % self.size or width % self.size:
+            raise ValueError(f"height and width must be multiples of {self.size}: {height}x{width}")
+
+    def check_frames(self, num_frames: int, field: str = "num_frames") -> None:
+        """Raises a RaygenError naming ``field`` unless the VAE takes ``num_frames``."""
+        assert self.frames is not None, "an image bundle has no frame multiple"
+        if (num_frames - 1) % self.frames:
+            examples = ", ".join(str(k * self.frames + 1) for k in range(1, 5))
+            raise RaygenError(
+                f"{field}: {num_frames} frames, but the video VAE takes {self.frames}k+1 frames "
+                f"({examples}, ...): num_frames - 1 must be a multiple of {self.frames}"
+            )
+
+    def latent_frames(self, num_frames: int) -> int:
+        assert self.frames is not None, "an image bundle has no frame multiple"
+        return (num_frames - 1) // self.frames + 1
+
+
+# ---------------------------------------------------------------------------------------
+# Latent normalisation: stored latents are the VAE's raw ones; the transformer works on
+# normalised latents, and the decoder undoes the normalisation, each with the same ops as
+# the family's pipeline so the bits match.
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScaleShift:
+    """One scale and an optional shift (SD3, Flux, SDXL): ``(latents - shift) * scale``."""
+
+    keys: tuple[str, ...] = ("scaling_factor", "shift_factor")
+
+    def normalize(self, latents: torch.Tensor, factors: Config) -> torch.Tensor:
+        # VAE configs older than SD3's have shift_factor None: they shift by nothing.
+        if factors["shift_factor"] is not None:
+            latents = latents - factors["shift_factor"]
+        return latents * factors["scaling_factor"]
+
+    def denormalize(self, latents: torch.Tensor, factors: Config) -> torch.Tensor:
+        latents = latents / factors["scaling_factor"]
+        if factors["shift_factor"] is not None:
+            latents = latents + factors["shift_factor"]
+        return latents
+
+
+@dataclass(frozen=True)
+class ChannelStats:
+    """Per-channel mean and std (Wan): ``(latents - mean) / std`` on (B, C, ...) latents."""
+
+    keys: tuple[str, ...] = ("latents_mean", "latents_std")
+
+    def normalize(self, latents: torch.Tensor, factors: Config) -> torch.Tensor:
+        mean, std = self._stats(latents, factors)
+        return (latents - mean.to(latents)) / std.to(latents)
+
+    def denormalize(self, latents: torch.Tensor, factors: Config) -> torch.Tensor:
+        mean, std = self._stats(latents, factors)
+        # WanPipeline divides by 1 / std: the same float32 ops, so the same bits.
+        return latents / (1.0 / std).to(latents) + mean.to(latents)
+
+    def _stats(self, latents: torch.Tensor, factors: Config) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (1, -1, *[1] * (latents.ndim - 2))  # broadcast over (B, C, ...)
+        mean = torch.tensor(factors["latents_mean"]).view(shape)
+        std = torch.tensor(factors["latents_std"]).view(shape)
+        return mean, std
+
+
+# ---------------------------------------------------------------------------------------
+# The family record and its entries.
+# ---------------------------------------------------------------------------------------
+
+Encode = Callable[[Any, list[str], int], tuple[torch.Tensor, torch.Tensor | None]]
+Tokenize = Callable[[Any, list[str], int], dict[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family: its pipeline class and media kind, which components each stage
+    loads, how prompts are encoded, how latents are normalised, and which config keys give
+    its shape multiples and text widths. Numbers come from a bundle's configs, never from
+    here."""
+
+    name: str
+    pipeline: type[DiffusionPipeline]
+    media: Media
+    # Component groups, named as in model_index.json; the scheduler holds no weights and
+    # always loads.
+    text_encoders: tuple[str, ...]
+    tokenizers: tuple[str, ...]
+    denoisers: tuple[str, ...]  # the first is the one raygen trains
+    vae: str
+    latents: ScaleShift | ChannelStats
+    text_width_keys: tuple[str, str | None]  # transformer config: sequence, pooled width
+    _encode: Encode
+    _tokenize: Tokenize
+    _multiples: Callable[[Config, Config], Multiples]
+
+    def unloaded(self, *keep: str) -> dict[str, None]:
+        """``from_pretrained`` arguments that leave every component outside the ``keep``
+        groups (of ``GROUPS``) unloaded."""
+        assert set(keep) <= set(GROUPS), f"unknown groups {set(keep) - set(GROUPS)}"
+        groups = {
+            "text_encoders": self.text_encoders,
+            "tokenizers": self.tokenizers,
+            "denoisers": self.denoisers,
+            "vae": (self.vae,),
+        }
+        return dict.fromkeys(
+            name for group, names in groups.items() if group not in keep for name in names
+        )
+
+    def encode_prompt(
+        self, pipe: DiffusionPipeline, prompts: list[str], max_sequence_length: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The pipeline's own ``encode_prompt`` for ``prompts``, without classifier-free
+        guidance (a negative prompt is encoded as a prompt, as the pipeline does): (B, L, D)
+        sequence embeddings and (B, D_pooled) pooled ones, None where the family has none."""
+        with torch.no_grad():
+            return self._encode(pipe, prompts, max_sequence_length)
+
+    def tokenize(
+        self, pipe: DiffusionPipeline, prompts: list[str], max_sequence_length: int
+    ) -> dict[str, np.ndarray]:
+        """(B, L) token ids per text encoder, padded and truncated as the pipeline feeds its
+        encoders; keyed by what the encoder is ("clip_l", "clip_g", "t5")."""
+        return self._tokenize(pipe, prompts, max_sequence_length)
+
+    def multiples(self, bundle: Bundle, storage: Storage | None = None) -> Multiples:
+        """The bundle's shape multiples, from its VAE and transformer configs."""
+        return self._multiples(
+            component_config(bundle, self.vae, storage),
+            component_config(bundle, self.denoisers[0], storage),
+        )
+
+    def latent_factors(self, vae_config: Config) -> dict[str, Any]:
+        """What ``normalize`` needs of the VAE's config; prep records it in the manifest."""
+        return {key: vae_config[key] for key in self.latents.keys}
+
+    def normalize(self, latents: torch.Tensor, factors: Config) -> torch.Tensor:
+        """The VAE's latents (B, C, ...) to the transformer's scale; ``factors`` is the VAE's
+        config or its ``latent_factors``."""
+        return self.latents.normalize(latents, factors)
+
+    def denormalize(self, latents: torch.Tensor, factors: Config) -> torch.Tensor:
+        """The transformer's latents (B, C, ...) back to the VAE's, as the pipeline's tail
+        does before decoding."""
+        return self.latents.denormalize(latents, factors)
+
+    def text_widths(self, transformer_config: Config) -> tuple[int, int | None]:
+        """(sequence embedding width, pooled embedding width or None) the transformer reads."""
+        sequence, pooled = self.text_width_keys
+        return transformer_config[sequence], None if pooled is None else transformer_config[pooled]
+
+
+def _t5_tokens(max_sequence_length: int) -> dict[str, Any]:
+    """The arguments of the pipelines' own ``_get_t5_prompt_embeds`` tokenizer call."""
+    return {
+        "padding": "max_length",
+        "max_length": max_sequence_length,
+        "truncation": True,
+        "add_special_tokens": True,
+        "return_tensors": "np",
+    }
+
+
+# ---- SD3: CLIP-L + CLIP-G + T5, AutoencoderKL, MMDiT ----------------------------------
+
+
+def _sd3_encode(
+    pipe: StableDiffusion3Pipeline, prompts: list[str], max_sequence_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    prompt_embeds, _, pooled, _ = pipe.encode_prompt(
+        prompt=prompts,
+        prompt_2=None,
+        prompt_3=None,
+        do_classifier_free_guidance=False,
+        max_sequence_length=max_sequence_length,
+    )
+    return prompt_embeds, pooled  # (B, 77 + max_sequence_length, D), (B, D_pooled)
+
+
+def _sd3_tokenize(
+    pipe: StableDiffusion3Pipeline, prompts: list[str], max_sequence_length: int
+) -> dict[str, np.ndarray]:
+    # As the pipeline's _get_clip_prompt_embeds / _get_t5_prompt_embeds tokenize.
+    clip = {
+        "padding": "max_length",
+        "max_length": pipe.tokenizer_max_length,
+        "truncation": True,
+        "return_tensors": "np",
+    }
+    return {
+        "clip_l": pipe.tokenizer(prompts, **clip).input_ids,
+        "clip_g": pipe.tokenizer_2(prompts, **clip).input_ids,
+        "t5": pipe.tokenizer_3(prompts, **_t5_tokens(max_sequence_length)).input_ids,
+    }
+
+
+def _sd3_multiples(vae: Config, transformer: Config) -> Multiples:
+    # As StableDiffusion3Pipeline computes it: one halving per VAE level but the last.
+    latent = 2 ** (len(vae["block_out_channels"]) - 1)
+    return Multiples(latent=latent, size=latent * transformer["patch_size"])
+
+
+SD3 = Family(
+    name="sd3",
+    pipeline=StableDiffusion3Pipeline,
+    media="image",
+    text_encoders=("text_encoder", "text_encoder_2", "text_encoder_3"),
+    tokenizers=("tokenizer", "tokenizer_2", "tokenizer_3"),
+    denoisers=("transformer",),
+    vae="vae",
+    latents=ScaleShift(),
+    text_width_keys=("joint_attention_dim", "pooled_projection_dim"),
+    _encode=_sd3_encode,
+    _tokenize=_sd3_tokenize,
+    _multiples=_sd3_multiples,
+)
+
+
+# ---- Wan text-to-video: UMT5, AutoencoderKLWan, spacetime-patch DiT --------------------
+
+
+def _wan_encode(
+    pipe: WanPipeline, prompts: list[str], max_sequence_length: int
+) -> tuple[torch.Tensor, None]:
+    prompt_embeds, _ = pipe.encode_prompt(
+        prompt=prompts,
+        do_classifier_free_guidance=False,
+        max_sequence_length=max_sequence_length,
+    )
+    return prompt_embeds, None  # (B, max_sequence_length, D); Wan pools nothing
+
+
+def _wan_tokenize(
+    pipe: WanPipeline, prompts: list[str], max_sequence_length: int
+) -> dict[str, np.ndarray]:
+    # Wan cleans the text (ftfy, whitespace) before its tokenizer sees it; its attention mask
+    # is ids != pad_token_id.
+    cleaned = [prompt_clean(prompt) for prompt in prompts]
+    return {"t5": pipe.tokenizer(cleaned, **_t5_tokens(max_sequence_length)).input_ids}
+
+
+def _wan_multiples(vae: Config, transformer: Config) -> Multiples:
+    _, patch_height, patch_width = transformer["patch_size"]  # (t, h, w)
+    assert patch_height == patch_width, "Wan patches are square"
+    spatial = vae["scale_factor_spatial"]
+    return Multiples(
+        latent=spatial, size=spatial * patch_height, frames=vae["scale_factor_temporal"]
+    )
+
+
+WAN_T2V = Family(
+    name="wan-t2v",
+    pipeline=WanPipeline,
+    media="video",
+    text_encoders=("text_encoder",),
+    tokenizers=("tokenizer",),
+    denoisers=("transformer", "transformer_2"),
+    vae="vae",
+    latents=ChannelStats(),
+    text_width_keys=("text_dim", None),
+    _encode=_wan_encode,
+    _tokenize=_wan_tokenize,
+    _multiples=_wan_multiples,
+)
+
+# Keyed by the pipeline class model_index.json names.
+FAMILIES: dict[str, Family] = {family.pipeline.__name__: family for family in (SD3, WAN_T2V)}
