@@ -875,7 +875,8 @@ def run_loop(
         history = [json.loads(line) for line in text.splitlines() if line.strip()]
 
     init_ray(config.ray)
-    _check_cpus_for_reads(config)
+    if not all(bucket.in_memory for bucket in plan.buckets.values()):
+        _check_cpus_for_reads(config)  # held buckets are read by the workers themselves
     fs, root = storage.filesystem(config.output)
     print(
         f"[raygen {label}] {plan.media} {plan.transformer_class} from {bundle_uri}: "

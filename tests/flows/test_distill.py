@@ -10,10 +10,10 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from safetensors.torch import load_file
 
+from benchmarks.train import run_distill_benchmark
 from flows.distill import (
     SAMPLING_FILE,
     LatentConsistencyDistillation,
-    distance_to_teacher,
     run_distill,
 )
 from flows.models import CAPTION_WORDS, build_tiny_bundles
@@ -35,7 +35,8 @@ NUM_TEACHER_STEPS = 16
 STUDENT_STEPS = 4
 TARGET_EMA_DECAY = 0.5
 LEARNING_RATE = 2e-3
-NUM_TRAIN_STEPS = 1000
+# `raygen distill` updates in the >= 2x test (benchmarks/train.py runs 1000: 3.9x).
+RAYGEN_STEPS = 400
 BATCH_SIZE = 16
 NUM_CAPTIONS = 256
 NUM_LATENTS = 1024
@@ -116,32 +117,44 @@ def train(
 
 
 @pytest.fixture(scope="module")
-def distilled(
-    teacher_dir: Path, embeddings: Embeddings, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[LatentConsistencyDistillation, Path]:
-    objective = make_objective(teacher_dir, embeddings)
-    train(objective, embeddings, NUM_TRAIN_STEPS)
-    student_dir = tmp_path_factory.mktemp("student") / "bundle"
-    objective.export(objective.model.state_dict(), student_dir)
-    return objective, student_dir
+def distilled_by_raygen(
+    ray_local, teacher_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict:
+    """`raygen distill` (run_distill: Ray Train, one worker) of the tiny teacher on shards of
+    its own encodings, and the held-out distances: what benchmarks/train.py reports."""
+    work = tmp_path_factory.mktemp("distill")
+    return run_distill_benchmark(work, teacher_dir, RAYGEN_STEPS, sample_every=RAYGEN_STEPS)
 
 
 @pytest.mark.slow
-def test_student_at_4_steps_is_twice_as_close_to_the_teacher_ode(
-    teacher_dir: Path, distilled: tuple[LatentConsistencyDistillation, Path]
+def test_raygen_distill_student_at_4_steps_is_twice_as_close_to_the_teacher_ode(
+    distilled_by_raygen: dict,
 ) -> None:
-    _, student_dir = distilled
     # Prompts and noise the student never saw (captions seeded apart from training's).
-    distances = distance_to_teacher(
-        teacher_dir,
-        student_dir,
-        captions(8, seed=1),
-        seed=1,
-        guidance_scale=GUIDANCE_SCALE,
-        max_sequence_length=MAX_SEQUENCE_LENGTH,
-    )
+    distances = distilled_by_raygen["mse"]
+    print(f"MSE to the teacher's 32-step samples after {RAYGEN_STEPS} updates: {distances}")
     assert set(distances) == {"student_1", "student_2", "student_4", "teacher_4"}
     assert distances["student_4"] * 2 <= distances["teacher_4"], distances
+    # The bundle it judged (sampled in plain diffusers) is the one run_distill exported, with
+    # its few-step sampling settings, beside the run's metrics and sample grid.
+    bundle = Path(distilled_by_raygen["bundle"])
+    sampling = json.loads((bundle / SAMPLING_FILE).read_text())
+    assert sampling == {"num_inference_steps": STUDENT_STEPS, "guidance_scale": 1.0}
+    records = [json.loads(line) for line in (bundle.parent / "metrics.jsonl").open()]
+    assert records[-1]["step"] == RAYGEN_STEPS and all(np.isfinite(r["loss"]) for r in records)
+    assert (bundle.parent / "samples" / f"step-{RAYGEN_STEPS:07d}.png").exists()
+
+
+@pytest.fixture(scope="module")
+def distilled(
+    teacher_dir: Path, embeddings: Embeddings, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[LatentConsistencyDistillation, Path]:
+    """A few in-process updates, then the export: what the export test compares with."""
+    objective = make_objective(teacher_dir, embeddings)
+    train(objective, embeddings, num_steps=3)
+    student_dir = tmp_path_factory.mktemp("student") / "bundle"
+    objective.export(objective.model.state_dict(), student_dir)
+    return objective, student_dir
 
 
 @pytest.mark.slow
@@ -269,26 +282,6 @@ def _distill_config(tiny_bundles, prep_shards, output, **values) -> DistillConfi
         "checkpoint_every": 2,
     }
     return load_config(DistillConfig, values={**defaults, **values})
-
-
-@pytest.mark.slow
-def test_raygen_distill_writes_a_student_bundle_diffusers_samples(
-    ray_local, tiny_bundles, prep_shards, tmp_path
-):
-    output = tmp_path / "distill"
-    result = run_distill(_distill_config(tiny_bundles, prep_shards, output, sample_every=2))
-    assert result.steps == 2
-    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["loss"]) for r in records)
-    assert (output / "samples" / "step-0000002.png").exists()
-    sampling = json.loads((output / "bundle" / SAMPLING_FILE).read_text())
-    assert sampling == {"num_inference_steps": 4, "guidance_scale": 1.0}
-    pipe = StableDiffusion3Pipeline.from_pretrained(output / "bundle")
-    image = pipe(
-        "a red square", height=32, width=32, output_type="np",
-        generator=torch.Generator().manual_seed(0), **sampling,
-    ).images[0]  # fmt: skip
-    assert image.shape == (32, 32, 3) and np.isfinite(image).all()
 
 
 @pytest.mark.slow
