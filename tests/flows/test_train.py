@@ -273,6 +273,9 @@ def test_nonfinite_loss_stops_the_run_naming_the_step(
 def test_workers_that_leave_no_cpu_for_the_reads_are_refused(
     ray_local, tiny_bundles, prep_shards, tmp_path
 ):
-    config = _config(tiny_bundles, prep_shards, tmp_path / "run", cpus_per_worker=1)
+    # Streamed buckets (none held in memory): Ray Data reads them, and needs a CPU for it.
+    config = _config(
+        tiny_bundles, prep_shards, tmp_path / "run", cpus_per_worker=1, in_memory_bucket_bytes=0
+    )
     with pytest.raises(ConfigError, match=r"^cpus_per_worker: 2 workers x 1 CPUs leave 0 "):
         run_train(config)
