@@ -17,17 +17,20 @@ import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import diffusers
 import numpy as np
-import torch
-from diffusers import DiffusionPipeline, StableDiffusion3Pipeline, WanPipeline
-from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
 from cluster.bundles import read_bundle_json
 from cluster.storage import Storage
 from schemas.errors import RaygenError
+
+# Torch and diffusers are imported where a family's models are (they take seconds to import):
+# a process that only reads a family's facts (the serving graph's ingress, its request
+# checks) starts without them.
+if TYPE_CHECKING:
+    import torch
+    from diffusers import DiffusionPipeline, StableDiffusion3Pipeline, WanPipeline
 
 Media = Literal["image", "video"]
 Bundle = str | Path  # a bundle folder, local or s3://
@@ -71,7 +74,7 @@ def component_config(
     read, and an s3:// bundle is not downloaded."""
     library, class_name = read_bundle_json(bundle, "model_index.json", storage)[component]
     assert library == "diffusers", f"{component} is a {library} component, not a diffusers one"
-    parameters = inspect.signature(getattr(diffusers, class_name).__init__).parameters
+    parameters = inspect.signature(_diffusers_class(class_name).__init__).parameters
     defaults = {
         name: parameter.default
         for name, parameter in parameters.items()
@@ -79,6 +82,12 @@ def component_config(
     }
     filename = "scheduler_config.json" if "Scheduler" in class_name else "config.json"
     return {**defaults, **read_bundle_json(bundle, f"{component}/{filename}", storage)}
+
+
+def _diffusers_class(name: str) -> type:
+    import diffusers
+
+    return getattr(diffusers, name)
 
 
 @dataclass(frozen=True)
@@ -150,6 +159,8 @@ class ChannelStats:
         return latents / (1.0 / std).to(latents) + mean.to(latents)
 
     def _stats(self, latents: torch.Tensor, factors: Config) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
         shape = (1, -1, *[1] * (latents.ndim - 2))  # broadcast over (B, C, ...)
         mean = torch.tensor(factors["latents_mean"]).view(shape)
         std = torch.tensor(factors["latents_std"]).view(shape)
@@ -160,7 +171,7 @@ class ChannelStats:
 # The family record and its entries.
 # ---------------------------------------------------------------------------------------
 
-Encode = Callable[[Any, list[str], int], tuple[torch.Tensor, torch.Tensor | None]]
+Encode = Callable[[Any, list[str], int], "tuple[torch.Tensor, torch.Tensor | None]"]
 Tokenize = Callable[[Any, list[str], int], dict[str, np.ndarray]]
 
 
@@ -172,7 +183,7 @@ class Family:
     here."""
 
     name: str
-    pipeline: type[DiffusionPipeline]
+    class_name: str  # the diffusers pipeline class, as model_index.json names it
     media: Media
     # Component groups, named as in model_index.json; the scheduler holds no weights and
     # always loads.
@@ -185,6 +196,10 @@ class Family:
     _encode: Encode
     _tokenize: Tokenize
     _multiples: Callable[[Config, Config], Multiples]
+
+    @property
+    def pipeline(self) -> type[DiffusionPipeline]:
+        return _diffusers_class(self.class_name)
 
     def unloaded(self, *keep: str) -> dict[str, None]:
         """``from_pretrained`` arguments that leave every component outside the ``keep``
@@ -206,6 +221,8 @@ class Family:
         """The pipeline's own ``encode_prompt`` for ``prompts``, without classifier-free
         guidance (a negative prompt is encoded as a prompt, as the pipeline does): (B, L, D)
         sequence embeddings and (B, D_pooled) pooled ones, None where the family has none."""
+        import torch
+
         with torch.no_grad():
             return self._encode(pipe, prompts, max_sequence_length)
 
@@ -295,7 +312,7 @@ def _sd3_multiples(vae: Config, transformer: Config) -> Multiples:
 
 SD3 = Family(
     name="sd3",
-    pipeline=StableDiffusion3Pipeline,
+    class_name="StableDiffusion3Pipeline",
     media="image",
     text_encoders=("text_encoder", "text_encoder_2", "text_encoder_3"),
     tokenizers=("tokenizer", "tokenizer_2", "tokenizer_3"),
@@ -328,6 +345,8 @@ def _wan_tokenize(
 ) -> dict[str, np.ndarray]:
     # Wan cleans the text (ftfy, whitespace) before its tokenizer sees it; its attention mask
     # is ids != pad_token_id.
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
     cleaned = [prompt_clean(prompt) for prompt in prompts]
     return {"t5": pipe.tokenizer(cleaned, **_t5_tokens(max_sequence_length)).input_ids}
 
@@ -343,7 +362,7 @@ def _wan_multiples(vae: Config, transformer: Config) -> Multiples:
 
 WAN_T2V = Family(
     name="wan-t2v",
-    pipeline=WanPipeline,
+    class_name="WanPipeline",
     media="video",
     text_encoders=("text_encoder",),
     tokenizers=("tokenizer",),
@@ -357,4 +376,4 @@ WAN_T2V = Family(
 )
 
 # Keyed by the pipeline class model_index.json names.
-FAMILIES: dict[str, Family] = {family.pipeline.__name__: family for family in (SD3, WAN_T2V)}
+FAMILIES: dict[str, Family] = {family.class_name: family for family in (SD3, WAN_T2V)}

@@ -1,6 +1,6 @@
-"""The serving graph's safety parts: a prompt filter that runs before any model, an image
-safety check after decode (of images and of every video frame), and an invisible watermark on
-every image and every video frame served.
+"""The serving graph's model-side safety parts (the prompt filter, which runs before any
+model, is ``actors/prompt_filter.py``): an image safety check after decode (of images and of
+every video frame), and an invisible watermark on every image and every video frame served.
 
 The watermark is dithered quantization index modulation (QIM; Chen & Wornell 2001) of
 mid-frequency 8x8 block-DCT coefficients, the domain JPEG and most invisible watermarks
@@ -19,8 +19,6 @@ coin flips, so a false detection has odds of about 1 in 780,000.
 from __future__ import annotations
 
 import hashlib
-import re
-import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,36 +38,6 @@ _BLOCK = 8
 # Mid-frequency coefficients (u + v in 3..5) of an 8x8 block: low ones would show, high ones
 # carry little energy in natural images.
 _BAND = tuple((u, v) for u in range(_BLOCK) for v in range(_BLOCK) if 3 <= u + v <= 5)
-
-
-class PromptFilter:
-    """Refuses prompts that contain a blocklisted word or phrase.
-
-    Matching is on words, after Unicode compatibility normalisation and case folding, so
-    "Bad Word", "bad-word" and "BAD  WORD" all contain the entry "bad word" while
-    "badwords" does not.
-    """
-
-    def __init__(self, blocklist: Sequence[str]) -> None:
-        self.entries: list[tuple[str, tuple[str, ...]]] = []
-        for entry in blocklist:
-            words = _words(entry)
-            if not words:
-                raise ValueError(f"blocklist entry {entry!r} has no words")
-            self.entries.append((entry, words))
-
-    def match(self, text: str) -> str | None:
-        """The first blocklist entry ``text`` contains, or None."""
-        words = _words(text)
-        for entry, phrase in self.entries:
-            size = len(phrase)
-            if any(words[i : i + size] == phrase for i in range(len(words) - size + 1)):
-                return entry
-        return None
-
-
-def _words(text: str) -> tuple[str, ...]:
-    return tuple(re.findall(r"\w+", unicodedata.normalize("NFKC", text).casefold()))
 
 
 class ImageSafetyChecker:

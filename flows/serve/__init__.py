@@ -23,21 +23,15 @@ autoscaling, scale to zero included), resources, queue bounds and batching, all 
       -> video_vae_decode (Wan VAE, safety check and watermark on every frame, MP4)
       -> storage (the MP4, and each job's record as JSON, so jobs outlive the replica)
 
-The stages' deployments are in stages.py, what a request may ask in checks.py, and the
-app is built in app.py: ``serve run flows.serve:app_builder config=serve.yaml``.
+The stages' deployments are in stages.py, what they pass each other in messages.py, what a
+request may ask in checks.py, and the app is built in app.py:
+``serve run flows.serve:app_builder config=serve.yaml``.
 """
 
-from flows.serve.app import (
-    APP_NAME,
-    AppArgs,
-    api_key_digests,
-    app_builder,
-    build_app,
-    deployment_options,
-    run_serve,
-)
-
-__all__ = [
+# The app (and with it every stage's torch and diffusers) is imported on first use, not with
+# the package: a replica of the ingress, the graph or the video jobs imports this package
+# before its own module and would otherwise pay seconds for models it never holds.
+_APP_NAMES = (
     "APP_NAME",
     "AppArgs",
     "api_key_digests",
@@ -45,4 +39,13 @@ __all__ = [
     "build_app",
     "deployment_options",
     "run_serve",
-]
+)
+__all__ = list(_APP_NAMES)
+
+
+def __getattr__(name: str) -> object:
+    if name in _APP_NAMES:
+        from flows.serve import app
+
+        return getattr(app, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,7 +22,7 @@ from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
 from actors.families import Multiples
-from flows.serve.stages import DenoiseSpec, EncodeItem, Staged
+from flows.serve.messages import DenoiseSpec, EncodeItem, Staged
 from schemas.api import GenerateRequest
 from schemas.config import ServeConfig
 

@@ -27,11 +27,11 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentRes
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from actors.families import Multiples
-from actors.safety import PromptFilter
+from actors.prompt_filter import PromptFilter
 from cluster.storage import Storage, is_s3
 from flows.serve.checks import InvalidInput, check_inputs
 from flows.serve.graph import ReplicaFailed, stage_names
-from flows.serve.stages import FinishedImages, Staged
+from flows.serve.messages import FinishedImages, Staged
 from flows.serve.video_jobs import VIDEOS_FOLDER
 from schemas.api import (
     GeneratedImage,

@@ -1,9 +1,7 @@
 """The stages: thin Serve deployments over ``actors/`` classes, one per role.
 
-An image stage takes and returns a `Staged` value: what it made plus the seconds each stage
-that led to it spent in its replica. So the graph can pass a stage's response straight on to
-the next stage's call (the data goes stage to stage through Ray's object store, never back
-through the caller) and still report every stage's seconds from the last stage's result.
+An image stage takes and returns a `Staged` value (``messages.py``), so the graph can pass a
+stage's response straight on to the next stage's call and still report every stage's seconds.
 Video stages are called by the video job that drives them and are timed there.
 """
 
@@ -26,7 +24,6 @@ from actors.safety import ImageSafetyChecker, embed_watermark
 from actors.video import (
     VideoDecoder,
     VideoDenoiser,
-    VideoDenoiseRequest,
     VideoEmbeddings,
     VideoPromptEncoder,
     encode_mp4,
@@ -34,6 +31,13 @@ from actors.video import (
 )
 from cluster.bundles import resolve_bundle
 from cluster.storage import Storage
+from flows.serve.messages import (
+    DenoiseSpec,
+    EncodeItem,
+    FinishedImages,
+    Staged,
+    VideoDenoiseSpec,
+)
 from schemas.config import (
     DeploymentSettings,
     ModelRef,
@@ -57,37 +61,9 @@ def _deployment_name() -> str:
     return serve.get_replica_context().deployment
 
 
-@dataclass(frozen=True)
-class Staged:
-    """A stage's output and the seconds (in the replica, a batch's wait included) that each
-    stage behind it took, in graph order. A request of n images makes n denoiser calls at
-    once: a stage after them counts the slowest."""
-
-    value: Any
-    seconds: dict[str, float]
-
-    @classmethod
-    def after(cls, value: Any, inputs: tuple["Staged", ...], stage: str, start: float) -> "Staged":
-        seconds: dict[str, float] = {}
-        for item in inputs:
-            for name, spent in item.seconds.items():
-                seconds[name] = max(spent, seconds.get(name, 0.0))
-        seconds[stage] = time.perf_counter() - start
-        return cls(value, seconds)
-
-
 # ---------------------------------------------------------------------------------------
 # Image stages
 # ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EncodeItem:
-    """One request's texts for the shared text encoders."""
-
-    prompt: str
-    negative_prompt: str | None
-    max_sequence_length: int
 
 
 @serve.deployment
@@ -142,33 +118,6 @@ class TextEncoderStage:
             "cache_hits": self.encoder.hits,
             "cache_misses": self.encoder.misses,
         }
-
-
-@dataclass(frozen=True)
-class DenoiseSpec:
-    """One image's denoising settings; the stage adds the embeddings and, for a refiner, the
-    latents the base stopped at (both arrive as the previous stages' results)."""
-
-    seed: int
-    guidance_scale: float
-    height: int
-    width: int
-    num_inference_steps: int
-    denoising_start: float | None = None
-    denoising_end: float | None = None
-
-    def request(self, embeddings: Staged, latents: Staged | None) -> DenoiseRequest:
-        return DenoiseRequest(
-            embeddings=embeddings.value,
-            seed=self.seed,
-            guidance_scale=self.guidance_scale,
-            height=self.height,
-            width=self.width,
-            num_inference_steps=self.num_inference_steps,
-            denoising_start=self.denoising_start,
-            denoising_end=self.denoising_end,
-            latents=None if latents is None else latents.value,
-        )
 
 
 @dataclass(eq=False)
@@ -377,12 +326,6 @@ def _image_checker(safety: SafetyConfig, storage: StorageConfig) -> ImageSafetyC
     )
 
 
-@dataclass(frozen=True)
-class FinishedImages:
-    pngs: list[bytes]
-    flagged: list[bool]  # per image: the checker blacked it out
-
-
 @serve.deployment
 class SafetyStage:
     """The last stage: image safety check (when configured), invisible watermark, PNG."""
@@ -464,10 +407,10 @@ class VideoDenoiserStage:
         return self.denoiser.multiples
 
     async def denoise(
-        self, request: VideoDenoiseRequest
+        self, spec: VideoDenoiseSpec, embeddings: VideoEmbeddings
     ) -> AsyncIterator[tuple[int, torch.Tensor | None]]:
         self.num_requests += 1
-        steps = self.denoiser.steps(request)
+        steps = self.denoiser.steps(spec.request(embeddings))
         while True:
             step, latents = await asyncio.to_thread(next, steps)
             self.num_steps += 1

@@ -21,8 +21,8 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from actors.families import Multiples
-from actors.video import VideoDenoiseRequest
 from cluster.storage import Storage
+from flows.serve.messages import VideoDenoiseSpec
 from schemas.api import VideoJob, VideoRequest
 from schemas.config import ServeVideoConfig, StorageConfig
 
@@ -161,8 +161,7 @@ class VideoJobs:
                         self.video.max_sequence_length,
                     ),
                 )
-                request = VideoDenoiseRequest(
-                    embeddings=embeddings,
+                spec = VideoDenoiseSpec(
                     seed=record.seed,
                     height=body.height,
                     width=body.width,
@@ -171,7 +170,7 @@ class VideoJobs:
                     guidance_scale=body.guidance_scale,
                 )
                 denoise_start = time.perf_counter()
-                steps = self.denoiser.options(stream=True).denoise.remote(request)
+                steps = self.denoiser.options(stream=True).denoise.remote(spec, embeddings)
                 in_flight[:] = [steps]
                 async for step, sample in steps:
                     record.step = step

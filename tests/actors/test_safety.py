@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from actors.prompt_filter import PromptFilter
 from actors.safety import (
     WATERMARK_BITS,
     WATERMARK_MIN_BITS,
     ImageSafetyChecker,
-    PromptFilter,
     detect_watermark,
     embed_watermark,
     watermark_message,

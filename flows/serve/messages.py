@@ -1,0 +1,109 @@
+"""What the serving graph's parts pass each other: plain values, importable without torch or
+diffusers, so the parts that only route requests (the ingress, the graph, the video jobs)
+start their replicas in seconds; the stages, which hold the models, import those.
+
+An image stage takes and returns a `Staged` value: what it made plus the seconds each stage
+that led to it spent in its replica. So the graph can pass a stage's response straight on to
+the next stage's call (the data goes stage to stage through Ray's object store, never back
+through the caller) and still report every stage's seconds from the last stage's result.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from actors.generation import DenoiseRequest
+    from actors.video import VideoDenoiseRequest, VideoEmbeddings
+
+
+@dataclass(frozen=True)
+class Staged:
+    """A stage's output and the seconds (in the replica, a batch's wait included) that each
+    stage behind it took, in graph order. A request of n images makes n denoiser calls at
+    once: a stage after them counts the slowest."""
+
+    value: Any
+    seconds: dict[str, float]
+
+    @classmethod
+    def after(cls, value: Any, inputs: tuple[Staged, ...], stage: str, start: float) -> Staged:
+        seconds: dict[str, float] = {}
+        for item in inputs:
+            for name, spent in item.seconds.items():
+                seconds[name] = max(spent, seconds.get(name, 0.0))
+        seconds[stage] = time.perf_counter() - start
+        return cls(value, seconds)
+
+
+@dataclass(frozen=True)
+class EncodeItem:
+    """One request's texts for the shared text encoders."""
+
+    prompt: str
+    negative_prompt: str | None
+    max_sequence_length: int
+
+
+@dataclass(frozen=True)
+class DenoiseSpec:
+    """One image's denoising settings; the stage adds the embeddings and, for a refiner, the
+    latents the base stopped at (both arrive as the previous stages' results)."""
+
+    seed: int
+    guidance_scale: float
+    height: int
+    width: int
+    num_inference_steps: int
+    denoising_start: float | None = None
+    denoising_end: float | None = None
+
+    def request(self, embeddings: Staged, latents: Staged | None) -> DenoiseRequest:
+        # Called in the denoiser's replica, which has the models' modules loaded already.
+        from actors.generation import DenoiseRequest
+
+        return DenoiseRequest(
+            embeddings=embeddings.value,
+            seed=self.seed,
+            guidance_scale=self.guidance_scale,
+            height=self.height,
+            width=self.width,
+            num_inference_steps=self.num_inference_steps,
+            denoising_start=self.denoising_start,
+            denoising_end=self.denoising_end,
+            latents=None if latents is None else latents.value,
+        )
+
+
+@dataclass(frozen=True)
+class FinishedImages:
+    pngs: list[bytes]
+    flagged: list[bool]  # per image: the checker blacked it out
+
+
+@dataclass(frozen=True)
+class VideoDenoiseSpec:
+    """One video job's denoising settings; the denoiser stage adds the embeddings."""
+
+    seed: int
+    height: int
+    width: int
+    num_frames: int
+    num_inference_steps: int
+    guidance_scale: float
+
+    def request(self, embeddings: VideoEmbeddings) -> VideoDenoiseRequest:
+        # Called in the video denoiser's replica, which has the models' modules loaded.
+        from actors.video import VideoDenoiseRequest
+
+        return VideoDenoiseRequest(
+            embeddings=embeddings,
+            seed=self.seed,
+            height=self.height,
+            width=self.width,
+            num_frames=self.num_frames,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+        )
