@@ -13,6 +13,7 @@ and every Ray worker resolves its own credentials from its environment or role.
 from __future__ import annotations
 
 import contextlib
+import mimetypes
 import os
 import shutil
 import threading
@@ -233,8 +234,10 @@ class Storage:
                 tmp.write_bytes(data)
             return
         bucket, key = split_s3(uri)
+        # The type a browser needs to show a presigned URL's PNG or MP4 rather than download it.
+        content_type = mimetypes.guess_type(key)[0] or "application/octet-stream"
         with self._s3_errors(uri):
-            self._s3(uri).put_object(Bucket=bucket, Key=key, Body=data)
+            self._s3(uri).put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
 
     def exists(self, uri: str) -> bool:
         """True for a file, or for a folder / prefix with at least one file under it."""
