@@ -15,6 +15,7 @@ from actors.batches import rows_to_batch
 from actors.captioner import Captioner
 from actors.encoders import LatentEncoder, TextEncoder, empty_prompt_embeddings, vae_factors
 from flows.models import build_tiny_bundles
+from flows.prep import ModelStages
 from schemas.config import CaptionConfig, EncodeConfig, ModelRef, PrepConfig
 from tests.actors.rows import clip_pixels, decoded_row, image_pixels, quarantined_row
 
@@ -270,9 +271,11 @@ def test_inputs_the_vae_cannot_take_are_errors(
 def test_stages_run_in_ray_data(
     ray_local: None, config: PrepConfig, bundles: dict[str, Path]
 ) -> None:
-    """Captioner -> TextEncoder (embeddings, then tokens) -> LatentEncoder as Ray Data actor
-    stages: outputs come back as Arrow tensor and struct columns that concatenate across
-    blocks, equal to plain calls."""
+    """Captioner -> TextEncoder (embeddings, then tokens) -> LatentEncoder in a Ray Data actor,
+    as prep runs them on a small corpus (``ModelStages``: one actor process holds them all;
+    the one-pool-per-stage layout of a large corpus runs in test_prep's S3 test): outputs come
+    back as Arrow tensor and struct columns that concatenate across blocks, equal to plain
+    calls."""
     rows = [
         decoded_row("square", image_pixels(32, 32, seed=1)),
         quarantined_row("broken"),
@@ -287,16 +290,16 @@ def test_stages_run_in_ray_data(
         (LatentEncoder, stage_kwargs(config)),
     ]
 
-    ds = ray.data.from_items(rows)
-    for stage, kwargs in stages:
-        ds = ds.map_batches(
-            stage,
-            fn_constructor_kwargs=kwargs,
-            batch_format="numpy",
-            batch_size=2,
-            compute=ray.data.ActorPoolStrategy(size=1),
-            num_cpus=0.4,
-        )
+    ds = ray.data.from_items(rows).map_batches(
+        ModelStages,
+        fn_constructor_kwargs={
+            "stages": [(stage, stage.__name__, 2, kwargs) for stage, kwargs in stages]
+        },
+        batch_format="numpy",
+        batch_size=2,
+        compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=0.4,
+    )
     # One block: Ray concatenates every output block, which fails on columns it had to pickle.
     ds = ds.drop_columns(["pixels"]).repartition(1).materialize()
     got = sorted(ds.take_all(), key=lambda row: row["sample_id"])

@@ -15,13 +15,11 @@ size.
 import base64
 import io
 import json
-import os
 import time
 import urllib.error
 import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,131 +31,31 @@ from diffusers import StableDiffusion3Pipeline
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
-from ray.serve.handle import DeploymentHandle
 
 from actors.families import Multiples
 from actors.safety import detect_watermark
 from flows.cli import main
-from flows.models import build_tiny_bundles
-from flows.serve import APP_NAME, api_key_digests, app_builder, build_app, deployment_options
+from flows.serve import api_key_digests, app_builder, deployment_options
 from flows.serve.checks import InvalidInput, check_inputs
 from schemas.api import GenerateRequest, VideoRequest
-from schemas.config import ConfigError, DeploymentSettings, ServeConfig, StorageConfig
-from tests.conftest import S3_REGION, free_port
+from schemas.config import ConfigError, DeploymentSettings, ServeConfig
+from tests.flows.serve.conftest import (
+    API_KEY,
+    BLOCKED,
+    MAX_SEQUENCE_LENGTH,
+    RETRY_AFTER_S,
+    SECOND_KEY,
+    Server,
+)
 
-API_KEYS_ENV = "RAYGEN_TEST_SERVE_API_KEYS"
-# Distinctive, so the test can check that no log line ever holds one.
-API_KEY = "rk-test-7c1e9b2f40d8"
-SECOND_KEY = "rk-test-second-55aa"
 WRONG_KEY = "rk-test-wrong-0f3d61"
 
 HEIGHT, WIDTH = 32, 48
 NUM_STEPS = 6
-MAX_SEQUENCE_LENGTH = 16
 DENOISING_END = 0.8
 TOLERANCE = 1e-4  # max abs difference of float32 pixels in [0, 1]
 PROMPT = "two dogs running on the beach at sunset"
 NEGATIVE_PROMPT = "blurry dark photo"
-BLOCKED = "forbidden fruit"
-
-
-@dataclass(frozen=True)
-class Server:
-    url: str
-    graph: DeploymentHandle
-    config: ServeConfig
-
-
-@pytest.fixture(scope="module")
-def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return build_tiny_bundles(
-        tmp_path_factory.mktemp("bundles"), names=["t2i", "refiner", "upscaler", "nsfw"]
-    )
-
-
-@pytest.fixture(scope="module")
-def output_bucket(s3_client: Any) -> str:
-    name = f"serve-{uuid.uuid4().hex[:16]}"
-    s3_client.create_bucket(Bucket=name)
-    return f"s3://{name}"
-
-
-def serve_config(
-    bundles: dict[str, Path], output: str, storage: StorageConfig, api_keys_env: str | None
-) -> ServeConfig:
-    # Every stage at a tenth of a CPU: seven replicas fit the 2-CPU local Ray.
-    stage = {"num_cpus": 0.1}
-    return ServeConfig.model_validate(
-        {
-            "bundle": {"uri": str(bundles["t2i"])},
-            "refiner": {"uri": str(bundles["refiner"])},
-            "super_resolution": [
-                {
-                    "model": {"uri": str(bundles["upscaler"])},
-                    "noise_level": 20,
-                    "num_inference_steps": 2,
-                    "deployment": stage,
-                }
-            ],
-            "max_height": 64,
-            "max_width": 64,
-            "max_images_per_request": 2,
-            "max_sequence_length": MAX_SEQUENCE_LENGTH,
-            "request_timeout_s": 60,
-            "retry_after_s": 2,
-            "api_keys_env": api_keys_env,
-            "output": output,
-            "safety": {
-                "blocklist": [BLOCKED],
-                "image_checker": {"uri": str(bundles["nsfw"])},
-                # The tiny classifier's scores are random: check every image, flag none.
-                "max_nsfw_score": 1.0,
-            },
-            "deployments": {
-                "ingress": stage,
-                "text_encoder": stage,
-                # Two requests in a batch, two more waiting (a request of n images makes n
-                # calls at once): the overload test overflows them.
-                "base": {
-                    **stage,
-                    "max_ongoing_requests": 2,
-                    "max_batch_size": 2,
-                    "batch_wait_timeout_s": 0.1,
-                    "max_queued_requests": 2,
-                },
-                "refiner": stage,
-                "vae_decode": stage,
-                "safety": stage,
-            },
-            "storage": storage.model_dump(),
-        }
-    )
-
-
-@pytest.fixture(scope="module")
-def server(
-    bundles: dict[str, Path],
-    output_bucket: str,
-    s3_server: str,
-    ray_local: None,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Server:
-    storage = StorageConfig(
-        endpoint_url=s3_server,
-        region=S3_REGION,
-        cache_dir=str(tmp_path_factory.mktemp("cache")),
-    )
-    os.environ[API_KEYS_ENV] = f"{API_KEY}, {SECOND_KEY}"
-    config = serve_config(bundles, f"{output_bucket}/outputs", storage, API_KEYS_ENV)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        serve.run(build_app(config), name=APP_NAME, route_prefix="/")
-        graph = serve.get_deployment_handle("graph", APP_NAME)
-        yield Server(f"http://127.0.0.1:{port}", graph, config)
-    finally:
-        serve.shutdown()
-        os.environ.pop(API_KEYS_ENV, None)
 
 
 def call(
@@ -365,6 +263,7 @@ def test_health_needs_no_key(server):
         "vae_decode",
         "super_resolution_1",
         "safety",
+        "video_jobs",
     ]
 
 
@@ -597,6 +496,7 @@ def test_openai_client_b64_json_and_url(server):
     assert "Signature" in item.url or "X-Amz-Signature" in item.url
     with urllib.request.urlopen(item.url, timeout=30) as fetched:
         stored = fetched.read()
+        assert fetched.headers["Content-Type"] == "image/png"  # a browser shows it
     # Seed 5 ran in a batch of two above and alone here: float sums over a different batch
     # size may round a pixel to the next uint8 level (measured: 1 level, 0.13% of pixels).
     assert max_abs(decode_png(stored), images[0]) <= 1
@@ -610,11 +510,14 @@ def test_openai_client_b64_json_and_url(server):
 @pytest.mark.slow
 def test_concurrent_requests_batch_and_overflow_is_503_with_retry_after(server):
     before = stats(server)
+    # The largest, longest request the server takes: the base holds each batch for seconds,
+    # so the ten arrive while the first four still hold its slots, however the ingress
+    # replicas stagger them.
     body = {
         "prompt": "a crowded market",
-        "height": HEIGHT,
-        "width": WIDTH,
-        "num_inference_steps": 100,
+        "height": 64,
+        "width": 64,
+        "num_inference_steps": 200,
         "seed": 0,
     }
     with ThreadPoolExecutor(10) as pool:
@@ -624,7 +527,7 @@ def test_concurrent_requests_batch_and_overflow_is_503_with_retry_after(server):
     assert set(statuses) == {200, 503}, statuses
     for status, headers, _ in results:
         if status == 503:
-            assert headers.get("retry-after") == "2"
+            assert headers.get("retry-after") == str(RETRY_AFTER_S)
     # Concurrent requests of one shape and step count shared a denoise call (counted here,
     # not by earlier tests).
     after = stats(server)["base"]["batch_sizes"]  # JSON keys are strings

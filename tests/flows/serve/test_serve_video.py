@@ -1,8 +1,9 @@
 """Video jobs on a real local Ray Serve with tiny bundles (`flows/serve/video_jobs.py`):
 submit (202), progress, the watermarked MP4 behind the job's URL, the safety check on its
 frames, cancelling queued and running jobs, the queue bound (503), validation 422s naming the
-field, job records shared by every ingress replica and kept in storage, so that they outlive
-the video_jobs replica.
+field, job records shared by every ingress replica and kept in storage (the S3 test server),
+so that they outlive the video_jobs replica. The app is the one the image tests use
+(``conftest.py``).
 
 The staged video's parity with ``WanPipeline`` is checked at the class level
 (``tests/actors/test_video.py``); here the MP4 is checked against the pipeline's frames to
@@ -18,8 +19,6 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import av
@@ -28,13 +27,11 @@ import pytest
 import ray
 import torch
 from diffusers import AutoencoderKLWan, WanPipeline
-from ray import serve
 
 from actors.safety import detect_watermark
 from actors.video import to_uint8
 from flows.cli import main
-from flows.models import build_tiny_bundles
-from flows.serve import APP_NAME, build_app
+from flows.serve import APP_NAME
 from flows.serve.stages import VideoDecodeStage
 from flows.serve.video_jobs import VIDEO_JOBS_FOLDER, VideoJobs, _Job
 from schemas.api import VideoJob
@@ -46,7 +43,13 @@ from schemas.config import (
     StorageConfig,
     VideoDeployments,
 )
-from tests.conftest import free_port
+from tests.flows.serve.conftest import (
+    API_KEY,
+    BLOCKED,
+    MAX_SEQUENCE_LENGTH,
+    RETRY_AFTER_S,
+    Server,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -54,73 +57,7 @@ HEIGHT, WIDTH, NUM_FRAMES = 32, 48, 5
 NUM_STEPS = 3
 # A job of the largest size the server takes and the most steps runs for seconds.
 LONG_JOB = {"height": 64, "width": 64, "num_frames": 9, "num_inference_steps": 200}
-MAX_SEQUENCE_LENGTH = 16
 PROMPT = "a red car driving through the city at night"
-BLOCKED = "forbidden fruit"
-
-
-@dataclass(frozen=True)
-class Server:
-    url: str
-    config: ServeConfig
-
-
-@pytest.fixture(scope="module")
-def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return build_tiny_bundles(tmp_path_factory.mktemp("bundles"), names=["t2i", "t2v", "nsfw"])
-
-
-@pytest.fixture(scope="module")
-def server(
-    bundles: dict[str, Path], ray_local: None, tmp_path_factory: pytest.TempPathFactory
-) -> Server:
-    stage = {"num_cpus": 0.1}
-    config = ServeConfig.model_validate(
-        {
-            "bundle": {"uri": str(bundles["t2i"])},
-            "max_sequence_length": MAX_SEQUENCE_LENGTH,
-            "retry_after_s": 3,
-            "output": str(tmp_path_factory.mktemp("outputs")),
-            # The checker runs on every video's frames; no score is above 1, so none is
-            # flagged here (the flagged case: the decode stage's own test).
-            "safety": {
-                "blocklist": [BLOCKED],
-                "image_checker": {"uri": str(bundles["nsfw"])},
-                "max_nsfw_score": 1.0,
-            },
-            # Two ingress replicas: a job's record must not depend on which one answers.
-            "deployments": {
-                "ingress": {**stage, "num_replicas": 2},
-                "text_encoder": stage,
-                "base": stage,
-                "vae_decode": stage,
-                "safety": stage,
-            },
-            "video": {
-                "bundle": {"uri": str(bundles["t2v"])},
-                "max_height": 64,
-                "max_width": 64,
-                "max_num_frames": 9,
-                "max_sequence_length": MAX_SEQUENCE_LENGTH,
-                "max_running_jobs": 1,
-                "max_jobs": 2,
-                "deployments": {
-                    # A killed replica is noticed within a second.
-                    "jobs": {**stage, "health_check_period_s": 1},
-                    "text_encoder": stage,
-                    "denoiser": stage,
-                    "vae_decode": stage,
-                },
-            },
-        }
-    )
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        serve.run(build_app(config), name=APP_NAME, route_prefix="/")
-        yield Server(f"http://127.0.0.1:{port}", config)
-    finally:
-        serve.shutdown()
 
 
 def call(
@@ -128,10 +65,13 @@ def call(
 ) -> tuple[int, dict[str, str], Any]:
     """(status, headers, JSON body or raw bytes)."""
     data = None if body is None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    if path.startswith("/"):  # the server's; a presigned URL carries its own signature
+        headers["Authorization"] = f"Bearer {API_KEY}"
     request = urllib.request.Request(
         server.url + path if path.startswith("/") else path,
         data=data,
-        headers={"Content-Type": "application/json"},
+        headers=headers,
         method=method,
     )
     try:
@@ -186,7 +126,9 @@ def test_a_video_job_runs_to_a_watermarked_mp4_matching_the_pipeline(
     assert {"text_encoder", "denoiser", "vae_decode", "store", "total"} <= set(
         done["stage_seconds"]
     )
-    assert done["url"].startswith(server.url + "/v1/files/") and done["url"].endswith(".mp4")
+    # The output is on S3: a presigned URL to the MP4.
+    assert done["url"].startswith(server.config.storage.endpoint_url)
+    assert done["url"].split("?")[0].endswith(".mp4")
     status, head, mp4 = call(server, done["url"])
     assert status == 200 and head["content-type"] == "video/mp4"
     with av.open(io.BytesIO(mp4)) as container:
@@ -263,7 +205,7 @@ def test_cancel_running_and_queued_jobs_and_the_queue_bound(server):
     status, head, payload = call(
         server, "/v1/videos", {"prompt": PROMPT, "height": HEIGHT, "width": WIDTH, "num_frames": 5}
     )
-    assert status == 503 and head["retry-after"] == "3", payload
+    assert status == 503 and head["retry-after"] == str(RETRY_AFTER_S), payload
     poll(server, running["id"], lambda job: job["status"] == "running" and job["step"] >= 1)
 
     status, _, cancelled = call(server, f"/v1/videos/{queued['id']}", method="DELETE")
@@ -336,11 +278,12 @@ def wait_for(condition: Any, timeout_s: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def test_job_records_outlive_the_video_jobs_replica(server):
-    records = Path(server.config.output) / VIDEO_JOBS_FOLDER
+def test_job_records_outlive_the_video_jobs_replica(server, s3_client):
+    bucket, prefix = server.config.output.removeprefix("s3://").split("/", 1)
 
     def stored(job_id: str) -> dict[str, Any]:
-        return json.loads((records / f"{job_id}.json").read_text())["job"]
+        key = f"{prefix}/{VIDEO_JOBS_FOLDER}/{job_id}.json"
+        return json.loads(s3_client.get_object(Bucket=bucket, Key=key)["Body"].read())["job"]
 
     [replica] = video_jobs_replicas()
     actor = ray.get_actor(replica, namespace="serve")
@@ -361,7 +304,9 @@ def test_job_records_outlive_the_video_jobs_replica(server):
     # The replacement answers from storage: the finished job as it was, MP4 and all...
     after = poll(server, done["id"], lambda job: True, timeout_s=60)
     print(f"video_jobs answered {time.monotonic() - killed_at:.1f} s after the kill")
-    assert after == done
+    # The same record; its URL freshly presigned (a new expiry), to the same MP4.
+    assert {**after, "url": None} == {**done, "url": None}
+    assert after["url"].split("?")[0] == done["url"].split("?")[0]
     status, head, _ = call(server, after["url"])
     assert status == 200 and head["content-type"] == "video/mp4"
     # ...and the running one as failed, interrupted, where its stored progress was.

@@ -1,0 +1,150 @@
+"""One Serve app for the image and the video tests: the image graph (base, refiner, a
+super-resolution stage, the safety checker) and the video jobs, on a real local Ray Serve with
+tiny bundles, outputs on the S3 test server. Started once for the package: each app start is
+a dozen replica processes that import torch and diffusers and load their bundles, most of a
+minute on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from flows.models import build_tiny_bundles
+from flows.serve import APP_NAME, build_app
+from schemas.config import ServeConfig, StorageConfig
+from tests.conftest import S3_REGION, free_port
+
+API_KEYS_ENV = "RAYGEN_TEST_SERVE_API_KEYS"
+# Distinctive, so the tests can check that no log line ever holds one.
+API_KEY = "rk-test-7c1e9b2f40d8"
+SECOND_KEY = "rk-test-second-55aa"
+MAX_SEQUENCE_LENGTH = 16
+BLOCKED = "forbidden fruit"
+RETRY_AFTER_S = 2
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str
+    graph: DeploymentHandle
+    config: ServeConfig
+
+
+@pytest.fixture(scope="package")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_tiny_bundles(
+        tmp_path_factory.mktemp("bundles"), names=["t2i", "refiner", "upscaler", "nsfw", "t2v"]
+    )
+
+
+@pytest.fixture(scope="package")
+def output_bucket(s3_client: Any) -> str:
+    name = f"serve-{uuid.uuid4().hex[:16]}"
+    s3_client.create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+def serve_config(
+    bundles: dict[str, Path], output: str, storage: StorageConfig, api_keys_env: str | None
+) -> ServeConfig:
+    # Every stage at a tenth of a CPU: a dozen replicas fit the 2-CPU local Ray.
+    stage = {"num_cpus": 0.1}
+    return ServeConfig.model_validate(
+        {
+            "bundle": {"uri": str(bundles["t2i"])},
+            "refiner": {"uri": str(bundles["refiner"])},
+            "super_resolution": [
+                {
+                    "model": {"uri": str(bundles["upscaler"])},
+                    "noise_level": 20,
+                    "num_inference_steps": 2,
+                    "deployment": stage,
+                }
+            ],
+            "max_height": 64,
+            "max_width": 64,
+            "max_images_per_request": 2,
+            "max_sequence_length": MAX_SEQUENCE_LENGTH,
+            "request_timeout_s": 60,
+            "retry_after_s": RETRY_AFTER_S,
+            "api_keys_env": api_keys_env,
+            "output": output,
+            "safety": {
+                "blocklist": [BLOCKED],
+                "image_checker": {"uri": str(bundles["nsfw"])},
+                # The tiny classifier's scores are random: check every image (and every video
+                # frame), flag none. The flagged case: the decode stages' own tests.
+                "max_nsfw_score": 1.0,
+            },
+            "deployments": {
+                # Two ingress replicas: a video job's record must not depend on which one
+                # answers.
+                "ingress": {**stage, "num_replicas": 2},
+                "text_encoder": stage,
+                # Two requests in a batch, two more waiting (a request of n images makes n
+                # calls at once): the overload test overflows them.
+                "base": {
+                    **stage,
+                    "max_ongoing_requests": 2,
+                    "max_batch_size": 2,
+                    "batch_wait_timeout_s": 0.1,
+                    "max_queued_requests": 2,
+                },
+                "refiner": stage,
+                "vae_decode": stage,
+                "safety": stage,
+            },
+            "video": {
+                "bundle": {"uri": str(bundles["t2v"])},
+                "max_height": 64,
+                "max_width": 64,
+                "max_num_frames": 9,
+                "max_sequence_length": MAX_SEQUENCE_LENGTH,
+                "max_running_jobs": 1,
+                "max_jobs": 2,
+                "deployments": {
+                    # A killed replica is noticed within a second.
+                    "jobs": {**stage, "health_check_period_s": 1},
+                    "text_encoder": stage,
+                    "denoiser": stage,
+                    "vae_decode": stage,
+                },
+            },
+            "storage": storage.model_dump(),
+        }
+    )
+
+
+@pytest.fixture(scope="package")
+def server(
+    bundles: dict[str, Path],
+    output_bucket: str,
+    s3_server: str,
+    ray_local: None,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Server]:
+    storage = StorageConfig(
+        endpoint_url=s3_server,
+        region=S3_REGION,
+        cache_dir=str(tmp_path_factory.mktemp("cache")),
+    )
+    os.environ[API_KEYS_ENV] = f"{API_KEY}, {SECOND_KEY}"
+    config = serve_config(bundles, f"{output_bucket}/outputs", storage, API_KEYS_ENV)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+        graph = serve.get_deployment_handle("graph", APP_NAME)
+        yield Server(f"http://127.0.0.1:{port}", graph, config)
+    finally:
+        serve.shutdown()
+        os.environ.pop(API_KEYS_ENV, None)
