@@ -257,8 +257,9 @@ def test_nonfinite_loss_stops_the_run_naming_the_step(
     ray_local, tiny_bundles, prep_shards, tmp_path
 ):
     output = tmp_path / "nan"
+    # One worker: the check runs on every rank alike, and one process starts sooner than two.
     config = _config(
-        tiny_bundles, prep_shards, output, max_steps=3, checkpoint_every=1,
+        tiny_bundles, prep_shards, output, max_steps=3, checkpoint_every=1, num_workers=1,
         **{"optimizer.learning_rate": 1e30, "optimizer.max_grad_norm": None,
            "optimizer.warmup_steps": 0},
     )  # fmt: skip
