@@ -379,9 +379,6 @@ def test_refiner_and_super_resolution_stages(server):
     assert set(payload["stage_seconds"]) >= {"refiner", "super_resolution_1"}
 
 
-# Before the streaming tests: once a streamed request has gone through this app's base
-# stage, these ten requests all queue and succeed instead of overflowing (seen only with this
-# app; not yet explained, see issue 10's notes).
 @pytest.mark.slow
 def test_concurrent_requests_batch_and_overflow_is_503_with_retry_after(server):
     before = stats(server)

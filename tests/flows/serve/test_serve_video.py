@@ -1,8 +1,8 @@
 """Video jobs on a real local Ray Serve with tiny bundles (`flows/serve/video_jobs.py`):
 submit (202), progress, the watermarked MP4 behind the job's URL, the safety check on its
 frames, cancelling queued and running jobs, the queue bound (503), validation 422s naming the
-field, job records shared by every ingress replica and kept in storage (the S3 test server),
-so that they outlive the video_jobs replica. The app is the one the image tests use
+field, job records kept in storage (the S3 test server), so that they outlive the video_jobs
+replica. The app is the one the image tests use
 (``conftest.py``).
 
 The staged video's parity with ``WanPipeline`` is checked at the class level
