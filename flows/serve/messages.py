@@ -11,7 +11,7 @@ through the caller) and still report every stage's seconds from the last stage's
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -66,14 +66,8 @@ class DenoiseSpec:
 
         return DenoiseRequest(
             embeddings=embeddings.value,
-            seed=self.seed,
-            guidance_scale=self.guidance_scale,
-            height=self.height,
-            width=self.width,
-            num_inference_steps=self.num_inference_steps,
-            denoising_start=self.denoising_start,
-            denoising_end=self.denoising_end,
             latents=None if latents is None else latents.value,
+            **asdict(self),
         )
 
 
@@ -98,12 +92,4 @@ class VideoDenoiseSpec:
         # Called in the video denoiser's replica, which has the models' modules loaded.
         from actors.video import VideoDenoiseRequest
 
-        return VideoDenoiseRequest(
-            embeddings=embeddings,
-            seed=self.seed,
-            height=self.height,
-            width=self.width,
-            num_frames=self.num_frames,
-            num_inference_steps=self.num_inference_steps,
-            guidance_scale=self.guidance_scale,
-        )
+        return VideoDenoiseRequest(embeddings=embeddings, **asdict(self))
