@@ -1,5 +1,6 @@
 """The serving graph's first safety check: a prompt blocklist that runs before any model (the
-image check and the watermark, which need models, are in ``actors/safety.py``)."""
+image check, which needs a model, is ``actors/safety.py``; the watermark
+``actors/watermark.py``)."""
 
 from __future__ import annotations
 

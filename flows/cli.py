@@ -334,7 +334,7 @@ def _run_watermark(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
 
-    from actors.safety import detect_watermark
+    from actors.watermark import detect_watermark
 
     all_marked = True
     for path in args.files:

@@ -20,7 +20,7 @@ from ray import serve
 
 from actors.families import Multiples
 from actors.generation import Denoiser, DenoiseRequest, PromptEncoder, Upscaler, VaeDecoder
-from actors.safety import ImageSafetyChecker, embed_watermark
+from actors.safety import ImageSafetyChecker
 from actors.video import (
     VideoDecoder,
     VideoDenoiser,
@@ -29,6 +29,7 @@ from actors.video import (
     encode_mp4,
     to_uint8,
 )
+from actors.watermark import embed_watermark
 from cluster.bundles import resolve_bundle
 from cluster.storage import Storage
 from flows.serve.messages import (

@@ -8,10 +8,10 @@ import pytest
 from PIL import Image
 
 from actors.prompt_filter import PromptFilter
-from actors.safety import (
+from actors.safety import ImageSafetyChecker
+from actors.watermark import (
     WATERMARK_BITS,
     WATERMARK_MIN_BITS,
-    ImageSafetyChecker,
     detect_watermark,
     embed_watermark,
     watermark_message,

@@ -12,7 +12,6 @@ import pytest
 import torch
 from diffusers import WanPipeline
 
-from actors.safety import detect_watermark, embed_watermark
 from actors.video import (
     VideoDecoder,
     VideoDenoiser,
@@ -21,6 +20,7 @@ from actors.video import (
     encode_mp4,
     to_uint8,
 )
+from actors.watermark import detect_watermark, embed_watermark
 from flows.models import build_tiny_bundles
 
 HEIGHT, WIDTH, NUM_FRAMES = 32, 48, 5

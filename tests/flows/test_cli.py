@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from actors.safety import embed_watermark
+from actors.watermark import embed_watermark
 from flows.cli import build_parser, main
 
 REPO = Path(__file__).parents[2]

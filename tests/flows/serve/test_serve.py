@@ -33,7 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
 from actors.families import Multiples
-from actors.safety import detect_watermark
+from actors.watermark import detect_watermark
 from flows.cli import main
 from flows.serve import api_key_digests, app_builder, deployment_options
 from flows.serve.checks import InvalidInput, check_inputs

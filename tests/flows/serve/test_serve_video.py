@@ -28,8 +28,8 @@ import ray
 import torch
 from diffusers import AutoencoderKLWan, WanPipeline
 
-from actors.safety import detect_watermark
 from actors.video import to_uint8
+from actors.watermark import detect_watermark
 from flows.cli import main
 from flows.serve import APP_NAME
 from flows.serve.stages import VideoDecodeStage
