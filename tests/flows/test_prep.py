@@ -23,28 +23,28 @@ from diffusers import AutoencoderKL, StableDiffusion3Pipeline
 from actors.decode import MediaDecoder
 from actors.sources import FetchMedia, list_inputs
 from cluster.storage import Storage
-from flows.models import build_tiny_bundles
 from flows.prep import is_small_corpus, preflight, run_prep
-from flows.samples import build_broken_files, build_sample_corpus, write_webdataset_tar
+from flows.samples import build_broken_files, write_webdataset_tar
 from schemas.config import ConfigError, PrepConfig, load_config
 from schemas.errors import RaygenError
-from schemas.shards import BucketKey
+from schemas.shards import MANIFEST_NAME, BucketKey, Manifest
 
 REPO = Path(__file__).parents[2]
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory):
-    return build_tiny_bundles(tmp_path_factory.mktemp("bundles"))
+def bundles(tiny_bundles):
+    """The demo's bundles: t2i, t2v, the captioner and the scorer."""
+    return tiny_bundles
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    build_sample_corpus(root, num_videos=1)
-    broken = build_broken_files(root)
-    return root, broken
+def corpus(demo_run, tmp_path_factory):
+    """The demo's sample corpus, and what each of its broken files must be quarantined for
+    (``build_broken_files`` names and writes them the same way every time: written again
+    elsewhere, for the names only)."""
+    return demo_run.data / "corpus", build_broken_files(tmp_path_factory.mktemp("broken"))
 
 
 def _config(bundles, input_uri: str, output_uri: str, **overrides) -> PrepConfig:
@@ -83,11 +83,13 @@ def _rows(root: str, fs: pafs.FileSystem | None = None) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def local_run(bundles, corpus, tmp_path_factory, ray_local):
+def local_run(bundles, corpus, demo_run, ray_local):
+    """The demo's prep (`raygen demo` ran `run_prep` with this config on its own local Ray):
+    its config, manifest and output folder."""
     root, _ = corpus
-    output = tmp_path_factory.mktemp("out") / "shards"
-    config = _config(bundles, str(root), str(output))
-    return config, run_prep(config), output
+    output = demo_run.data / "shards"
+    manifest = Manifest.model_validate_json((output / MANIFEST_NAME).read_text())
+    return _config(bundles, str(root), str(output)), manifest, output
 
 
 def test_every_valid_input_written_and_every_broken_one_quarantined(local_run, corpus):
@@ -114,8 +116,6 @@ def test_every_valid_input_written_and_every_broken_one_quarantined(local_run, c
     assert manifest_file["vae"]["image"]["scaling_factor"] == pytest.approx(1.5305)
     assert (output / "empty_prompt.safetensors").is_file()
     assert set(manifest.stage_throughput) >= {"decode", "caption", "encode_latents"}
-    # A small corpus: the model stages share one actor.
-    assert "ModelStages" in _actor_classes()
 
 
 def test_preflight_reads_the_frame_rule_and_bucket_step_from_the_bundles(bundles, tmp_path):
@@ -295,6 +295,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(bundles, corpus, tmp_pat
     # The resume, in this process on the session's Ray (run_prep, what the CLI calls), at
     # the default batch sizes: neither changes which rows it must still write.
     run_prep(_config(bundles, str(root), str(output), rows_per_file=1))
+    # A small corpus: the model stages shared one actor.
+    assert "ModelStages" in _actor_classes()
     # What the killed run wrote stays as it was: the resume wrote only what was missing.
     after = _written(output)
     assert {name: after.get(name) for name in before} == before
