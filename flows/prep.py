@@ -25,6 +25,7 @@ and only its missing rows go on. A re-run therefore ends with exactly one row pe
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import math
@@ -40,11 +41,8 @@ import ray
 from safetensors.numpy import save as save_safetensors
 
 from actors.batches import restore_optional_text
-from actors.captioner import Captioner
 from actors.decode import MediaDecoder
-from actors.encoders import LatentEncoder, TextEncoder, empty_prompt_embeddings, vae_factors
 from actors.families import family_of
-from actors.filters import Filters
 from actors.sources import FetchMedia, list_inputs
 from actors.writer import ShardWriter
 from cluster.bundles import validate_bundle
@@ -154,6 +152,25 @@ def ray_stage(cls: type, stage: str) -> type:
     return RayStage
 
 
+def model_stage(path: str, stage: str) -> type:
+    """The model stage at ``path`` ("module:Class") as a Ray Data stage, its module imported by
+    the actor process that runs it, not by the job's driver (the model stages' modules import
+    torch and transformers: seconds of the driver's start-up)."""
+    module, name = path.split(":")
+
+    class ModelStage:
+        def __init__(self, **kwargs: Any) -> None:
+            cls = getattr(importlib.import_module(module), name)
+            self.stage = ray_stage(cls, stage)(**kwargs)
+
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return self.stage(batch)
+
+    # Ray Data names the actors after the class: MapWorker(MapBatches(Captioner)).
+    ModelStage.__name__ = ModelStage.__qualname__ = name
+    return ModelStage
+
+
 def task_stage(cls: type) -> Any:
     """``cls`` (a stage that holds no model) as a Ray Data task function: the object is built
     per batch, which costs microseconds, so the stage runs on Ray's pooled workers instead of
@@ -188,10 +205,11 @@ class ModelStages:
     first row, seconds each, which on a few dozen inputs is most of the job.
     """
 
-    def __init__(self, stages: list[tuple[type, str, int, dict[str, Any]]]) -> None:
+    def __init__(self, stages: list[tuple[str, str, int, dict[str, Any]]]) -> None:
+        """``stages``: (import path, stage name, batch size, constructor kwargs) each."""
         self.stages = [
-            (ray_stage(cls, stage)(**kwargs), batch_size)
-            for cls, stage, batch_size, kwargs in stages
+            (model_stage(path, stage)(**kwargs), batch_size)
+            for path, stage, batch_size, kwargs in stages
         ]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -200,9 +218,9 @@ class ModelStages:
         return batch
 
 
-def _map(ds: ray.data.Dataset, cls: type, stage: str, resources: StageResources, **kwargs: Any):
+def _map(ds: ray.data.Dataset, path: str, stage: str, resources: StageResources, **kwargs: Any):
     return ds.map_batches(
-        ray_stage(cls, stage),
+        model_stage(path, stage),
         fn_constructor_kwargs=kwargs,
         batch_format="numpy",
         batch_size=resources.batch_size,
@@ -249,23 +267,26 @@ def _map_models(ds: ray.data.Dataset, config: PrepConfig, small: bool) -> ray.da
     storage = {"storage": config.storage}
     bundles = {"bundle": config.bundle, "video_bundle": config.video_bundle, **storage}
     stages = [
-        (Filters, "filter", config.filters.resources, {"config": config.filters, **storage}),
-        (Captioner, "caption", config.caption.resources, {"config": config.caption, **storage}),
-        (TextEncoder, "encode_text", config.encode.resources, {"config": config.encode, **bundles}),
-        (LatentEncoder, "encode_latents", config.encode.resources,
+        ("actors.filters:Filters", "filter", config.filters.resources,
+         {"config": config.filters, **storage}),
+        ("actors.captioner:Captioner", "caption", config.caption.resources,
+         {"config": config.caption, **storage}),
+        ("actors.encoders:TextEncoder", "encode_text", config.encode.resources,
+         {"config": config.encode, **bundles}),
+        ("actors.encoders:LatentEncoder", "encode_latents", config.encode.resources,
          {"config": config.encode, **bundles}),
     ]  # fmt: skip
     num_gpus = sum(resources.num_gpus for _, _, resources, _ in stages)
     if not small or num_gpus > 1:
-        for cls, stage, resources, kwargs in stages:
-            ds = _map(ds, cls, stage, resources, **kwargs)
+        for path, stage, resources, kwargs in stages:
+            ds = _map(ds, path, stage, resources, **kwargs)
         return ds
     return ds.map_batches(
         ModelStages,
         fn_constructor_kwargs={
             "stages": [
-                (cls, stage, resources.batch_size, kwargs)
-                for cls, stage, resources, kwargs in stages
+                (path, stage, resources.batch_size, kwargs)
+                for path, stage, resources, kwargs in stages
             ],
         },
         batch_format="numpy",
@@ -323,6 +344,8 @@ def preflight(config: PrepConfig, storage: Storage) -> PrepConfig:
 def _bundle_facts(config: PrepConfig) -> tuple[bytes, dict[str, dict[str, Any]]]:
     """On a worker (it loads text encoders and reads VAE configs, never on the driver): the
     empty prompt's embeddings as safetensors and the VAEs' latent factors."""
+    from actors.encoders import empty_prompt_embeddings, vae_factors
+
     return save_safetensors(empty_prompt_embeddings(config)), vae_factors(config)
 
 

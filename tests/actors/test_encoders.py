@@ -293,7 +293,10 @@ def test_stages_run_in_ray_data(
     ds = ray.data.from_items(rows).map_batches(
         ModelStages,
         fn_constructor_kwargs={
-            "stages": [(stage, stage.__name__, 2, kwargs) for stage, kwargs in stages]
+            "stages": [
+                (f"{stage.__module__}:{stage.__name__}", stage.__name__, 2, kwargs)
+                for stage, kwargs in stages
+            ]
         },
         batch_format="numpy",
         batch_size=2,
