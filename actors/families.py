@@ -234,11 +234,19 @@ class Family:
         return self._tokenize(pipe, prompts, max_sequence_length)
 
     def multiples(self, bundle: Bundle, storage: Storage | None = None) -> Multiples:
-        """The bundle's shape multiples, from its VAE and transformer configs."""
-        return self._multiples(
-            component_config(bundle, self.vae, storage),
-            component_config(bundle, self.denoisers[0], storage),
-        )
+        """The bundle's shape multiples, from its VAE and transformer configs.
+
+        A config.json diffusers saved holds every init argument: read as it is, it needs no
+        diffusers import (prep's driver checks shapes with this before any worker starts, and
+        importing diffusers costs it seconds). A hand-written config that leaves a key to its
+        class's default is read over the class's defaults."""
+        components = (self.vae, self.denoisers[0])
+        try:
+            return self._multiples(
+                *(read_bundle_json(bundle, f"{name}/config.json", storage) for name in components)
+            )
+        except KeyError:
+            return self._multiples(*(component_config(bundle, n, storage) for n in components))
 
     def latent_factors(self, vae_config: Config) -> dict[str, Any]:
         """What ``normalize`` needs of the VAE's config; prep records it in the manifest."""
