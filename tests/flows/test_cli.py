@@ -1,9 +1,11 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 from PIL import Image
 
 from actors.watermark import embed_watermark
@@ -137,9 +139,12 @@ def test_quiet_is_the_default_and_submit_passes_its_command_flags_on():
 
 
 @pytest.mark.slow
-def test_a_failing_worker_is_shown_on_the_quiet_console(demo_run, tiny_bundles, tmp_path):
+def test_a_failing_worker_is_shown_on_the_quiet_console(
+    demo_run, tiny_bundles, ray_local, tmp_path
+):
     # Worker output stays in Ray's logs by default; a worker's error must not. The captioner
-    # stage given the CLIP scorer's bundle fails where it loads, in a Ray Data actor.
+    # stage given the CLIP scorer's bundle fails where it loads, in a Ray Data actor. The
+    # driver joins the session's Ray (as a Ray Job's command does) instead of starting one.
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for name in ("synthetic_00.png", "synthetic_00.txt"):
@@ -155,6 +160,7 @@ def test_a_failing_worker_is_shown_on_the_quiet_console(demo_run, tiny_bundles, 
             "--set", f"caption.model.uri={tiny_bundles['scorer']}",
         ],  # fmt: skip
         cwd=REPO,
+        env={**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address},
         capture_output=True,
         text=True,
         timeout=300,

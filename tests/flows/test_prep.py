@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 import yaml
 from diffusers import AutoencoderKL, StableDiffusion3Pipeline
@@ -158,8 +159,6 @@ def test_a_few_large_tars_are_not_a_small_corpus(tmp_path):
 
 
 def test_shards_readable_by_plain_pyarrow_and_ray_data(local_run):
-    import ray
-
     _, manifest, output = local_run
     for shard in manifest.shards:
         table = pq.read_table(output / shard)
@@ -261,11 +260,14 @@ def _actor_classes() -> list[str]:
     return [name.rpartition("(")[2].split(")")[0] for name in names]
 
 
-def _cli(config_path: Path, **kwargs) -> subprocess.Popen:
+def _cli(config_path: Path) -> subprocess.Popen:
+    """`raygen prep` as a driver of the session's Ray (through $RAY_ADDRESS, as a Ray Job's
+    command is): no cluster of its own to start."""
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     return subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "prep", "--config", str(config_path)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True, **kwargs,
+        start_new_session=True, env=env,
     )
 
 
@@ -279,8 +281,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(bundles, corpus, tmp_pat
     config_path = tmp_path / "prep.yaml"
     config_path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
 
-    # Kill the whole job (driver and its local Ray) as soon as its first shard lands: a
-    # quarantine file alone would not show that written shards survive the resume.
+    # Kill the driver as soon as its first shard lands (Ray then ends the job's actors and
+    # tasks): a quarantine file alone would not show that written shards survive the resume.
     process = _cli(config_path)
     deadline = time.monotonic() + 180
     while not list((output / "shards").rglob("part-*.parquet")):
