@@ -23,8 +23,9 @@ autoscaling, scale to zero included), resources, queue bounds and batching, all 
       -> video_vae_decode (Wan VAE, safety check and watermark on every frame, MP4)
       -> storage (the MP4, and each job's record as JSON, so jobs outlive the replica)
 
-The stages' deployments are in stages.py, what they pass each other in messages.py, what a
-request may ask in checks.py, and the app is built in app.py:
+The stages' deployments are in stages.py (image), safety.py and video_stages.py, each
+importing only the models its replicas run; what they pass each other is in messages.py,
+what a request may ask in checks.py, and the app is built in app.py:
 ``serve run flows.serve:app_builder config=serve.yaml``.
 """
 

@@ -18,17 +18,15 @@ from cluster.ray_runtime import init_ray
 from cluster.storage import is_s3, local_path
 from flows.serve.graph import ImageGraph
 from flows.serve.ingress import Ingress
+from flows.serve.safety import SafetyStage
 from flows.serve.stages import (
     DenoiserStage,
-    SafetyStage,
     SuperResolutionDeployment,
     TextEncoderStage,
     VaeDecodeStage,
-    VideoDecodeStage,
-    VideoDenoiserStage,
-    VideoTextEncoderStage,
 )
 from flows.serve.video_jobs import VideoJobs
+from flows.serve.video_stages import VideoDecodeStage, VideoDenoiserStage, VideoTextEncoderStage
 from schemas.config import ConfigError, DeploymentSettings, ModelRef, ServeConfig, load_config
 
 APP_NAME = "raygen"

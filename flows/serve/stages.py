@@ -1,70 +1,26 @@
-"""The stages: thin Serve deployments over ``actors/`` classes, one per role.
+"""The image stages: thin Serve deployments over ``actors/generation.py`` classes, one per role
+(the safety stage is in safety.py, the video stages in video_stages.py, so each replica
+imports only the models it runs).
 
 An image stage takes and returns a `Staged` value (``messages.py``), so the graph can pass a
 stage's response straight on to the next stage's call and still report every stage's seconds.
-Video stages are called by the video job that drives them and are timed there.
 """
 
 import asyncio
-import io
 import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 from ray import serve
 
 from actors.families import Multiples
 from actors.generation import Denoiser, DenoiseRequest, PromptEncoder, Upscaler, VaeDecoder
-from actors.safety import ImageSafetyChecker
-from actors.video import (
-    VideoDecoder,
-    VideoDenoiser,
-    VideoEmbeddings,
-    VideoPromptEncoder,
-    encode_mp4,
-    to_uint8,
-)
-from actors.watermark import embed_watermark
-from cluster.bundles import resolve_bundle
-from cluster.storage import Storage
-from flows.serve.messages import (
-    DenoiseSpec,
-    EncodeItem,
-    FinishedImages,
-    Staged,
-    VideoDenoiseSpec,
-)
-from schemas.config import (
-    DeploymentSettings,
-    ModelRef,
-    SafetyConfig,
-    StorageConfig,
-    SuperResolutionStage,
-)
-
-
-def _torch_dtype(model: ModelRef) -> torch.dtype:
-    return getattr(torch, model.dtype)
-
-
-def _local_bundle(model: ModelRef, storage: StorageConfig) -> str:
-    return str(resolve_bundle(model.uri, Storage(storage)))
-
-
-def _deployment_name() -> str:
-    """The stage's name in the graph: its deployment's (one class serves base and refiner,
-    and every super-resolution stage)."""
-    return serve.get_replica_context().deployment
-
-
-# ---------------------------------------------------------------------------------------
-# Image stages
-# ---------------------------------------------------------------------------------------
+from flows.serve.messages import DenoiseSpec, EncodeItem, Staged
+from flows.serve.replica import deployment_name, local_bundle, torch_dtype
+from schemas.config import DeploymentSettings, ModelRef, StorageConfig, SuperResolutionStage
 
 
 @serve.deployment
@@ -79,11 +35,11 @@ class TextEncoderStage:
         settings: DeploymentSettings,
         cache_size: int,
     ) -> None:
-        self.name = _deployment_name()
+        self.name = deployment_name()
         self.encoder = PromptEncoder(
-            _local_bundle(model, storage),
+            local_bundle(model, storage),
             device=model.device,
-            dtype=_torch_dtype(model),
+            dtype=torch_dtype(model),
             cache_size=cache_size,
         )
         self._encode_batch.set_max_batch_size(settings.max_batch_size)
@@ -147,9 +103,9 @@ class DenoiserStage:
     def __init__(
         self, model: ModelRef, storage: StorageConfig, settings: DeploymentSettings
     ) -> None:
-        self.name = _deployment_name()
+        self.name = deployment_name()
         self.denoiser = Denoiser(
-            _local_bundle(model, storage), device=model.device, dtype=_torch_dtype(model)
+            local_bundle(model, storage), device=model.device, dtype=torch_dtype(model)
         )
         self._denoise_batch.set_max_batch_size(settings.max_batch_size)
         self._denoise_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
@@ -254,9 +210,9 @@ class DenoiserStage:
 @serve.deployment
 class VaeDecodeStage:
     def __init__(self, model: ModelRef, storage: StorageConfig) -> None:
-        self.name = _deployment_name()
+        self.name = deployment_name()
         self.decoder = VaeDecoder(
-            _local_bundle(model, storage), device=model.device, dtype=_torch_dtype(model)
+            local_bundle(model, storage), device=model.device, dtype=torch_dtype(model)
         )
         self.num_requests = 0
 
@@ -278,12 +234,12 @@ class SuperResolutionDeployment:
     """One x4 stage of the cascade; its noise level, steps and guidance come from config."""
 
     def __init__(self, stage: SuperResolutionStage, storage: StorageConfig) -> None:
-        self.name = _deployment_name()
+        self.name = deployment_name()
         self.stage = stage
         self.upscaler = Upscaler(
-            _local_bundle(stage.model, storage),
+            local_bundle(stage.model, storage),
             device=stage.model.device,
-            dtype=_torch_dtype(stage.model),
+            dtype=torch_dtype(stage.model),
         )
         # The pipeline keeps per-call state on itself: one call at a time.
         self.lock = asyncio.Lock()
@@ -310,144 +266,6 @@ class SuperResolutionDeployment:
                 negative_prompts=[negative_prompt] * len(images.value),
             )
         return Staged.after(upscaled, (images,), self.name, start)
-
-    async def stats(self) -> dict[str, int]:
-        return {"requests": self.num_requests}
-
-
-def _image_checker(safety: SafetyConfig, storage: StorageConfig) -> ImageSafetyChecker | None:
-    """The configured image classifier, shared by image and video outputs; None: no check."""
-    if safety.image_checker is None:
-        return None
-    return ImageSafetyChecker(
-        _local_bundle(safety.image_checker, storage),
-        safety.max_nsfw_score,
-        device=safety.image_checker.device,
-        dtype=_torch_dtype(safety.image_checker),
-    )
-
-
-@serve.deployment
-class SafetyStage:
-    """The last stage: image safety check (when configured), invisible watermark, PNG."""
-
-    def __init__(self, safety: SafetyConfig, storage: StorageConfig) -> None:
-        self.name = _deployment_name()
-        self.watermark_key = safety.watermark_key
-        self.checker = _image_checker(safety, storage)
-        self.num_requests = 0
-
-    async def finish(self, images: Staged) -> Staged:
-        """``FinishedImages`` of the uint8 images."""
-        start = time.perf_counter()
-        self.num_requests += 1
-        finished = await asyncio.to_thread(self._finish, images.value)
-        return Staged.after(finished, (images,), self.name, start)
-
-    def _finish(self, images: list[np.ndarray]) -> FinishedImages:
-        flagged = [False] * len(images)
-        if self.checker is not None:
-            images, flagged = self.checker.check(images)
-        pngs = [_png(embed_watermark(image, self.watermark_key)) for image in images]
-        return FinishedImages(pngs, flagged)
-
-    async def stats(self) -> dict[str, int]:
-        return {"requests": self.num_requests}
-
-
-def _png(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-# ---------------------------------------------------------------------------------------
-# Video stages (driven by a video job, see video_jobs.py)
-# ---------------------------------------------------------------------------------------
-
-
-@serve.deployment
-class VideoTextEncoderStage:
-    def __init__(self, model: ModelRef, storage: StorageConfig) -> None:
-        self.encoder = VideoPromptEncoder(
-            _local_bundle(model, storage), device=model.device, dtype=_torch_dtype(model)
-        )
-        self.num_requests = 0
-
-    async def encode(
-        self,
-        prompt: str,
-        negative_prompt: str | None,
-        guidance_scale: float,
-        max_sequence_length: int,
-    ) -> VideoEmbeddings:
-        self.num_requests += 1
-        return await asyncio.to_thread(
-            self.encoder.encode, prompt, negative_prompt, guidance_scale, max_sequence_length
-        )
-
-    async def stats(self) -> dict[str, int]:
-        return {"requests": self.num_requests}
-
-
-@serve.deployment
-class VideoDenoiserStage:
-    """The video DiT. ``denoise`` streams ``(steps done, None)`` after each step and
-    ``(num_steps, latents)`` last; each step runs in its own thread call, so a cancelled
-    call stops between steps."""
-
-    def __init__(self, model: ModelRef, storage: StorageConfig) -> None:
-        self.denoiser = VideoDenoiser(
-            _local_bundle(model, storage), device=model.device, dtype=_torch_dtype(model)
-        )
-        self.num_requests = 0
-        self.num_steps = 0
-
-    async def multiples(self) -> Multiples:
-        """What the bundle fixes about video sizes and frame counts (its family's multiples)."""
-        return self.denoiser.multiples
-
-    async def denoise(
-        self, spec: VideoDenoiseSpec, embeddings: VideoEmbeddings
-    ) -> AsyncIterator[tuple[int, torch.Tensor | None]]:
-        self.num_requests += 1
-        steps = self.denoiser.steps(spec.request(embeddings))
-        while True:
-            step, latents = await asyncio.to_thread(next, steps)
-            self.num_steps += 1
-            yield step, latents
-            if latents is not None:
-                return
-
-    async def stats(self) -> dict[str, int]:
-        return {"requests": self.num_requests, "steps": self.num_steps}
-
-
-@serve.deployment
-class VideoDecodeStage:
-    """Wan VAE decode; the image safety check (when configured) on every frame and the
-    invisible watermark in every frame, as the safety stage does for images; H.264 MP4."""
-
-    def __init__(self, model: ModelRef, storage: StorageConfig, safety: SafetyConfig) -> None:
-        self.decoder = VideoDecoder(
-            _local_bundle(model, storage), device=model.device, dtype=_torch_dtype(model)
-        )
-        self.watermark_key = safety.watermark_key
-        self.checker = _image_checker(safety, storage)
-        self.num_requests = 0
-
-    async def mp4(self, latents: torch.Tensor, fps: int) -> tuple[bytes, bool]:
-        """The MP4, and whether the checker flagged a frame (then every frame is black)."""
-        self.num_requests += 1
-        return await asyncio.to_thread(self._mp4, latents, fps)
-
-    def _mp4(self, latents: torch.Tensor, fps: int) -> tuple[bytes, bool]:
-        frames = to_uint8(self.decoder.decode(latents))  # (F, H, W, 3)
-        flagged = False
-        if self.checker is not None:
-            frames, flagged = self.checker.check_video(frames)
-        marked = np.stack([embed_watermark(frame, self.watermark_key) for frame in frames])
-        return encode_mp4(marked, fps), flagged
 
     async def stats(self) -> dict[str, int]:
         return {"requests": self.num_requests}

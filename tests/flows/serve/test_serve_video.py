@@ -32,8 +32,8 @@ from actors.video import to_uint8
 from actors.watermark import detect_watermark
 from flows.cli import main
 from flows.serve import APP_NAME
-from flows.serve.stages import VideoDecodeStage
 from flows.serve.video_jobs import VIDEO_JOBS_FOLDER, VideoJobs, _Job
+from flows.serve.video_stages import VideoDecodeStage
 from schemas.api import VideoJob
 from schemas.config import (
     ModelRef,
