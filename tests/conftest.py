@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +172,46 @@ def no_ray(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         _start_local_ray()
 
 
+REPO = Path(__file__).parents[1]
+
+
+@dataclass(frozen=True)
+class DemoProcess:
+    process: subprocess.Popen[bytes]
+    data: Path  # its --data-dir
+    stdout: Path
+    stderr: Path
+    deadline: float  # time.monotonic() by which it must have finished
+
+
+@pytest.fixture(scope="session")
+def demo_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoProcess]:
+    """`raygen demo` as a new user runs it (a subprocess, its own local Ray, one data folder),
+    started in the background: ``demo_run`` (tests/flows/conftest.py) waits for it."""
+    root = tmp_path_factory.mktemp("demo")
+    stdout, stderr = root / "stdout.txt", root / "stderr.txt"
+    with stdout.open("wb") as out, stderr.open("wb") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "demo", "--data-dir", str(root / "raygen-data")],
+            cwd=REPO,
+            stdout=out,
+            stderr=err,
+        )
+    yield DemoProcess(process, root / "raygen-data", stdout, stderr, time.monotonic() + 400)
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _demo_in_the_background(request: pytest.FixtureRequest) -> None:
+    """The demo starts with the session's first test when a selected test reads it: its
+    minute or two (half of it waiting on one core) then overlaps the tests that do not read
+    it, which run first (pytest_collection_modifyitems), instead of adding to the suite."""
+    if any("demo_run" in item.fixturenames for item in request.session.items):
+        request.getfixturevalue("demo_process")
+
+
 # Fixtures that start Ray (or run a job that does): a test that uses one is slow, so
 # `-m "not slow"` runs without starting Ray at all.
 _RAY_FIXTURES = {"ray_local", "no_ray", "demo_run", "tiny_bundles", "prep_shards"}
@@ -181,12 +222,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if _RAY_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
     # Tests that need Ray down run before the session's Ray starts, so `no_ray` need not
-    # restart it after each of them; then the demo's own test, so that the one `raygen demo`
-    # run the flow tests share counts against that test's timeout (a stable sort keeps the
-    # rest in file order).
+    # restart it after each of them. Then the modules that do not read the demo, while it
+    # runs in the background; then the demo's own test, and the other modules that read it.
+    # Whole modules move (a stable sort keeps file order), so module fixtures start once.
+    reads_demo = {item.path for item in items if "demo_run" in item.fixturenames}
+
     def order(item: pytest.Item) -> int:
-        if "no_ray" in getattr(item, "fixturenames", ()):
+        if "no_ray" in item.fixturenames:
             return 0
-        return 1 if item.path.name == "test_demo.py" else 2
+        if item.path not in reads_demo:
+            return 1
+        return 2 if item.path.name == "test_demo.py" else 3
 
     items.sort(key=order)

@@ -7,14 +7,13 @@ captioner and the scorer), so the suite runs it once instead of twice.
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).parents[2]
+from tests.conftest import DemoProcess
 
 
 @dataclass(frozen=True)
@@ -25,18 +24,18 @@ class DemoRun:
 
 
 @pytest.fixture(scope="session")
-def demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
-    """`raygen demo` as a new user runs it: a subprocess, its own local Ray, one data folder."""
-    data = tmp_path_factory.mktemp("demo") / "raygen-data"
-    result = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "demo", "--data-dir", str(data)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return DemoRun(data, result.stdout, result.stderr)
+def demo_run(demo_process: DemoProcess) -> DemoRun:
+    """`raygen demo` as a new user runs it: a subprocess, its own local Ray, one data folder.
+    Started in the background with the session (tests/conftest.py); this waits for it."""
+    try:
+        returncode = demo_process.process.wait(
+            timeout=max(1.0, demo_process.deadline - time.monotonic())
+        )
+    finally:
+        stdout = demo_process.stdout.read_text(errors="replace")
+        stderr = demo_process.stderr.read_text(errors="replace")
+    assert returncode == 0, stderr[-3000:]
+    return DemoRun(demo_process.data, stdout, stderr)
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,8 @@ from flows.models import TINY_BUNDLES
 
 
 @pytest.mark.slow
-# The suite runs this first among the demo's users: its time includes the whole `raygen demo`
-# (the shared fixture), about two minutes here, so twice the usual limit.
+# The suite runs this first among the demo's users: its time includes waiting for the rest
+# of `raygen demo` (the shared fixture, started in the background), so twice the usual limit.
 @pytest.mark.timeout(600)
 def test_demo_builds_bundles_corpus_and_generates_on_ray(demo_run):
     data, stdout = demo_run.data, demo_run.stdout
