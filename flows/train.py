@@ -20,7 +20,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -756,6 +758,18 @@ class RunResult:
     checkpoint: str | None
 
 
+def _fit(trainer: ray.train.torch.TorchTrainer) -> ray.train.Result:
+    """``trainer.fit()``, leaving SIGINT's handler as it found it. Ray Train installs a handler
+    that holds the run's controller: left in place, it keeps the finished run's controller
+    (and its dataset manager) alive in the driver until another run replaces it."""
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        return trainer.fit()
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, handler)
+
+
 def run_loop(
     config: LoopConfig,
     bundle_uri: str,
@@ -830,7 +844,7 @@ def run_loop(
         datasets=bucket_datasets(plan.buckets, storage),
     )
     with console.shown():
-        result = trainer.fit()
+        result = _fit(trainer)
     metrics = ((result.metrics or {}).get("records") or [{}])[-1]
     if storage.exists(join(config.output, STOPPED)):
         stopped = json.loads(storage.read_bytes(join(config.output, STOPPED)))
