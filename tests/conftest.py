@@ -129,6 +129,13 @@ def storage_config(s3_server: str, tmp_path: Path) -> StorageConfig:
     )
 
 
+# How often each process reports its metrics to Ray's metrics endpoint. Every second, every
+# live process (a dozen Serve replicas among them) and the agent that receives the reports
+# spent ~0.1 core of the 2 on it between them; every 5 s the cost is what Ray's default of
+# 10 s costs, and a test reading a metric waits seconds, not tens of them.
+METRICS_REPORT_INTERVAL_MS = 5000
+
+
 def _start_local_ray() -> None:
     import ray
 
@@ -137,7 +144,7 @@ def _start_local_ray() -> None:
         num_cpus=2,
         include_dashboard=False,
         logging_level="ERROR",
-        _system_config={"metrics_report_interval_ms": 1000},
+        _system_config={"metrics_report_interval_ms": METRICS_REPORT_INTERVAL_MS},
     )
 
 
@@ -147,8 +154,8 @@ def ray_local(s3_server: str) -> Iterator[None]:
     once per module, since each start costs seconds of a 2-core machine.
 
     Depends on ``s3_server`` so the workers it starts inherit the S3 test environment.
-    Processes report their metrics to Ray's metrics endpoint every second (not every 10 s),
-    so a test reads a metric soon after it is recorded.
+    Processes report their metrics to Ray's metrics endpoint every 5 s (not every 10 s), so
+    a test reads a metric seconds after it is recorded.
     """
     import ray
 

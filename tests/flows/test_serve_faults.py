@@ -202,7 +202,7 @@ def base_replica_actors() -> list[str]:
 def replica_calls(deployment: str) -> dict[str, float]:
     """Calls each replica of ``deployment`` has answered, by replica id (the end of its
     actor's name), from Serve's own per-replica counter on Ray's metrics endpoint (replicas
-    report every second: ray_local's metrics_report_interval_ms)."""
+    report every few seconds: tests/conftest.py's METRICS_REPORT_INTERVAL_MS)."""
     [node] = ray.nodes()
     url = f"http://127.0.0.1:{node['MetricsExportPort']}/metrics"
     with urllib.request.urlopen(url, timeout=30) as response:

@@ -39,6 +39,7 @@ from flows.serve import api_key_digests, app_builder, deployment_options
 from flows.serve.checks import InvalidInput, check_inputs
 from schemas.api import GenerateRequest, VideoRequest
 from schemas.config import ConfigError, DeploymentSettings, ServeConfig
+from tests.conftest import METRICS_REPORT_INTERVAL_MS
 from tests.flows.serve.conftest import (
     API_KEY,
     BLOCKED,
@@ -468,8 +469,9 @@ def test_stage_seconds_and_request_counts_reach_rays_metrics_endpoint(server):
             ),
         ]
 
-    # Replicas report their metrics every second (ray_local's metrics_report_interval_ms).
-    deadline = time.monotonic() + 20
+    # Replicas report their metrics every few seconds (METRICS_REPORT_INTERVAL_MS): a few
+    # reports' worth of time.
+    deadline = time.monotonic() + 4 * METRICS_REPORT_INTERVAL_MS / 1000 + 10
     while True:
         after = scrape_metrics()
         grown = [new > old for old, new in zip(counts(before), counts(after), strict=True)]
