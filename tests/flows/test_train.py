@@ -173,6 +173,9 @@ def uninterrupted(ray_local, tiny_bundles, prep_shards, tmp_path_factory) -> Pat
     return output
 
 
+# Its time includes the uninterrupted reference run (the module fixture): two training runs
+# and a restart, about two minutes here, so twice the usual limit.
+@pytest.mark.timeout(600)
 def test_killed_worker_restarts_from_its_checkpoint_with_the_uninterrupted_losses(
     ray_local, tiny_bundles, prep_shards, uninterrupted, tmp_path
 ):
