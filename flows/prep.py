@@ -340,9 +340,7 @@ def preflight(config: PrepConfig, storage: Storage) -> PrepConfig:
     return config
 
 
-# A quarter CPU: it starts beside the pipeline (see run_prep) and spends its time importing,
-# so a whole CPU held for it would hold back the pipeline's own stages.
-@ray.remote(num_cpus=0.25)
+@ray.remote
 def _bundle_facts(config: PrepConfig) -> tuple[bytes, dict[str, dict[str, Any]]]:
     """On a worker (it loads text encoders and reads VAE configs, never on the driver): the
     empty prompt's embeddings as safetensors and the VAEs' latent factors."""
@@ -367,9 +365,6 @@ def run_prep(config: PrepConfig) -> Manifest:
 
     # ---- the pipeline -------------------------------------------------------------------
     init_ray(config.ray)
-    # The manifest's bundle facts load text encoders on a worker: started now, that worker's
-    # imports overlap the pipeline instead of adding seconds after its last row.
-    facts = _bundle_facts.remote(config)
     totals: Counter[str] = Counter()
     if todo:
         ds = ray.data.from_items(todo)
@@ -412,7 +407,7 @@ def run_prep(config: PrepConfig) -> Manifest:
 
     # ---- manifest -------------------------------------------------------------------------
     manifest_uri = join(config.output, MANIFEST_NAME)
-    empty_prompt, vae = ray.get(facts)
+    empty_prompt, vae = ray.get(_bundle_facts.remote(config))
     storage.write_bytes(join(config.output, EMPTY_PROMPT_NAME), empty_prompt)
     manifest = build_manifest(config, storage, time.perf_counter() - started, totals, vae)
     storage.write_bytes(manifest_uri, manifest.model_dump_json(indent=2).encode())
