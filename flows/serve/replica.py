@@ -1,6 +1,6 @@
 """What every stage replica does first: find its bundle on local disk (downloading an
-``s3://`` one), its dtype, and its name in the graph. No model library here: each stage
-module imports only the ``actors/`` classes it runs, so a replica starts without the others'.
+``s3://`` one), its dtype, and its name in the graph. Neither diffusers nor transformers
+here: each stage module imports only the ``actors/`` classes it runs.
 """
 
 import torch
