@@ -25,6 +25,7 @@ import pytest
 
 from schemas.config import StorageConfig
 
+REPO = Path(__file__).parents[1]
 S3_REGION = "us-east-1"
 # Dummy values, distinctive so tests can assert they never show up in messages.
 S3_TEST_ENV = {
@@ -177,9 +178,6 @@ def no_ray(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     ray.shutdown()
     if was_running:
         _start_local_ray()
-
-
-REPO = Path(__file__).parents[1]
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,7 @@ import ray
 
 from cluster.ray_runtime import VERBOSE_ENV, init_ray
 from schemas.config import RayConfig
-
-REPO = Path(__file__).parents[2]
+from tests.conftest import REPO
 
 
 def _closed_port() -> int:

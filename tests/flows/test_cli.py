@@ -1,7 +1,6 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,8 +9,8 @@ from PIL import Image
 
 from actors.watermark import embed_watermark
 from flows.cli import build_parser, main
+from tests.conftest import REPO
 
-REPO = Path(__file__).parents[2]
 SUBCOMMANDS = [
     "models", "prep", "train", "distill", "serve", "generate", "watermark", "submit", "demo"
 ]  # fmt: skip

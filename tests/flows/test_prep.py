@@ -29,8 +29,8 @@ from flows.samples import build_broken_files, write_webdataset_tar
 from schemas.config import ConfigError, PrepConfig, load_config
 from schemas.errors import RaygenError
 from schemas.shards import MANIFEST_NAME, BucketKey, Manifest
+from tests.conftest import REPO
 
-REPO = Path(__file__).parents[2]
 pytestmark = pytest.mark.slow
 
 
