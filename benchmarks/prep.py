@@ -79,7 +79,7 @@ from cluster.ray_runtime import init_ray, shutdown_ray
 from cluster.storage import Storage
 from flows.models import build_tiny_bundles
 from flows.prep import preflight, run_prep
-from flows.samples import PHOTOS, build_sample_corpus, write_listing
+from flows.samples import PHOTOS, build_sample_corpus, photos_dir, write_listing
 from schemas.config import PrepConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -262,9 +262,9 @@ COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black
 
 
 def _photos() -> list[tuple[Image.Image, str]]:
-    import skimage
-
-    folder = Path(skimage.__file__).parent / "data"
+    folder = photos_dir()
+    if folder is None:
+        raise SystemExit("the benchmark's corpus needs scikit-image's photographs: ./dev setup")
     return [(Image.open(folder / name).convert("RGB"), caption) for name, caption in PHOTOS.items()]
 
 

@@ -43,7 +43,8 @@ WEBDATASET_SAMPLES = 3
 PDF_DATE = time.gmtime(1_704_067_200)  # 2024-01-01
 
 
-def _photos_dir() -> Path | None:
+def photos_dir() -> Path | None:
+    """scikit-image's sample photographs (found, not imported), or None where it is absent."""
     spec = importlib.util.find_spec("skimage")
     if spec is None or spec.origin is None:
         return None
@@ -51,7 +52,7 @@ def _photos_dir() -> Path | None:
 
 
 def _write_photos(out: Path) -> int:
-    source = _photos_dir()
+    source = photos_dir()
     if source is None:
         print("scikit-image is not installed: the sample corpus has no photographs")
         return 0
