@@ -11,6 +11,7 @@ import asyncio
 import os
 import shlex
 import sys
+import time
 import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,6 +41,10 @@ WORKING_DIR_EXCLUDES = [
 
 # Ray's Jobs client lets these override an explicit address; see `_client`.
 _ADDRESS_ENV_VARS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+# A head that has just started may not know its node's job agent yet: its Jobs API waits 10 s
+# for one, then answers 500 with this and asks to try again later. No job exists then.
+_NO_AGENT_YET = "No available agent to submit job"
+AGENT_WAIT_S = 60.0
 
 
 def project_requirements(pyproject: Path = REPO_ROOT / "pyproject.toml") -> list[str]:
@@ -98,11 +103,19 @@ def submit(
     if not argv:
         raise RaygenError("nothing to submit: give a raygen command, e.g. `prep --config ...`")
     client = _client(address)
-    submission_id = client.submit_job(
-        entrypoint=entrypoint(argv),
-        runtime_env=runtime_env(pip, env_vars),
-        submission_id=job_id,
-    )
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            submission_id = client.submit_job(
+                entrypoint=entrypoint(argv),
+                runtime_env=runtime_env(pip, env_vars),
+                submission_id=job_id,
+            )
+            break
+        except RuntimeError as err:
+            if _NO_AGENT_YET not in str(err) or time.monotonic() > deadline:
+                raise
+            _log("the cluster's job agent is not up yet (a head that just started): retrying")
     _log(f"submitted job {submission_id} to {client.get_address()}")
     if not wait:
         follow = f"ray job logs --follow --address {client.get_address()} {submission_id}"

@@ -44,6 +44,14 @@ def pytest_configure(config: pytest.Config) -> None:
     # noticed up to 2 s late in each of the suite's training runs. Set before any Ray starts
     # (the session's, or a CLI's in a subprocess), so every controller reads it.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    # Each run's worker group gets a PreemptionWatcher actor polling for node drains: one
+    # more process (~3 CPU-s to start) per run, and a single local node is never drained.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # A Ray Job's entrypoint runs `python` from the PATH its Ray started with: make it this
+    # interpreter (the session's Ray serves tests/cluster/test_jobs.py's jobs).
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    # Ray 2.60 turns token auth on for the dashboard when ~/.ray/auth_token exists.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def free_port() -> int:
@@ -137,13 +145,22 @@ def storage_config(s3_server: str, tmp_path: Path) -> StorageConfig:
 METRICS_REPORT_INTERVAL_MS = 5000
 
 
+# The session Ray's dashboard, which serves the Jobs API: one port for the session, so a Ray
+# started again after a `no_ray` test serves it at the same address.
+DASHBOARD_PORT = free_port()
+
+
 def _start_local_ray() -> None:
     import ray
 
     ray.init(
         address="local",  # never a test's $RAY_ADDRESS
         num_cpus=2,
-        include_dashboard=False,
+        # The Jobs API for test_jobs.py: jobs on the session's Ray cost a driver each, where
+        # a head of their own cost most of a minute to start on 2 cores.
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=DASHBOARD_PORT,
         logging_level="ERROR",
         _system_config={"metrics_report_interval_ms": METRICS_REPORT_INTERVAL_MS},
     )
@@ -163,6 +180,12 @@ def ray_local(s3_server: str) -> Iterator[None]:
     _start_local_ray()
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def jobs_api(ray_local: None) -> str:
+    """The URL of the session Ray's Jobs API (its dashboard)."""
+    return f"http://127.0.0.1:{DASHBOARD_PORT}"
 
 
 @pytest.fixture

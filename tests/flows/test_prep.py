@@ -252,7 +252,7 @@ def test_s3_in_and_out_match_local(local_run, bundles, corpus, s3_bucket, storag
 
 def _actor_classes() -> list[str]:
     """The Ray Data stages this Ray has started actors for (alive or done), read from the GCS
-    (the tests' Ray has no dashboard, so no State API)."""
+    (actors that ended are there too)."""
     from ray._private.state import actors
 
     # Ray Data names an actor "MapWorker(MapBatches(<stage>))".
