@@ -7,7 +7,10 @@ in-process patching of boto3 or pyarrow: the code under test talks HTTP to a ser
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -145,53 +148,118 @@ def storage_config(s3_server: str, tmp_path: Path) -> StorageConfig:
 METRICS_REPORT_INTERVAL_MS = 5000
 
 
-# The session Ray's dashboard, which serves the Jobs API: one port for the session, so a Ray
-# started again after a `no_ray` test serves it at the same address.
-DASHBOARD_PORT = free_port()
+@dataclass(frozen=True)
+class SessionRay:
+    address: str  # its GCS: what a driver connects to (ray.init, $RAY_ADDRESS)
+    jobs_api: str  # its dashboard, which serves the Jobs API
+    logs: Path  # its log files (workers' output among them)
 
 
-def _start_local_ray() -> None:
-    import ray
+def _die_with_pytest() -> None:
+    """In the child, before exec: SIGTERM when pytest's process ends, however it ends, so
+    that a killed test run leaves no Ray behind (`ray start --block` stops Ray on SIGTERM)."""
+    import ctypes
 
-    ray.init(
-        address="local",  # never a test's $RAY_ADDRESS
-        num_cpus=2,
-        # The Jobs API for test_jobs.py: jobs on the session's Ray cost a driver each, where
-        # a head of their own cost most of a minute to start on 2 cores.
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=DASHBOARD_PORT,
-        logging_level="ERROR",
-        _system_config={"metrics_report_interval_ms": METRICS_REPORT_INTERVAL_MS},
-    )
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _wait_for_jobs_api(url: str, head: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if head.poll() is not None:
+            raise RuntimeError(f"ray start exited with {head.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(f"{url}/api/jobs/", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"Ray's Jobs API at {url} did not answer within 120 s:\n{log.read_text()}")
 
 
 @pytest.fixture(scope="session")
-def ray_local(s3_server: str) -> Iterator[None]:
-    """A real local Ray for the whole session (2 CPUs, like the machine): started once, not
-    once per module, since each start costs seconds of a 2-core machine.
+def session_ray(s3_server: str) -> Iterator[SessionRay]:
+    """A real Ray head for the whole session (`ray start --head`, 2 CPUs like the machine),
+    which the tests' processes join as drivers: started once, not once per module, since each
+    start costs seconds of a 2-core machine, and a `no_ray` test only disconnects from it.
 
-    Depends on ``s3_server`` so the workers it starts inherit the S3 test environment.
-    Processes report their metrics to Ray's metrics endpoint every 5 s (not every 10 s), so
-    a test reads a metric seconds after it is recorded.
+    Ports of its own (the demo's Ray runs beside it with Ray's defaults); a dashboard, for
+    the Jobs API and the State API that Ray Train polls. Started after ``s3_server`` so its
+    workers inherit the S3 test environment. Processes report their metrics every 5 s (not
+    every 10 s), so a test reads a metric seconds after it is recorded.
     """
+    # Ray puts unix sockets under its temp dir; their paths must stay under ~107 bytes.
+    temp_dir = Path(f"/tmp/rg-{uuid.uuid4().hex[:8]}")
+    temp_dir.mkdir()
+    log = temp_dir / "ray-start.log"
+    port, dashboard_port = free_port(), free_port()
+    system_config = {"metrics_report_interval_ms": METRICS_REPORT_INTERVAL_MS}
+    command = [
+        str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+        "--disable-usage-stats", "--num-cpus=2", f"--temp-dir={temp_dir}",
+        f"--port={port}", "--node-ip-address=127.0.0.1",
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard_port}",
+        # Ray's fixed defaults, which the demo's Ray takes.
+        f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--system-config={json.dumps(system_config)}",
+    ]  # fmt: skip
+    with log.open("wb") as log_file:
+        head = subprocess.Popen(
+            command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_die_with_pytest,
+        )  # fmt: skip
+    session = SessionRay(
+        f"127.0.0.1:{port}",
+        f"http://127.0.0.1:{dashboard_port}",
+        temp_dir / "session_latest" / "logs",
+    )
+    try:
+        _wait_for_jobs_api(session.jobs_api, head, log)
+        yield session
+    finally:
+        head.terminate()
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        try:  # what `ray start` left in its process session (workers)
+            os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        head.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _connect(session: SessionRay) -> None:
     import ray
 
-    _start_local_ray()
+    ray.init(address=session.address, logging_level="ERROR")
+
+
+@pytest.fixture(scope="session")
+def ray_local(session_ray: SessionRay) -> Iterator[None]:
+    """This process connected to the session's Ray (see ``session_ray``)."""
+    import ray
+
+    _connect(session_ray)
     yield
     ray.shutdown()
 
 
 @pytest.fixture(scope="session")
-def jobs_api(ray_local: None) -> str:
+def jobs_api(ray_local: None, session_ray: SessionRay) -> str:
     """The URL of the session Ray's Jobs API (its dashboard)."""
-    return f"http://127.0.0.1:{DASHBOARD_PORT}"
+    return session_ray.jobs_api
 
 
 @pytest.fixture
-def no_ray(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """No Ray in this process during the test, and no $RAY_ADDRESS; the session's Ray, if it
-    was running, is started again afterwards for the tests that follow."""
+def no_ray(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[None]:
+    """No Ray in this process during the test, and no $RAY_ADDRESS; if this process was
+    connected to the session's Ray, it connects again afterwards for the tests that follow."""
     import ray
 
     was_running = ray.is_initialized()
@@ -200,7 +268,7 @@ def no_ray(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
     ray.shutdown()
     if was_running:
-        _start_local_ray()
+        _connect(request.getfixturevalue("session_ray"))
 
 
 @dataclass(frozen=True)

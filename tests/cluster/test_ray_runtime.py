@@ -6,17 +6,15 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 import ray
 
 from cluster.ray_runtime import VERBOSE_ENV, init_ray
 from schemas.config import RayConfig
-from tests.conftest import REPO
+from tests.conftest import REPO, SessionRay
 
 
 def _closed_port() -> int:
@@ -131,7 +129,9 @@ def _run_driver(mode: str, marker: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_quiet_console_keeps_worker_output_in_rays_logs_but_shows_errors(ray_local: None) -> None:
+def test_quiet_console_keeps_worker_output_in_rays_logs_but_shows_errors(
+    ray_local: None, session_ray: SessionRay
+) -> None:
     marker = uuid.uuid4().hex
     result = _run_driver("quiet", marker)
     console = result.stdout + result.stderr
@@ -143,7 +143,7 @@ def test_quiet_console_keeps_worker_output_in_rays_logs_but_shows_errors(ray_loc
     assert f"ValueError: a worker's error {marker}" in result.stderr
     assert ", in fail\n" in result.stderr  # the worker's frame
     # What the worker printed is in Ray's log files.
-    logs = Path(tempfile.gettempdir(), "ray").glob("session_*/logs/worker-*.out")
+    logs = session_ray.logs.glob("worker-*.out")
     assert any(marker in path.read_text(errors="replace") for path in logs)
 
 
