@@ -221,12 +221,10 @@ def session_ray(s3_server: str) -> Iterator[SessionRay]:
         _wait_for_jobs_api(session.jobs_api, head, log)
         yield session
     finally:
-        head.terminate()
+        # SIGKILL to its whole process session: SIGTERM makes `ray start --block` stop each
+        # process gracefully in turn (30 s and more after a full run), and a test run's Ray
+        # holds nothing to keep.
         try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        try:  # what `ray start` left in its process session (workers)
             os.killpg(head.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
