@@ -164,6 +164,17 @@ def _die_with_pytest() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
+def _kill_session(session_id: int) -> None:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getsid(int(entry.name)) == session_id:
+                os.kill(int(entry.name), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):  # gone already, or not ours
+            continue
+
+
 def _wait_for_jobs_api(url: str, head: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -221,13 +232,11 @@ def session_ray(s3_server: str) -> Iterator[SessionRay]:
         _wait_for_jobs_api(session.jobs_api, head, log)
         yield session
     finally:
-        # SIGKILL to its whole process session: SIGTERM makes `ray start --block` stop each
-        # process gracefully in turn (30 s and more after a full run), and a test run's Ray
-        # holds nothing to keep.
-        try:
-            os.killpg(head.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        # SIGKILL to every process of its session (Ray's workers each lead a process group
+        # of their own, so the head's group is not enough; one that missed its raylet's
+        # end lived on). SIGTERM had `ray start --block` stop each process gracefully in
+        # turn, 30 s and more after a full run, and a test run's Ray holds nothing to keep.
+        _kill_session(head.pid)
         head.wait()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
