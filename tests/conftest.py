@@ -63,6 +63,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _die_with_pytest() -> None:
+    """In the child, before exec: SIGTERM when pytest's process ends, however it ends, so
+    that a killed test run leaves no server or Ray behind (`ray start --block` stops Ray on
+    SIGTERM)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def _wait_until_answering(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -97,6 +107,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
             stdout=log_file,
             stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_pytest,
         )
     try:
         _wait_until_answering(endpoint, process, log)
@@ -153,15 +164,6 @@ class SessionRay:
     address: str  # its GCS: what a driver connects to (ray.init, $RAY_ADDRESS)
     jobs_api: str  # its dashboard, which serves the Jobs API
     logs: Path  # its log files (workers' output among them)
-
-
-def _die_with_pytest() -> None:
-    """In the child, before exec: SIGTERM when pytest's process ends, however it ends, so
-    that a killed test run leaves no Ray behind (`ray start --block` stops Ray on SIGTERM)."""
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _kill_session(session_id: int) -> None:
