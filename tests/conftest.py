@@ -73,19 +73,31 @@ def _die_with_pytest() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-def _wait_until_answering(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 30
+def _wait_until_answering(
+    url: str,
+    process: subprocess.Popen[bytes],
+    log: Path,
+    what: str,
+    timeout_s: float,
+    any_status: bool = True,
+) -> None:
+    """Until ``url`` answers (with 200 unless ``any_status``); fails with ``log`` if
+    ``process`` exits first or the time runs out."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"moto server exited with {process.returncode}:\n{log.read_text()}")
+            raise RuntimeError(f"{what} exited with {process.returncode}:\n{log.read_text()}")
         try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if any_status or response.status == 200:
+                    return
         except urllib.error.HTTPError:
-            return  # any HTTP answer means it is serving
+            if any_status:
+                return  # any HTTP answer means it is serving
         except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"moto server at {url} did not answer within 30 s:\n{log.read_text()}")
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} at {url} did not answer within {timeout_s:g} s:\n{log.read_text()}")
 
 
 @pytest.fixture(scope="session")
@@ -110,7 +122,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             preexec_fn=_die_with_pytest,
         )
     try:
-        _wait_until_answering(endpoint, process, log)
+        _wait_until_answering(endpoint, process, log, "moto server", timeout_s=30)
         yield endpoint
     finally:
         process.terminate()
@@ -177,21 +189,6 @@ def _kill_session(session_id: int) -> None:
             continue
 
 
-def _wait_for_jobs_api(url: str, head: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if head.poll() is not None:
-            raise RuntimeError(f"ray start exited with {head.returncode}:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(f"{url}/api/jobs/", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"Ray's Jobs API at {url} did not answer within 120 s:\n{log.read_text()}")
-
-
 @pytest.fixture(scope="session")
 def session_ray(s3_server: str) -> Iterator[SessionRay]:
     """A real Ray head for the whole session (`ray start --head`, 2 CPUs like the machine),
@@ -231,7 +228,9 @@ def session_ray(s3_server: str) -> Iterator[SessionRay]:
         temp_dir / "session_latest" / "logs",
     )
     try:
-        _wait_for_jobs_api(session.jobs_api, head, log)
+        _wait_until_answering(
+            f"{session.jobs_api}/api/jobs/", head, log, "Ray's Jobs API", 120, any_status=False
+        )
         yield session
     finally:
         # SIGKILL to every process of its session (Ray's workers each lead a process group
