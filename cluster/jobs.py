@@ -103,14 +103,11 @@ def submit(
     if not argv:
         raise RaygenError("nothing to submit: give a raygen command, e.g. `prep --config ...`")
     client = _client(address)
+    job = {"entrypoint": entrypoint(argv), "runtime_env": runtime_env(pip, env_vars)}
     deadline = time.monotonic() + AGENT_WAIT_S
     while True:
         try:
-            submission_id = client.submit_job(
-                entrypoint=entrypoint(argv),
-                runtime_env=runtime_env(pip, env_vars),
-                submission_id=job_id,
-            )
+            submission_id = client.submit_job(**job, submission_id=job_id)
             break
         except RuntimeError as err:
             if _NO_AGENT_YET not in str(err) or time.monotonic() > deadline:

@@ -258,12 +258,6 @@ def ray_local(session_ray: SessionRay) -> Iterator[None]:
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
-def jobs_api(ray_local: None, session_ray: SessionRay) -> str:
-    """The URL of the session Ray's Jobs API (its dashboard)."""
-    return session_ray.jobs_api
-
-
 @pytest.fixture
 def no_ray(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[None]:
     """No Ray in this process during the test, and no $RAY_ADDRESS; if this process was
@@ -318,7 +312,7 @@ def _demo_in_the_background(request: pytest.FixtureRequest) -> None:
 
 # Fixtures that start Ray (or run a job that does): a test that uses one is slow, so
 # `-m "not slow"` runs without starting Ray at all.
-_RAY_FIXTURES = {"ray_local", "no_ray", "demo_run", "tiny_bundles", "prep_shards"}
+_RAY_FIXTURES = {"session_ray", "ray_local", "no_ray", "demo_run", "tiny_bundles", "prep_shards"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -14,6 +14,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 
 from actors.watermark import embed_watermark
 from cluster.jobs import entrypoint, runtime_env, submit
+from tests.conftest import SessionRay
 
 
 def test_entrypoint_quotes_arguments() -> None:
@@ -45,7 +46,7 @@ def test_submit_without_an_address_is_a_user_error(monkeypatch: pytest.MonkeyPat
 
 @pytest.mark.slow
 def test_successful_command_streams_logs_and_returns_0(
-    jobs_api: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    session_ray: SessionRay, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # A command that loads no model library: what is under test is the job, not the command.
     image = tmp_path / "marked.png"
@@ -54,7 +55,7 @@ def test_successful_command_streams_logs_and_returns_0(
     job_id = f"raygen-test-ok-{uuid.uuid4().hex[:8]}"
 
     argv = ["watermark", "detect", str(image)]
-    code = submit(argv, address=jobs_api, job_id=job_id)
+    code = submit(argv, address=session_ray.jobs_api, job_id=job_id)
 
     captured = capsys.readouterr()
     assert code == 0, captured.out + captured.err
@@ -67,33 +68,35 @@ def test_successful_command_streams_logs_and_returns_0(
 
 @pytest.mark.slow
 def test_failing_command_returns_its_exit_code(
-    jobs_api: str, capsys: pytest.CaptureFixture[str]
+    session_ray: SessionRay, capsys: pytest.CaptureFixture[str]
 ) -> None:
     job_id = f"raygen-test-fail-{uuid.uuid4().hex[:8]}"
 
-    code = submit(["prep", "--config", "/nonexistent.yaml"], address=jobs_api, job_id=job_id)
+    code = submit(
+        ["prep", "--config", "/nonexistent.yaml"], address=session_ray.jobs_api, job_id=job_id
+    )
 
     captured = capsys.readouterr()
     assert code != 0
-    assert code == JobSubmissionClient(jobs_api).get_job_info(job_id).driver_exit_code
+    assert code == JobSubmissionClient(session_ray.jobs_api).get_job_info(job_id).driver_exit_code
     assert "/nonexistent.yaml" in captured.out  # the CLI's error, streamed from the job
     assert f"job {job_id} FAILED" in captured.err
 
 
 @pytest.mark.slow
 def test_no_wait_prints_the_job_id_and_explicit_address_wins_over_env(
-    jobs_api: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    session_ray: SessionRay, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Ray's client would otherwise replace the explicit address with this dead one.
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:1")
     job_id = f"raygen-test-nowait-{uuid.uuid4().hex[:8]}"
 
-    assert submit(["--help"], address=jobs_api, wait=False, job_id=job_id) == 0
+    assert submit(["--help"], address=session_ray.jobs_api, wait=False, job_id=job_id) == 0
 
     err = capsys.readouterr().err
     assert job_id in err and "ray job logs --follow" in err
     monkeypatch.delenv("RAY_ADDRESS")
-    client = JobSubmissionClient(jobs_api)
+    client = JobSubmissionClient(session_ray.jobs_api)
     deadline = time.monotonic() + 60
     while not client.get_job_status(job_id).is_terminal() and time.monotonic() < deadline:
         time.sleep(0.5)
