@@ -92,9 +92,12 @@ def write_frames(path: Path, frames: np.ndarray, fps: int) -> None:
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        # One encoder thread: x264's threaded output can vary with scheduling, and the same
-        # seed must give the same bytes.
+        # The same seed must give the same bytes. x264 varies with thread scheduling, and,
+        # even on one thread, its macroblock-tree lookahead varied run to run here on small
+        # frames (32-96 px: 2-3 different outputs in 25 encodes of the same frames; none
+        # without it; the CI flake of test_same_seed_same_corpus).
         stream.codec_context.thread_count = 1
+        stream.options = {"x264-params": "mbtree=0"}
         for frame in frames:  # (H, W, 3)
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
