@@ -31,6 +31,7 @@ EPILOG = """\
 examples:
   raygen demo                                  build tiny bundles + a sample corpus, generate
   raygen models tiny --out ./raygen-data/bundles
+  raygen data shapes --out ./shapes --count 2000
   raygen prep --input s3://corpus/raw --output s3://corpus/shards --bundle s3://models/sd3
   raygen prep --config configs/prep.yaml --set caption.resources.concurrency=2
   raygen submit --address http://head:8265 -- prep --config configs/prep.yaml
@@ -90,6 +91,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--only", metavar="NAMES", help="comma-separated subset, e.g. t2i,t2v (default: all)"
     )
     tiny.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
+
+    data = commands.add_parser("data", help="write built-in corpora")
+    data_commands = data.add_subparsers(dest="data_command", metavar="CORPUS", required=True)
+    shapes = data_commands.add_parser(
+        "shapes",
+        help="a synthetic corpus of coloured shapes at places, captioned exactly",
+        description="Write images of one coloured shape at one place on a plain background, "
+        "each with its exact caption ('a red circle on the left'), and optionally videos of "
+        "a moving shape ('a blue square moving up'), plus shapes.json listing the files and "
+        "the held-out (color, shape, place) triples no image shows. The media go to "
+        "DIR/train, which `raygen prep --input` reads like any corpus.",
+    )
+    shapes.add_argument("--out", required=True, metavar="DIR", help="folder to write into")
+    shapes.add_argument("--count", type=int, default=1000, metavar="N", help="images (%(default)s)")
+    shapes.add_argument("--size", type=int, default=64, metavar="PX", help="side (%(default)s)")
+    shapes.add_argument("--videos", type=int, default=0, metavar="M", help="videos (%(default)s)")
+    shapes.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
 
     prep = commands.add_parser(
         "prep",
@@ -219,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # Also after the command (`raygen demo -v`, `./dev demo -v`); SUPPRESS keeps a -v given
     # before it.
-    for command in [*commands.choices.values(), tiny, detect]:
+    for command in [*commands.choices.values(), tiny, shapes, detect]:
         command.add_argument(
             "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP
         )
@@ -254,6 +272,24 @@ def _run_models(args: argparse.Namespace) -> int:
     written = build_tiny_bundles(args.out, names=names, seed=args.seed)
     for name, path in written.items():
         print(f"{name}\t{path}")
+    return 0
+
+
+def _run_data(args: argparse.Namespace) -> int:
+    from flows.shapes import MEDIA_DIR, build_shapes_corpus
+    from schemas.shapes import CORPUS_FILE
+
+    try:
+        corpus = build_shapes_corpus(
+            args.out, count=args.count, size=args.size, videos=args.videos, seed=args.seed
+        )
+    except ValueError as err:
+        raise RaygenError(str(err)) from None
+    print(
+        f"{len(corpus.images)} images and {len(corpus.videos)} videos of {corpus.size}x"
+        f"{corpus.size} -> {os.path.join(args.out, MEDIA_DIR)}; {len(corpus.held_out)} "
+        f"held-out prompts in {os.path.join(args.out, CORPUS_FILE)}"
+    )
     return 0
 
 
@@ -395,6 +431,7 @@ FLOW_HANDLERS: dict[str, Callable[[Any], int]] = {
 
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "models": _run_models,
+    "data": _run_data,
     "generate": _run_generate,
     "watermark": _run_watermark,
     "submit": _run_submit,

@@ -12,7 +12,8 @@ from flows.cli import build_parser, main
 from tests.conftest import REPO
 
 SUBCOMMANDS = [
-    "models", "prep", "train", "distill", "serve", "generate", "watermark", "submit", "demo"
+    "models", "data", "prep", "train", "distill", "serve", "generate", "watermark", "submit",
+    "demo",
 ]  # fmt: skip
 
 
@@ -24,7 +25,7 @@ def test_every_subcommand_is_registered():
 
 @pytest.mark.parametrize(
     "command",
-    [[], *[[name] for name in SUBCOMMANDS], ["models", "tiny"], ["watermark", "detect"]],
+    [[], *[[name] for name in SUBCOMMANDS], ["models", "tiny"], ["data", "shapes"], ["watermark", "detect"]],
 )
 def test_help_is_useful(command, capsys):
     with pytest.raises(SystemExit) as exit_:
