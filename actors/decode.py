@@ -295,6 +295,20 @@ def _quarantined(quarantine: Quarantine) -> dict[str, Any]:
     }
 
 
+def decoded_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """MediaDecoder's rows -> the decoded images alone, ``pixels`` (N, H, W, 3) uint8, for a
+    consumer of pixels (the autoencoder's training): quarantined inputs and video clips are
+    left out. One bucket's rows, so one shape."""
+    images = [
+        frames[0]  # (H, W, 3)
+        for frames, status in zip(batch["pixels"], batch["status"], strict=True)
+        if status == "ok" and len(frames) == 1
+    ]
+    if not images:
+        return {"pixels": np.zeros((0, 1, 1, 3), dtype=np.uint8)}
+    return {"pixels": np.stack(images)}
+
+
 def _columns(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     """The columns MediaDecoder makes (DECODE_COLUMNS), from its rows."""
     columns = {name: object_column([row[name] for row in rows]) for name in DECODE_COLUMNS}

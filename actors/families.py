@@ -142,6 +142,13 @@ class ScaleShift:
             latents = latents + factors["shift_factor"]
         return latents
 
+    def fit(self, latents: torch.Tensor, factors: Config) -> dict[str, Any]:
+        """Factors that bring ``latents`` (B, C, ...) of a VAE to zero mean and unit variance,
+        as SD3's were measured: one scalar each. A VAE without a shift keeps none."""
+        shift = float(latents.mean()) if factors["shift_factor"] is not None else None
+        spread = latents - shift if shift is not None else latents
+        return {"scaling_factor": 1.0 / float(spread.std()), "shift_factor": shift}
+
 
 @dataclass(frozen=True)
 class ChannelStats:
@@ -247,6 +254,13 @@ class Family:
             )
         except KeyError:
             return self._multiples(*(component_config(bundle, n, storage) for n in components))
+
+    def fit_latent_factors(self, latents: torch.Tensor, vae_config: Config) -> dict[str, Any]:
+        """The VAE config entries that normalise ``latents`` (B, C, ...), the VAE's own on
+        data: what a bundle with a newly trained VAE records."""
+        if not hasattr(self.latents, "fit"):
+            raise FamilyError(f"{self.name}: fitting its latent statistics is not supported")
+        return self.latents.fit(latents, vae_config)
 
     def latent_factors(self, vae_config: Config) -> dict[str, Any]:
         """What ``normalize`` needs of the VAE's config; prep records it in the manifest."""

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from schemas.config import (
+    AutoencoderConfig,
     Config,
     DistillConfig,
     PrepConfig,
@@ -129,6 +130,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output", metavar="URI", help="run folder: checkpoints, metrics, bundle")
     train.add_argument("--bundle", metavar="URI", help="bundle to fine-tune")
     train.add_argument(
+        "--resume", action="store_true", default=None, help="continue the latest checkpoint"
+    )
+
+    vae = commands.add_parser(
+        "vae",
+        help="train a bundle's autoencoder (AutoencoderKL) on a corpus with Ray Train",
+        description="Train or fine-tune the bundle's VAE on the images of a corpus (read and "
+        "decoded as prep does), and write the bundle with it, its scaling_factor and "
+        "shift_factor measured on the corpus.",
+    )
+    _add_config_args(vae)
+    vae.add_argument("--data", metavar="URI", help="corpus: folder, s3:// prefix or listing")
+    vae.add_argument("--output", metavar="URI", help="run folder: checkpoints, metrics, bundle")
+    vae.add_argument("--bundle", metavar="URI", help="bundle whose VAE to train")
+    vae.add_argument(
         "--resume", action="store_true", default=None, help="continue the latest checkpoint"
     )
 
@@ -257,6 +273,10 @@ FLOW_FLAGS: dict[str, tuple[type[Config], dict[str, str]]] = {
         TrainConfig,
         {"data": "data", "output": "output", "bundle": "bundle.uri", "resume": "resume"},
     ),
+    "vae": (
+        AutoencoderConfig,
+        {"data": "data", "output": "output", "bundle": "bundle.uri", "resume": "resume"},
+    ),
     "distill": (
         DistillConfig,
         {"teacher": "teacher.uri", "data": "data", "output": "output", "resume": "resume"},
@@ -304,6 +324,13 @@ def _run_train(config: TrainConfig) -> int:
     from flows.train import run_train
 
     run_train(config)
+    return 0
+
+
+def _run_vae(config: AutoencoderConfig) -> int:
+    from flows.autoencoder import run_autoencoder
+
+    run_autoencoder(config)
     return 0
 
 
@@ -425,6 +452,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 FLOW_HANDLERS: dict[str, Callable[[Any], int]] = {
     "prep": _run_prep,
     "train": _run_train,
+    "vae": _run_vae,
     "distill": _run_distill,
     "serve": _run_serve,
 }

@@ -21,7 +21,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from actors.families import family_of
-from flows.train import RunPlan, RunResult, run_loop
+from flows.train import RunPlan, RunResult, plan_shards, run_loop
 from schemas.config import ConfigError, DistillConfig
 
 # Written next to the student bundle: how to sample it. Guidance is folded into the student,
@@ -343,7 +343,8 @@ def run_distill(config: DistillConfig) -> RunResult:
             f"num_teacher_steps: {config.num_teacher_steps} is below student_steps "
             f"{config.student_steps}: the student learns to jump over teacher steps"
         )
-    result = run_loop(config, config.teacher.uri, distillation, "distill", media=("image",))
+    plan = plan_shards(config, config.teacher.uri, "distill", media=("image",))
+    result = run_loop(config, plan, distillation, "distill")
     print(
         f"[raygen distill] {result.steps} steps; student bundle ({config.student_steps} steps, "
         f"guidance folded in): {result.bundle}",

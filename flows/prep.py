@@ -230,7 +230,7 @@ def _map(ds: ray.data.Dataset, path: str, stage: str, resources: StageResources,
     )
 
 
-def _map_tasks(
+def map_tasks(
     ds: ray.data.Dataset, cls: type, stage: str, resources: StageResources, **kwargs: Any
 ):
     return ds.map_batches(
@@ -370,10 +370,10 @@ def run_prep(config: PrepConfig) -> Manifest:
         ds = ray.data.from_items(todo)
         # Stages without a model are tasks (Ray Data fuses fetch and decode into one), so
         # only the model stages start actor processes.
-        ds = _map_tasks(ds, FetchMedia, "fetch", config.decode.resources,
-                        config=config.decode, storage=config.storage)
-        ds = _map_tasks(ds, MediaDecoder, "decode", config.decode.resources,
-                        config=config.decode, bucket_config=config.buckets)
+        ds = map_tasks(ds, FetchMedia, "fetch", config.decode.resources,
+                       config=config.decode, storage=config.storage)
+        ds = map_tasks(ds, MediaDecoder, "decode", config.decode.resources,
+                       config=config.decode, bucket_config=config.buckets)
         if ledger.sample_ids:
             done = [ray.put(ledger.sample_ids)]
             ds = ds.map_batches(SkipWritten, fn_constructor_kwargs={"done": done},

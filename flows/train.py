@@ -101,6 +101,89 @@ class RunPlan:
     def family(self) -> Family:
         return FAMILIES[self.pipeline_class]
 
+    # The data side of the loop. A plan says what its rows are and how they reach a worker;
+    # flows/autoencoder.py's PixelPlan is the other kind (decoded pixels of a corpus).
+
+    def describe(self) -> str:
+        return f"{self.media} {self.transformer_class}, buckets " + ", ".join(
+            f"{b.name} ({b.num_rows} rows)" for b in self.buckets.values()
+        )
+
+    @property
+    def streams_data(self) -> bool:
+        """Whether Ray Data reads rows while the workers train (held buckets need no reads)."""
+        return not all(bucket.in_memory for bucket in self.buckets.values())
+
+    def datasets(self, storage: Storage) -> dict[str, ray.data.Dataset]:
+        return bucket_datasets(self.buckets, storage)
+
+    def open_stream(self, config: LoopConfig, rank: int, num_workers: int) -> BucketStream:
+        """This worker's batches (called in a Ray Train worker): small buckets read here,
+        once, before the first step's clock starts; large ones streamed."""
+        storage = Storage(config.storage)
+        held = {
+            name: read_worker_rows(bucket, storage, rank, num_workers)
+            for name, bucket in self.buckets.items()
+            if bucket.in_memory
+        }
+        streams = {
+            name: ray.train.get_dataset_shard(name)
+            for name, bucket in self.buckets.items()
+            if not bucket.in_memory
+        }
+        return BucketStream(
+            self.buckets, streams, held, self.batch_per_worker, config.seed,
+            config.shuffle_buffer, rank=rank,
+        )  # fmt: skip
+
+    def model_inputs(
+        self,
+        arrays: dict[str, np.ndarray],
+        config: LoopConfig,
+        generator: torch.Generator,
+        device: torch.device,
+    ) -> dict[str, torch.Tensor]:
+        return _to_model_inputs(arrays, self, config.caption, generator, device)
+
+    def sample_grid(
+        self,
+        objective: Objective,
+        weights: dict[str, torch.Tensor],
+        config: LoopConfig,
+        device: torch.device,
+    ) -> bytes:
+        return sample_grid(objective, self, weights, config, device)
+
+
+class DataPlan(Protocol):
+    """What the loop asks of a plan (RunPlan: prep shards; flows/autoencoder.py: pixels)."""
+
+    media: str
+    bundle_uri: str
+    bundle_dir: str
+    batch_per_worker: int
+
+    def describe(self) -> str: ...
+
+    @property
+    def streams_data(self) -> bool: ...
+
+    def datasets(self, storage: Storage) -> dict[str, ray.data.Dataset]: ...
+
+    def open_stream(self, config: LoopConfig, rank: int, num_workers: int) -> Iterator[Any]: ...
+
+    def model_inputs(
+        self,
+        arrays: dict[str, np.ndarray],
+        config: LoopConfig,
+        generator: torch.Generator,
+        device: torch.device,
+    ) -> dict[str, torch.Tensor]: ...
+
+    def sample_grid(
+        self, objective: Any, weights: dict[str, torch.Tensor], config: LoopConfig, device: Any
+    ) -> bytes: ...
+
 
 def plan_run(config: LoopConfig, bundle_uri: str, storage: Storage) -> RunPlan:
     manifest_uri = join(config.data, MANIFEST_NAME)
@@ -451,7 +534,7 @@ def train_loop(args: dict[str, Any]) -> None:
     reference to the plan and the objective's class."""
     config: LoopConfig = args["config_cls"].model_validate(args["config"])
     run = ray.get(args["run"])
-    plan: RunPlan = run["plan"]
+    plan: DataPlan = run["plan"]
     if is_s3(plan.bundle_uri):
         # The driver's download cache may be on another node: fetch (once per node) here.
         bundle_dir = resolve_bundle(plan.bundle_uri, Storage(config.storage))
@@ -484,23 +567,7 @@ def train_loop(args: dict[str, Any]) -> None:
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     )
 
-    # Small buckets read here, once, before the first step's clock starts.
-    num_workers = ray.train.get_context().get_world_size()
-    storage = Storage(config.storage)
-    held = {
-        name: read_worker_rows(bucket, storage, rank, num_workers)
-        for name, bucket in plan.buckets.items()
-        if bucket.in_memory
-    }
-    streams = {
-        name: ray.train.get_dataset_shard(name)
-        for name, bucket in plan.buckets.items()
-        if not bucket.in_memory
-    }
-    stream = BucketStream(
-        plan.buckets, streams, held, plan.batch_per_worker, config.seed, config.shuffle_buffer,
-        rank=rank,
-    )  # fmt: skip
+    stream = plan.open_stream(config, rank, ray.train.get_context().get_world_size())
     step = 0
     # Metric records not yet sent to the driver, and when the last report went.
     records: list[dict[str, Any]] = []
@@ -543,7 +610,7 @@ def train_loop(args: dict[str, Any]) -> None:
             generator = torch.Generator(device).manual_seed(
                 hash((config.seed, rank, step, micro)) % 2**63
             )
-            batch = _to_model_inputs(arrays, plan, config.caption, generator, device)
+            batch = plan.model_inputs(arrays, config, generator, device)
             sync = micro == config.gradient_accumulation_steps - 1
             with _no_grad_sync(model, sync):
                 with autocast:
@@ -594,7 +661,7 @@ def train_loop(args: dict[str, Any]) -> None:
         if config.sample_every and step % config.sample_every == 0:
             weights = _ema_weights(model, ema)
             if rank == 0:
-                grid = sample_grid(objective, plan, weights, config, device)
+                grid = plan.sample_grid(objective, weights, config, device)
                 Storage(config.storage).write_bytes(
                     join(config.output, "samples", f"step-{step:07d}.png"), grid
                 )
@@ -770,15 +837,11 @@ def _fit(trainer: ray.train.torch.TorchTrainer) -> ray.train.Result:
             signal.signal(signal.SIGINT, handler)
 
 
-def run_loop(
-    config: LoopConfig,
-    bundle_uri: str,
-    objective: Callable[..., Objective],
-    label: str,
-    media: tuple[str, ...] = ("image", "video"),
-) -> RunResult:
-    """Plan, start the Ray Train run, and wait for it: the part training and distillation share.
-    ``media``: what the objective can train (a bundle of another kind is a config error)."""
+def plan_shards(
+    config: LoopConfig, bundle_uri: str, label: str, media: tuple[str, ...] = ("image", "video")
+) -> RunPlan:
+    """``plan_run`` for an objective that trains ``media`` (a bundle of another kind is a
+    config error naming it)."""
     storage = Storage(config.storage)
     storage.check(config.output)
     plan = plan_run(config, bundle_uri, storage)
@@ -787,6 +850,16 @@ def run_loop(
             f"{'teacher' if label == 'distill' else 'bundle'}: {bundle_uri} is a "
             f"{plan.transformer_class} ({plan.media}); {label} takes {' or '.join(media)} models"
         )
+    return plan
+
+
+def run_loop(
+    config: LoopConfig, plan: DataPlan, objective: Callable[..., Objective], label: str
+) -> RunResult:
+    """Start the Ray Train run of ``plan`` and wait for it: what training, distillation and
+    the autoencoder share."""
+    storage = Storage(config.storage)
+    storage.check(config.output)
     run_state = join(config.output, RUN_NAME, "checkpoint_manager_snapshot.json")
     if storage.exists(run_state) and not config.resume:
         raise TrainingError(
@@ -801,14 +874,12 @@ def run_loop(
         history = [json.loads(line) for line in text.splitlines() if line.strip()]
 
     init_ray(config.ray)
-    if not all(bucket.in_memory for bucket in plan.buckets.values()):
+    if plan.streams_data:
         _check_cpus_for_reads(config)  # held buckets are read by the workers themselves
     fs, root = storage.filesystem(config.output)
     print(
-        f"[raygen {label}] {plan.media} {plan.transformer_class} from {bundle_uri}: "
-        f"{config.num_workers} workers x {plan.batch_per_worker} x "
-        f"{config.gradient_accumulation_steps} accumulation, buckets "
-        + ", ".join(f"{b.name} ({b.num_rows} rows)" for b in plan.buckets.values()),
+        f"[raygen {label}] {plan.describe()} from {plan.bundle_uri}: {config.num_workers} "
+        f"workers x {plan.batch_per_worker} x {config.gradient_accumulation_steps} accumulation",
         flush=True,
     )
     console = DriverConsole()
@@ -841,7 +912,7 @@ def run_loop(
             checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoints_to_keep),
             callbacks=[MetricsLog(config.output, storage, config.max_steps, history, console)],
         ),
-        datasets=bucket_datasets(plan.buckets, storage),
+        datasets=plan.datasets(storage),
     )
     with console.shown():
         result = _fit(trainer)
@@ -879,6 +950,7 @@ def _check_cpus_for_reads(config: LoopConfig) -> None:
 
 
 def run_train(config: TrainConfig) -> RunResult:
-    result = run_loop(config, config.bundle.uri, RectifiedFlow, "train")
+    plan = plan_shards(config, config.bundle.uri, "train")
+    result = run_loop(config, plan, RectifiedFlow, "train")
     print(f"[raygen train] {result.steps} steps; bundle: {result.bundle}", flush=True)
     return result

@@ -301,6 +301,40 @@ class DistillConfig(LoopConfig):
     sample_guidance_scale: float = Field(default=1.0, ge=0)
 
 
+class AutoencoderConfig(LoopConfig):
+    """`raygen vae`: a corpus in, the bundle with its autoencoder (AutoencoderKL) trained out.
+
+    The corpus is read like prep's input and decoded by prep's own stages, square images of
+    ``resolution`` pixels, streamed to the workers by Ray Data. The output bundle is the
+    source bundle with the new VAE, whose ``scaling_factor`` and ``shift_factor`` are
+    recomputed from its latents on ``statistics_rows`` images of the corpus (as SD3's were)."""
+
+    data: str = Field(
+        default=f"{DEFAULT_DATA_ROOT}/corpus",
+        description="a corpus: folder, s3:// prefix or listing, as `raygen prep --input` takes",
+    )
+    output: str = Field(default=f"{DEFAULT_DATA_ROOT}/runs/vae")
+    bundle: ModelRef = Field(default_factory=lambda: _bundle("t2i"))
+    init: Literal["bundle", "scratch"] = "bundle"
+    vae_config: dict[str, Any] = Field(
+        default_factory=dict, description="scratch only: overrides of the bundle's VAE config"
+    )
+    resolution: int = Field(default=64, ge=8, description="side of the square training images")
+    kl_weight: float = Field(default=1e-6, ge=0, description="KL term against reconstruction")
+    statistics_rows: int = Field(
+        default=64, ge=2, description="images whose latents set scaling_factor / shift_factor"
+    )
+    # Decoding small images is milliseconds a batch; larger batches than prep's default cut
+    # Ray Data's per-task cost (2000 64 px images: 4.5-9 s at 64 a batch).
+    decode: DecodeConfig = Field(
+        default_factory=lambda: DecodeConfig(resources=StageResources(batch_size=64))
+    )
+    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(learning_rate=1e-3))
+    # Small corpora are decoded once and held in Ray's object store instead of re-decoded
+    # every epoch: at most this many bytes of pixels (estimated from the inputs).
+    in_memory_bucket_bytes: int = Field(default=512 * 2**20, ge=0)
+
+
 class AutoscalingConfig(Config):
     """Ray Serve autoscaling of one stage: replicas follow the requests in flight per replica.
 
