@@ -23,6 +23,9 @@ from cluster.storage import ObjectInfo, Storage, is_s3, join, local_path
 from schemas.errors import RaygenError
 
 WEIGHT_SUFFIX = ".safetensors"
+# Beside a bundle raygen distilled: how to sample it ({"num_inference_steps", "guidance_scale"}).
+# Guidance is folded into a student, so a pipeline must not apply it again.
+SAMPLING_FILE = "raygen_sampling.json"
 UNSAFE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 

@@ -19,6 +19,7 @@ from schemas.config import (
     AutoencoderConfig,
     Config,
     DistillConfig,
+    EvaluateConfig,
     PrepConfig,
     ServeConfig,
     TrainConfig,
@@ -161,6 +162,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", default=None, help="continue the latest checkpoint"
     )
 
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="score how well a bundle follows prompts (detector, CLIP score): a report",
+        description="Generate images for prompts x seeds from a bundle on Ray Data, score "
+        "them (prompt following read from pixels for shapes prompts, CLIP score) and write "
+        "eval.json, report.md and grid.png.",
+    )
+    _add_config_args(evaluate)
+    evaluate.add_argument("--bundle", metavar="URI", help="bundle to evaluate")
+    evaluate.add_argument(
+        "--prompts", metavar="FILE", help="one prompt a line (default: shapes held-out set)"
+    )
+    evaluate.add_argument("--seeds", type=int, metavar="N", help="images per prompt")
+    evaluate.add_argument("--output", metavar="URI", help="where the report goes")
+
     serve = commands.add_parser(
         "serve",
         help="serve the multi-stage generation graph on Ray Serve",
@@ -281,6 +297,10 @@ FLOW_FLAGS: dict[str, tuple[type[Config], dict[str, str]]] = {
         DistillConfig,
         {"teacher": "teacher.uri", "data": "data", "output": "output", "resume": "resume"},
     ),
+    "evaluate": (
+        EvaluateConfig,
+        {"bundle": "bundle.uri", "prompts": "prompts", "seeds": "seeds", "output": "output"},
+    ),
     "serve": (ServeConfig, {"bundle": "bundle.uri"}),
 }
 
@@ -338,6 +358,13 @@ def _run_distill(config: DistillConfig) -> int:
     from flows.distill import run_distill
 
     run_distill(config)
+    return 0
+
+
+def _run_evaluate(config: EvaluateConfig) -> int:
+    from flows.evaluate import run_evaluate
+
+    run_evaluate(config)
     return 0
 
 
@@ -454,6 +481,7 @@ FLOW_HANDLERS: dict[str, Callable[[Any], int]] = {
     "train": _run_train,
     "vae": _run_vae,
     "distill": _run_distill,
+    "evaluate": _run_evaluate,
     "serve": _run_serve,
 }
 

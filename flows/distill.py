@@ -21,12 +21,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from actors.families import family_of
+from cluster.bundles import SAMPLING_FILE
 from flows.train import RunPlan, RunResult, plan_shards, run_loop
 from schemas.config import ConfigError, DistillConfig
-
-# Written next to the student bundle: how to sample it. Guidance is folded into the student,
-# so the pipeline must not apply classifier-free guidance again.
-SAMPLING_FILE = "raygen_sampling.json"
 
 
 class LatentConsistencyDistillation:

@@ -335,6 +335,52 @@ class AutoencoderConfig(LoopConfig):
     in_memory_bucket_bytes: int = Field(default=512 * 2**20, ge=0)
 
 
+EVAL_METRICS = ("prompt_following", "clip_score")
+
+
+class EvaluateConfig(Config):
+    """`raygen evaluate`: prompts x seeds -> images from a bundle -> scores and a report.
+
+    Prompt following is read from pixels by the shapes detector (actors/shape_detector.py),
+    GenEval-style, for prompts of the shapes domain; CLIP score is torchmetrics' CLIPScore
+    with the ``clip`` bundle's model. Settings left None take the bundle's own: a distilled
+    bundle's raygen_sampling.json, else the pipeline's defaults."""
+
+    bundle: ModelRef = Field(default_factory=lambda: _bundle("t2i"))
+    prompts: str | None = Field(
+        default=None,
+        description="a text file of prompts, one a line; default: the shapes held-out prompts",
+    )
+    seeds: int = Field(default=4, ge=1, description="images per prompt, seeds 0 .. seeds-1")
+    height: int = Field(default=64, ge=8)
+    width: int = Field(default=64, ge=8)
+    num_inference_steps: int | None = Field(default=None, ge=1)
+    guidance_scale: float | None = Field(default=None, ge=0)
+    max_sequence_length: int = Field(default=77, ge=1, description="T5 tokens per prompt")
+    metrics: list[str] = Field(default_factory=lambda: list(EVAL_METRICS))
+    clip: ModelRef | None = Field(
+        default_factory=lambda: _bundle("scorer"),
+        description="a CLIP model folder (transformers) for clip_score",
+    )
+    output: str = Field(default=f"{DEFAULT_DATA_ROOT}/eval")
+    generate: StageResources = Field(
+        default_factory=lambda: StageResources(batch_size=8, num_cpus=1.0),
+        description="the actors holding the pipeline",
+    )
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, metrics: list[str]) -> list[str]:
+        unknown = [name for name in metrics if name not in EVAL_METRICS]
+        if unknown:
+            raise ValueError(f"unknown metric {unknown[0]!r}; known: {', '.join(EVAL_METRICS)}")
+        if not metrics:
+            raise ValueError(f"no metric; known: {', '.join(EVAL_METRICS)}")
+        return metrics
+
+
 class AutoscalingConfig(Config):
     """Ray Serve autoscaling of one stage: replicas follow the requests in flight per replica.
 

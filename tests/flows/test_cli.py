@@ -12,8 +12,8 @@ from flows.cli import build_parser, main
 from tests.conftest import REPO
 
 SUBCOMMANDS = [
-    "models", "data", "prep", "train", "vae", "distill", "serve", "generate", "watermark",
-    "submit", "demo",
+    "models", "data", "prep", "train", "vae", "distill", "evaluate", "serve", "generate",
+    "watermark", "submit", "demo",
 ]  # fmt: skip
 
 

@@ -11,11 +11,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from safetensors.torch import load_file
 
 from benchmarks.train import run_distill_benchmark
-from flows.distill import (
-    SAMPLING_FILE,
-    LatentConsistencyDistillation,
-    run_distill,
-)
+from cluster.bundles import SAMPLING_FILE
+from flows.distill import LatentConsistencyDistillation, run_distill
 from flows.models import CAPTION_WORDS, build_tiny_bundles
 from schemas.config import ConfigError, DistillConfig, load_config
 

@@ -1,0 +1,161 @@
+"""`raygen evaluate`'s two Ray Data stages: images from a bundle for (prompt, seed) rows, and
+their scores.
+
+- ``BundleImages`` holds the bundle's own diffusers pipeline and generates a batch of rows in
+  one call, each row with a generator seeded by its own seed, so an image depends on its
+  (prompt, seed, settings) alone, as it does through `raygen serve` or plain diffusers.
+- ``ImageScores`` reads each image back: the shapes detector's verdict against the prompt
+  (when the prompt is a shapes caption) and the CLIP score (torchmetrics' ``CLIPScore``,
+  100 x max(cosine, 0) of the CLIP image and text embeddings).
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import json
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from actors.loaders import load_model, load_pipeline, load_processor
+from actors.shape_detector import detect_image
+from cluster.bundles import SAMPLING_FILE, resolve_bundle
+from cluster.storage import Storage
+from schemas.config import ModelRef, StorageConfig
+from schemas.shapes import ShapeCaption
+
+
+def png(pixels: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 -> PNG bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def sampling_settings(
+    bundle_dir: Any, num_inference_steps: int | None, guidance_scale: float | None
+) -> dict[str, Any]:
+    """The pipeline arguments a bundle is sampled with: the given ones, else those a distilled
+    bundle records (raygen_sampling.json), else none (the pipeline's defaults)."""
+    path = bundle_dir / SAMPLING_FILE
+    recorded = json.loads(path.read_text()) if path.exists() else {}
+    given = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
+    return {**recorded, **{key: value for key, value in given.items() if value is not None}}
+
+
+class BundleImages:
+    """Ray Data stage: rows with ``prompt`` and ``seed`` -> ``image`` (PNG bytes) added."""
+
+    def __init__(
+        self,
+        bundle: ModelRef,
+        storage: StorageConfig,
+        height: int,
+        width: int,
+        num_inference_steps: int | None,
+        guidance_scale: float | None,
+        max_sequence_length: int,
+    ) -> None:
+        self.pipe = load_pipeline(bundle, storage)
+        self.pipe.set_progress_bar_config(disable=True)
+        bundle_dir = resolve_bundle(bundle.uri, Storage(storage))
+        self.settings = {
+            "height": height,
+            "width": width,
+            **sampling_settings(bundle_dir, num_inference_steps, guidance_scale),
+        }
+        if "max_sequence_length" in inspect.signature(self.pipe.__call__).parameters:
+            self.settings["max_sequence_length"] = max_sequence_length
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        device = self.pipe.device
+        generators = [torch.Generator(device).manual_seed(int(seed)) for seed in batch["seed"]]
+        images = self.pipe(
+            prompt=[str(prompt) for prompt in batch["prompt"]],
+            generator=generators,
+            output_type="np",
+            **self.settings,
+        ).images  # (B, H, W, 3) float in [0, 1]
+        pixels = (np.asarray(images) * 255).round().astype(np.uint8)
+        return {**batch, "image": np.array([png(p) for p in pixels], dtype=object)}
+
+
+class CLIPFeatures(torch.nn.Module):
+    """A CLIPModel whose ``get_image_features`` / ``get_text_features`` return the projected
+    embeddings as tensors, as torchmetrics' CLIPScore (1.9) takes them: transformers 5 returns
+    them as an output object's ``pooler_output``, which CLIPScore does not unpack."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    @staticmethod
+    def _tensor(output: Any) -> torch.Tensor:
+        return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self._tensor(self.model.get_image_features(pixel_values=pixel_values))
+
+    def get_text_features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        features = self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+        return self._tensor(features)
+
+
+def clip_model_and_processor(clip: ModelRef, storage: StorageConfig | None = None) -> tuple:
+    """What CLIPScore's ``model_name_or_path`` loader returns for a local (or s3://) CLIP
+    folder: CLIPScore itself loads only the hub names it knows."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    model = CLIPFeatures(load_model(clip, CLIPModel, storage))
+    return model, load_processor(clip, CLIPProcessor, storage)
+
+
+class ImageScores:
+    """Ray Data stage: rows with ``prompt`` and ``image`` -> per-image scores added:
+    ``color``, ``shape``, ``place``, ``direction`` (True/False where the prompt names one, else
+    None) with what the detector saw (``seen_*``), and ``clip_score`` (NaN without a model)."""
+
+    CATEGORIES = ("color", "shape", "place", "direction")
+
+    def __init__(self, clip: ModelRef | None, storage: StorageConfig) -> None:
+        self.clip = None
+        if clip is not None:
+            from torchmetrics.multimodal.clip_score import CLIPScore
+
+            self.clip = CLIPScore(
+                model_name_or_path=lambda: clip_model_and_processor(clip, storage)
+            )
+
+    def clip_score(self, pixels: np.ndarray, prompt: str) -> float:
+        """One image's CLIP score: what CLIPScore over this image alone computes."""
+        assert self.clip is not None
+        self.clip.reset()
+        self.clip.update(torch.tensor(pixels).permute(2, 0, 1)[None], [prompt])  # (1, 3, H, W)
+        return float(self.clip.compute())
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        columns: dict[str, list[Any]] = {name: [] for name in self.CATEGORIES}
+        columns |= {f"seen_{name}": [] for name in self.CATEGORIES}
+        columns["clip_score"] = []
+        for prompt, data in zip(batch["prompt"], batch["image"], strict=True):
+            pixels = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))  # (H, W, 3)
+            caption = ShapeCaption.parse(str(prompt))
+            video = caption is not None and caption.direction is not None
+            detection = detect_image(pixels)
+            for name in self.CATEGORIES:
+                seen = getattr(detection, name)
+                columns[f"seen_{name}"].append(seen)
+                wanted = None if caption is None or video else caption.value(name)
+                columns[name].append(None if wanted is None else seen == wanted)
+            with torch.no_grad():
+                score = self.clip_score(pixels, str(prompt)) if self.clip else float("nan")
+            columns["clip_score"].append(score)
+        return {
+            **batch,
+            **{name: np.array(values, dtype=object) for name, values in columns.items()},
+        }
