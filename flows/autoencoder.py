@@ -41,7 +41,7 @@ from flows.train import RunResult, TrainingError, run_loop
 from flows.train_log import png_bytes
 from schemas.config import AutoencoderConfig, BucketConfig, ConfigError, LoopConfig, PrepConfig
 
-PIXELS = "pixels"  # the dataset's one column: (R, R, 3) uint8 images (decode_images)
+PIXELS = "pixels"  # the dataset's one column: (R, R, 3) uint8 images (decoded_images)
 
 
 def _prep_view(config: AutoencoderConfig, step: int) -> PrepConfig:
