@@ -3,8 +3,10 @@ from pathlib import Path
 import pytest
 
 from schemas.config import (
+    AutoencoderConfig,
     ConfigError,
     DistillConfig,
+    EvaluateConfig,
     PrepConfig,
     ServeConfig,
     TrainConfig,
@@ -14,7 +16,14 @@ from schemas.config import (
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 # configs/<name>*.yaml -> the config model it must parse as.
-MODELS = {"prep": PrepConfig, "train": TrainConfig, "distill": DistillConfig, "serve": ServeConfig}
+MODELS = {
+    "prep": PrepConfig,
+    "train": TrainConfig,
+    "vae": AutoencoderConfig,
+    "distill": DistillConfig,
+    "evaluate": EvaluateConfig,
+    "serve": ServeConfig,
+}
 
 
 def _example_configs() -> list[Path]:
