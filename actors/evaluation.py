@@ -11,9 +11,11 @@ their scores.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import io
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,9 +25,21 @@ from PIL import Image
 from actors.loaders import load_model, load_pipeline, load_processor
 from actors.shape_detector import detect_image
 from cluster.bundles import SAMPLING_FILE, resolve_bundle
-from cluster.storage import Storage
-from schemas.config import ModelRef, StorageConfig
+from cluster.storage import Storage, is_s3
+from schemas.config import FidConfig, ModelRef, StorageConfig
 from schemas.shapes import ShapeCaption
+
+
+def resolve_model_file(uri: str, storage: Storage) -> Path:
+    """A single weights file, local or s3:// (downloaded once into the storage cache)."""
+    if not is_s3(uri):
+        return Path(uri)
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    target = Path(storage.config.cache_dir).expanduser() / "files" / digest / uri.rsplit("/", 1)[1]
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        storage.download_file(uri, target)
+    return target
 
 
 def png(pixels: np.ndarray) -> bytes:
@@ -159,3 +173,41 @@ class ImageScores:
             **batch,
             **{name: np.array(values, dtype=object) for name, values in columns.items()},
         }
+
+
+def fid_skip_reason(config: FidConfig) -> str | None:
+    """Why FID cannot be computed with ``config`` (never by downloading weights), or None."""
+    if config.reference is None:
+        return "no fid.reference images configured"
+    if config.feature_extractor is None and config.inception is None:
+        return (
+            "no fid.feature_extractor (TorchScript) or fid.inception weights file configured; "
+            "weights are never downloaded"
+        )
+    if config.feature_extractor is None:
+        import importlib.util
+
+        if importlib.util.find_spec("torch_fidelity") is None:
+            return "fid.inception needs torch-fidelity's Inception-v3 (pip install torch-fidelity)"
+    return None
+
+
+def frechet_distance(
+    generated: np.ndarray, reference: np.ndarray, config: FidConfig, storage: StorageConfig | None
+) -> float:
+    """torchmetrics' FrechetInceptionDistance between ``reference`` (real) and ``generated``
+    (fake) images, each (N, H, W, 3) uint8, with the features ``config`` names."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    if config.feature_extractor is not None:
+        path = resolve_model_file(config.feature_extractor, Storage(storage))
+        fid = FrechetInceptionDistance(feature=torch.jit.load(str(path)).eval())
+    else:
+        path = resolve_model_file(config.inception, Storage(storage))
+        fid = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(path))
+    with torch.no_grad():
+        for images, real in ((reference, True), (generated, False)):
+            for start in range(0, len(images), 64):
+                chunk = torch.tensor(images[start : start + 64]).permute(0, 3, 1, 2)  # (B, 3, H, W)
+                fid.update(chunk, real=real)
+        return float(fid.compute())

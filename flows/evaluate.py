@@ -9,6 +9,9 @@ a column per seed), with the images under ``images/``; local or ``s3://``.
 Prompt following, GenEval-style: per category (color, shape, place), the share of images
 whose prompt names it where the detector sees what the prompt says; ``all`` is the share
 right in every category. Prompts outside the shapes domain count for the CLIP score only.
+FID (torchmetrics) compares the generated images with ``fid.reference`` images, decoded by
+prep's stages to the same size, in a Ray task; without a reference or local feature
+weights it is skipped with its reason.
 """
 
 from __future__ import annotations
@@ -23,10 +26,13 @@ import numpy as np
 import ray
 from PIL import Image
 
-from actors.evaluation import BundleImages, ImageScores
+from actors.decode import MediaDecoder, decoded_images
+from actors.evaluation import BundleImages, ImageScores, fid_skip_reason, frechet_distance
+from actors.sources import FetchMedia, list_inputs
 from cluster.ray_runtime import init_ray
 from cluster.storage import Storage, join
-from schemas.config import ConfigError, EvaluateConfig
+from schemas.config import BucketConfig, ConfigError, EvaluateConfig, PrepConfig
+from schemas.errors import RaygenError
 from schemas.shapes import HELD_OUT
 
 CATEGORIES = ("color", "shape", "place")
@@ -58,6 +64,40 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     if clip:
         metrics["clip_score"] = {"mean": float(np.mean(clip)), "images": len(clip)}
     return metrics
+
+
+def reference_items(config: EvaluateConfig, storage: Storage) -> tuple[PrepConfig, list[dict]]:
+    """The reference images' inputs, read as prep reads its input, decoded (in the FID task)
+    to the generated images' square size."""
+    assert config.fid.reference is not None
+    prep = PrepConfig(
+        input=config.fid.reference,
+        buckets=BucketConfig(resolution=config.height, step=config.height, max_aspect=1.0),
+        storage=config.storage,
+    )
+    try:
+        items = list_inputs(prep, storage)
+    except RaygenError as err:  # a missing or empty folder, named by list_inputs
+        raise ConfigError(f"fid.reference: {err}") from None
+    return prep, items[: config.fid.max_reference_images]
+
+
+@ray.remote(num_cpus=1)
+def fid_score(
+    generated: list[bytes], prep: PrepConfig, items: list[dict], config: EvaluateConfig
+) -> float:
+    """FID of the generated PNGs against the decoded reference images (a task: the driver
+    imports no model)."""
+    batch = {key: np.array([item[key] for item in items], dtype=object) for key in items[0]}
+    decoded = MediaDecoder(prep.decode, prep.buckets)(FetchMedia(prep.decode, prep.storage)(batch))
+    reference = decoded_images(decoded)["pixels"]  # (M, H, W, 3)
+    if len(reference) < 2:
+        raise ConfigError(
+            f"fid.reference: {config.fid.reference} has {len(reference)} decodable images; "
+            f"FID needs at least 2"
+        )
+    fake = np.stack([np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) for data in generated])
+    return frechet_distance(fake, reference, config.fid, config.storage)
 
 
 def grid_png(rows: list[dict[str, Any]], prompts: list[str], seeds: int) -> bytes:
@@ -93,6 +133,13 @@ def report_markdown(config: EvaluateConfig, metrics: dict[str, Any], prompts: li
     if "clip_score" in metrics:
         clip = metrics["clip_score"]
         lines.append(f"| CLIP score | {clip['mean']:.2f} | {clip['images']} |")
+    fid = metrics.get("fid")
+    if fid and "value" in fid:
+        lines.append(
+            f"| FID ({fid['reference']} reference) | {fid['value']:.2f} | {fid['images']} |"
+        )
+    elif fid:
+        lines.append(f"| FID | skipped: {fid['skipped']} | |")
     shown = min(len(prompts), GRID_PROMPTS)
     lines += [
         "",
@@ -110,6 +157,9 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
     storage.check(config.output)
     prompts = read_prompts(config, storage)
     clip = config.clip if "clip_score" in config.metrics else None
+    fid_skipped = fid_skip_reason(config.fid) if "fid" in config.metrics else None
+    if "fid" in config.metrics and fid_skipped is None:
+        reference = reference_items(config, storage)  # a bad folder fails here, before any work
     rows = [
         {"index": i * config.seeds + seed, "prompt": prompt, "seed": seed}
         for i, prompt in enumerate(prompts)
@@ -155,6 +205,13 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
         for row in scored:
             row.update(dict.fromkeys(CATEGORIES))
     metrics = summarize(scored)
+    if "fid" in config.metrics:
+        if fid_skipped is not None:
+            metrics["fid"] = {"skipped": fid_skipped}
+        else:
+            images = [row["image"] for row in scored]
+            value = ray.get(fid_score.remote(images, *reference, config))
+            metrics["fid"] = {"value": value, "images": len(images), "reference": len(reference[1])}
     images = []
     for row in scored:
         name = f"images/{row['index']:04d}-seed{row['seed']}.png"
@@ -191,6 +248,11 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
     )
     storage.write_bytes(join(config.output, "eval.json"), json.dumps(result, indent=1).encode())
     for name, value in metrics.items():
-        print(f"evaluate: {name}: " + ", ".join(f"{k} {v:.3g}" for k, v in value.items()))
+        print(
+            f"evaluate: {name}: "
+            + ", ".join(
+                f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items()
+            )
+        )
     print(f"evaluate: report -> {join(config.output, 'report.md')}", flush=True)
     return result

@@ -335,7 +335,22 @@ class AutoencoderConfig(LoopConfig):
     in_memory_bucket_bytes: int = Field(default=512 * 2**20, ge=0)
 
 
-EVAL_METRICS = ("prompt_following", "clip_score")
+EVAL_METRICS = ("prompt_following", "clip_score", "fid")
+
+
+class FidConfig(Config):
+    """FID against reference images, with torchmetrics' FrechetInceptionDistance. Its features
+    come from ``feature_extractor`` (a TorchScript file: uint8 images (N, 3, H, W) -> (N, D)
+    features) or else from Inception-v3 with torch-fidelity's weights at ``inception``
+    (pt_inception-2015-12-05-6726825d.pth; needs `pip install torch-fidelity`). Weights are
+    never downloaded: with neither, or no ``reference``, FID is skipped with its reason."""
+
+    reference: str | None = Field(
+        default=None, description="reference images: a folder, s3:// prefix or listing"
+    )
+    inception: str | None = Field(default=None, description="local Inception-v3 weights file")
+    feature_extractor: str | None = Field(default=None, description="TorchScript file")
+    max_reference_images: int = Field(default=10_000, ge=2)
 
 
 class EvaluateConfig(Config):
@@ -362,6 +377,7 @@ class EvaluateConfig(Config):
         default_factory=lambda: _bundle("scorer"),
         description="a CLIP model folder (transformers) for clip_score",
     )
+    fid: FidConfig = Field(default_factory=FidConfig)
     output: str = Field(default=f"{DEFAULT_DATA_ROOT}/eval")
     generate: StageResources = Field(
         default_factory=lambda: StageResources(batch_size=8, num_cpus=1.0),

@@ -13,9 +13,9 @@ from torchmetrics.multimodal.clip_score import CLIPScore
 
 from actors.evaluation import ImageScores, clip_model_and_processor, png
 from cluster.storage import Storage
-from flows.evaluate import read_prompts, run_evaluate, summarize
+from flows.evaluate import read_prompts, reference_items, run_evaluate, summarize
 from flows.models import build_tiny_bundles
-from flows.shapes import shape_image
+from flows.shapes import MEDIA_DIR, build_shapes_corpus, shape_image
 from schemas.config import ConfigError, EvaluateConfig, ModelRef, load_config
 from schemas.shapes import HELD_OUT
 
@@ -68,13 +68,18 @@ def test_prompt_and_metric_mistakes_are_named(tmp_path):
         config = load_config(EvaluateConfig, values={"prompts": str(tmp_path / name)})
         with pytest.raises(ConfigError, match=f"^prompts: .*{message}"):
             read_prompts(config, storage)
-    with pytest.raises(ConfigError, match="unknown metric 'fid2'; known: prompt_following"):
+    (tmp_path / "no-images").mkdir()
+    config = load_config(EvaluateConfig, values={"fid.reference": str(tmp_path / "no-images")})
+    with pytest.raises(ConfigError, match="^fid.reference: input .*no-images: no files found"):
+        reference_items(config, storage)
+    with pytest.raises(ConfigError, match="unknown metric .fid2.; known: prompt_following, clip"):
         load_config(EvaluateConfig, values={"metrics": ["prompt_following", "fid2"]})
 
 
 @pytest.mark.slow
-def test_evaluate_a_bundle_on_ray_data(ray_local, tiny_bundles, tmp_path):
+def test_evaluate_a_bundle_on_ray_data(ray_local, tiny_bundles, feature_extractor, tmp_path):
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    build_shapes_corpus(tmp_path / "reference", count=8, size=32, seed=3)
     output = tmp_path / "eval"
     config = load_config(
         EvaluateConfig,
@@ -88,6 +93,8 @@ def test_evaluate_a_bundle_on_ray_data(ray_local, tiny_bundles, tmp_path):
             "num_inference_steps": 2,
             "max_sequence_length": 16,
             "generate.batch_size": 4,
+            "fid.reference": str(tmp_path / "reference" / MEDIA_DIR),
+            "fid.feature_extractor": feature_extractor,
         },
     )
     result = run_evaluate(config.model_copy(update={"output": str(output)}))
@@ -95,6 +102,8 @@ def test_evaluate_a_bundle_on_ray_data(ray_local, tiny_bundles, tmp_path):
     assert saved["metrics"] == result["metrics"]
     assert saved["metrics"]["prompt_following"]["images"] == 4  # two shapes prompts x 2 seeds
     assert saved["metrics"]["clip_score"]["images"] == 6
+    fid = saved["metrics"]["fid"]
+    assert (fid["images"], fid["reference"]) == (6, 8) and np.isfinite(fid["value"])
     assert "| CLIP score |" in (output / "report.md").read_text()
     assert Image.open(output / "grid.png").size == (2 * 32, 3 * 32)
 
@@ -107,3 +116,51 @@ def test_evaluate_a_bundle_on_ray_data(ray_local, tiny_bundles, tmp_path):
         ).images[0]  # fmt: skip
         got = np.asarray(Image.open(output / image["file"])).astype(np.int16)
         assert np.abs(got - (expected * 255).round()).max() <= 1, image["file"]
+
+
+class TinyFeatures(torch.nn.Module):
+    """A small real feature extractor (seeded conv net): uint8 (N, 3, H, W) -> (N, 16)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 16, kernel_size=5, stride=2)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.conv(images.float() / 255.0)
+        return torch.tanh(x).mean(dim=(2, 3))
+
+
+@pytest.fixture(scope="module")
+def feature_extractor(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("fid") / "features.pt"
+    torch.jit.script(TinyFeatures()).save(str(path))
+    return str(path)
+
+
+def _renderings(seed: int, count: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    captions = (list(HELD_OUT) * count)[:count]
+    return np.stack([np.asarray(shape_image(c, 32, rng)) for c in captions])  # (N, H, W, 3)
+
+
+def test_fid_is_torchmetrics_fid_and_zero_for_a_set_against_itself(feature_extractor):
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from actors.evaluation import fid_skip_reason, frechet_distance
+    from schemas.config import FidConfig
+
+    config = FidConfig(reference="unused", feature_extractor=feature_extractor)
+    assert fid_skip_reason(config) is None
+    a, b = _renderings(0, 40), _renderings(1, 40)
+    noise = np.random.default_rng(2).integers(0, 256, size=a.shape, dtype=np.uint8)
+    assert abs(frechet_distance(a, a, config, None)) < 1e-3
+    direct = FrechetInceptionDistance(feature=torch.jit.load(feature_extractor))
+    direct.update(torch.tensor(a).permute(0, 3, 1, 2), real=True)
+    direct.update(torch.tensor(b).permute(0, 3, 1, 2), real=False)
+    same_domain = frechet_distance(b, a, config, None)
+    assert same_domain == pytest.approx(float(direct.compute()), rel=1e-5)
+    assert frechet_distance(noise, a, config, None) > 10 * same_domain
+    # Without a reference or local weights: skipped, with the reason.
+    assert "no fid.reference" in fid_skip_reason(FidConfig(feature_extractor=feature_extractor))
+    assert "never downloaded" in fid_skip_reason(FidConfig(reference="x"))
