@@ -37,7 +37,7 @@ from actors.sources import FetchMedia, list_inputs
 from cluster.bundles import resolve_bundle
 from cluster.storage import Storage, join
 from flows.prep import map_tasks
-from flows.train import RunResult, TrainingError, run_loop
+from flows.train import RunResult, StatelessObjective, TrainingError, run_loop
 from flows.train_log import png_bytes
 from schemas.config import AutoencoderConfig, BucketConfig, ConfigError, LoopConfig, PrepConfig
 
@@ -116,7 +116,6 @@ class PixelPlan:
     bundle_dir: str
     pipeline_class: str
     resolution: int
-    latent_step: int  # the VAE's downscale: image sides are multiples of it
     batch_per_worker: int
     held: bool  # decoded once and held in Ray's object store
     samples: dict[str, np.ndarray]  # PIXELS: (N, R, R, 3) uint8, the first decodable inputs
@@ -243,7 +242,6 @@ def plan_pixels(config: AutoencoderConfig, storage: Storage) -> PixelPlan:
         bundle_dir=str(bundle_dir.resolve()),
         pipeline_class=family.class_name,
         resolution=config.resolution,
-        latent_step=step,
         batch_per_worker=config.batch_size // world,
         held=len(items) * config.resolution**2 * 3 <= config.in_memory_bucket_bytes,
         samples={PIXELS: samples},
@@ -277,7 +275,7 @@ def vae_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key.removeprefix("vae."): value for key, value in state_dict.items()}
 
 
-class AutoencoderTraining:
+class AutoencoderTraining(StatelessObjective):
     """The objective: reconstruction MSE + ``kl_weight`` x the posterior's KL (summed over
     latent elements, as diffusers' ``DiagonalGaussianDistribution.kl`` gives it)."""
 
@@ -298,15 +296,6 @@ class AutoencoderTraining:
         mse = torch.nn.functional.mse_loss(reconstruction.float(), pixels.float())
         loss = mse + self.config.kl_weight * kl.mean()
         return loss, {"reconstruction_mse": mse.item(), "kl": kl.mean().item()}
-
-    def after_optimizer_step(self, model: torch.nn.Module) -> None:
-        pass
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
     def _vae(self, state_dict: dict[str, torch.Tensor]) -> AutoencoderKL:
         vae = AutoencoderKL.from_config(self.model.vae.config)

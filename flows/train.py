@@ -319,7 +319,21 @@ class Objective(Protocol):
     def export(self, state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> None: ...
 
 
-class RectifiedFlow:
+class StatelessObjective:
+    """The Objective methods of an objective with no state of its own beyond the model and
+    nothing to do after an optimizer step (distillation's target network is the other kind)."""
+
+    def after_optimizer_step(self, model: torch.nn.Module) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class RectifiedFlow(StatelessObjective):
     """SD3's training objective (Esser et al. 2024, "Scaling Rectified Flow Transformers").
 
     x_sigma = (1 - sigma) x0 + sigma noise, the model predicts the velocity noise - x0;
@@ -380,15 +394,6 @@ class RectifiedFlow:
         )[0]
         loss = torch.nn.functional.mse_loss(prediction.float(), (noise - latents).float())
         return loss, {"sigma_mean": sigmas.mean().item()}
-
-    def after_optimizer_step(self, model: torch.nn.Module) -> None:
-        pass
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
     def export(self, state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> None:
         export_bundle(self.plan.bundle_dir, self.model, state_dict, out_dir)
