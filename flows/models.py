@@ -104,6 +104,7 @@ CAPTION_WORDS: tuple[str, ...] = tuple(
         canvas watercolor pencil digital anime cartoon vintage modern futuristic robot castle
         tower church temple market shop restaurant cafe lights neon reflection shadow background
         foreground center top bottom left right side front back against together alone empty full
+        circle square triangle shape moving up down
         """.split()
     )
 )
@@ -122,20 +123,33 @@ def build_tiny_bundles(
     unknown = [name for name in names if name not in _BUILDERS]
     if unknown:
         raise ValueError(f"unknown tiny bundle name(s) {unknown}; known: {list(TINY_BUNDLES)}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    bundles: dict[str, Path] = {}
-    for name in names:
-        bundle_dir = out_dir / name
-        with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=out_dir) as staging:
-            staged = Path(staging) / name
-            _BUILDERS[name](staged, seed)
-            if bundle_dir.exists():
-                # Move the old bundle into staging so the context manager deletes it.
-                bundle_dir.rename(Path(staging) / "replaced")
-            staged.rename(bundle_dir)
-        bundles[name] = bundle_dir
-    return bundles
+    return {name: _write_bundle(Path(out_dir) / name, _BUILDERS[name], seed) for name in names}
+
+
+def build_short_context_t2i(out: str | Path, clip_positions: int, seed: int = 0) -> Path:
+    """The tiny t2i bundle with CLIP tokenizers and text encoders of ``clip_positions``
+    positions instead of 77: for a domain of short captions (the shapes corpus) every
+    transformer step attends over ``clip_positions`` + T5 tokens of text, not 77 + T5.
+    StableDiffusion3Pipeline pads CLIP to its tokenizer's ``model_max_length``."""
+
+    def build(staged: Path, seed: int) -> None:
+        pipe = _sd3_pipeline(seed, transformer_seed=seed, clip_positions=clip_positions)
+        pipe.save_pretrained(staged, safe_serialization=True)
+
+    return _write_bundle(Path(out), build, seed)
+
+
+def _write_bundle(bundle_dir: Path, builder: Callable[[Path, int], None], seed: int) -> Path:
+    """Build in a staging folder next to ``bundle_dir``, then rename into place."""
+    bundle_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{bundle_dir.name}-", dir=bundle_dir.parent) as tmp:
+        staged = Path(tmp) / bundle_dir.name
+        builder(staged, seed)
+        if bundle_dir.exists():
+            # Move the old bundle into staging so the context manager deletes it.
+            bundle_dir.rename(Path(tmp) / "replaced")
+        staged.rename(bundle_dir)
+    return bundle_dir
 
 
 # ---------------------------------------------------------------------------------------
@@ -409,8 +423,10 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def _sd3_pipeline(seed: int, transformer_seed: int) -> StableDiffusion3Pipeline:
-    clip_tokenizer = _clip_tokenizer()
+def _sd3_pipeline(
+    seed: int, transformer_seed: int, clip_positions: int = 77
+) -> StableDiffusion3Pipeline:
+    clip_tokenizer = _clip_tokenizer(clip_positions)
     t5_tokenizer = _t5_tokenizer(model_max_length=512)
     # Two CLIP encoders of different widths (like SD3's CLIP-L 768 and CLIP-G 1280) so code
     # that mixes them up fails on shapes.
@@ -506,15 +522,15 @@ def _clip_text_config(
     )
 
 
-def _clip_tokenizer() -> CLIPTokenizer:
-    """CLIP's byte-level BPE: vocab laid out as CLIP's (bytes, bytes + "</w>", merges, specials)."""
+def _clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
+    """CLIP's byte-level BPE: vocab laid out as CLIP's (bytes, bytes + "</w>", merges, specials).
+    77 positions by default, as every CLIP text encoder the pipelines pad to."""
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     merges = _bpe_merges()
     tokens = alphabet + [symbol + "</w>" for symbol in alphabet] + [a + b for a, b in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
-    # 77 positions, as every CLIP text encoder the pipelines pad to.
-    return CLIPTokenizer(vocab=vocab, merges=list(merges), model_max_length=77)
+    return CLIPTokenizer(vocab=vocab, merges=list(merges), model_max_length=model_max_length)
 
 
 @cache
