@@ -1,9 +1,11 @@
-"""`raygen evaluate`'s two Ray Data stages: images from a bundle for (prompt, seed) rows, and
-their scores.
+"""`raygen evaluate`'s Ray Data stages: images for (prompt, seed) rows, from a bundle or from a
+running server, and their scores.
 
 - ``BundleImages`` holds the bundle's own diffusers pipeline and generates a batch of rows in
   one call, each row with a generator seeded by its own seed, so an image depends on its
   (prompt, seed, settings) alone, as it does through `raygen serve` or plain diffusers.
+- ``ServerImages`` asks a running `raygen serve` for the same rows (``POST /v1/generate``,
+  one request per row, its seed given), so a served model is scored as users receive it.
 - ``ImageScores`` reads each image back: the shapes detector's verdict against the prompt
   (when the prompt is a shapes caption) and the CLIP score (torchmetrics' ``CLIPScore``,
   100 x max(cosine, 0) of the CLIP image and text embeddings).
@@ -11,6 +13,7 @@ their scores.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import inspect
 import io
@@ -26,6 +29,8 @@ from actors.loaders import load_model, load_pipeline, load_processor
 from actors.shape_detector import detect_image
 from cluster.bundles import SAMPLING_FILE, resolve_bundle
 from cluster.storage import Storage, is_s3
+from flows.client import generate_image
+from schemas.api import GenerateRequest
 from schemas.config import FidConfig, ModelRef, StorageConfig
 from schemas.shapes import ShapeCaption
 
@@ -95,6 +100,37 @@ class BundleImages:
         ).images  # (B, H, W, 3) float in [0, 1]
         pixels = (np.asarray(images) * 255).round().astype(np.uint8)
         return {**batch, "image": np.array([png(p) for p in pixels], dtype=object)}
+
+
+class ServerImages:
+    """Ray Data stage: rows with ``prompt`` and ``seed`` -> ``image`` (the served PNG)."""
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None,
+        height: int,
+        width: int,
+        num_inference_steps: int | None,
+        guidance_scale: float | None,
+        timeout_s: float,
+    ) -> None:
+        self.url, self.api_key, self.timeout_s = url, api_key, timeout_s
+        given = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
+        # Left None: the server's request defaults.
+        self.settings = {
+            "height": height,
+            "width": width,
+            **{key: value for key, value in given.items() if value is not None},
+        }
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = []
+        for prompt, seed in zip(batch["prompt"], batch["seed"], strict=True):
+            request = GenerateRequest(prompt=str(prompt), seed=int(seed), **self.settings)
+            response = generate_image(self.url, request, self.api_key, self.timeout_s)
+            images.append(base64.b64decode(response.images[0].b64_json))
+        return {**batch, "image": np.array(images, dtype=object)}
 
 
 class CLIPFeatures(torch.nn.Module):

@@ -1,7 +1,8 @@
 """`raygen evaluate`: how well a bundle follows prompts, measured.
 
 A Ray Data batch job: (prompt, seed) rows -> images from the bundle's pipeline in actors,
-batched (actors/evaluation.py: BundleImages) -> per-image scores (ImageScores: the shapes
+batched (actors/evaluation.py: BundleImages), or from a running `raygen serve` (``url``:
+ServerImages, the same seeds) -> per-image scores (ImageScores: the shapes
 detector's verdicts, the CLIP score) -> ``eval.json`` (settings, metrics, every image's
 scores), ``report.md`` (the metrics table and the grid) and ``grid.png`` (a row per prompt,
 a column per seed), with the images under ``images/``; local or ``s3://``.
@@ -19,7 +20,10 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import time
+import urllib.error
+import urllib.request
 from typing import Any
 
 import numpy as np
@@ -27,7 +31,13 @@ import ray
 from PIL import Image
 
 from actors.decode import MediaDecoder, decoded_images
-from actors.evaluation import BundleImages, ImageScores, fid_skip_reason, frechet_distance
+from actors.evaluation import (
+    BundleImages,
+    ImageScores,
+    ServerImages,
+    fid_skip_reason,
+    frechet_distance,
+)
 from actors.sources import FetchMedia, list_inputs
 from cluster.ray_runtime import init_ray
 from cluster.storage import Storage, join
@@ -37,6 +47,22 @@ from schemas.shapes import HELD_OUT
 
 CATEGORIES = ("color", "shape", "place")
 GRID_PROMPTS = 12  # rows of grid.png: the first prompts
+
+
+def source(config: EvaluateConfig) -> str:
+    return config.url or config.bundle.uri
+
+
+def check_server(url: str, timeout_s: float) -> None:
+    """Fail within seconds, naming the server, when nothing answers at ``url``."""
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=min(timeout_s, 5.0)):
+            pass
+    except urllib.error.HTTPError as err:
+        raise RaygenError(f"url: raygen server at {url} answered {err.code} on /health") from None
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise RaygenError(f"url: cannot reach a raygen server at {url}: {reason}") from None
 
 
 def read_prompts(config: EvaluateConfig, storage: Storage) -> list[str]:
@@ -116,7 +142,7 @@ def grid_png(rows: list[dict[str, Any]], prompts: list[str], seeds: int) -> byte
 
 def report_markdown(config: EvaluateConfig, metrics: dict[str, Any], prompts: list[str]) -> str:
     lines = [
-        f"# Evaluation of {config.bundle.uri}",
+        f"# Evaluation of {source(config)}",
         "",
         f"{len(prompts)} prompts x {config.seeds} seeds at {config.width}x{config.height}.",
         "",
@@ -166,30 +192,42 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
         for seed in range(config.seeds)
     ]
     print(
-        f"evaluate: {len(prompts)} prompts x {config.seeds} seeds from {config.bundle.uri}; "
+        f"evaluate: {len(prompts)} prompts x {config.seeds} seeds from {source(config)}; "
         f"metrics: {', '.join(config.metrics)}",
         flush=True,
     )
 
+    if config.url:
+        check_server(config.url, config.request_timeout_s)
+
     init_ray(config.ray)
     resources = config.generate
     ds = ray.data.from_items(rows)
+    settings = {
+        "height": config.height,
+        "width": config.width,
+        "num_inference_steps": config.num_inference_steps,
+        "guidance_scale": config.guidance_scale,
+    }
+    if config.url:
+        # The server does the work: the stage only waits on HTTP, on a sliver of a CPU.
+        stage: type = ServerImages
+        kwargs = {"url": config.url, "api_key": os.environ.get("RAYGEN_API_KEY")}
+        kwargs["timeout_s"] = config.request_timeout_s
+        num_cpus, num_gpus = 0.1, 0.0
+    else:
+        stage = BundleImages
+        kwargs = {"bundle": config.bundle, "storage": config.storage}
+        kwargs["max_sequence_length"] = config.max_sequence_length
+        num_cpus, num_gpus = resources.num_cpus, resources.num_gpus
     ds = ds.map_batches(
-        BundleImages,
-        fn_constructor_kwargs={
-            "bundle": config.bundle,
-            "storage": config.storage,
-            "height": config.height,
-            "width": config.width,
-            "num_inference_steps": config.num_inference_steps,
-            "guidance_scale": config.guidance_scale,
-            "max_sequence_length": config.max_sequence_length,
-        },
+        stage,
+        fn_constructor_kwargs={**kwargs, **settings},
         batch_format="numpy",
         batch_size=resources.batch_size,
         compute=ray.data.ActorPoolStrategy(size=resources.concurrency),
-        num_cpus=resources.num_cpus,
-        num_gpus=resources.num_gpus,
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
     )
     ds = ds.map_batches(
         ImageScores,
@@ -227,7 +265,8 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
             }
         )
     result = {
-        "bundle": config.bundle.uri,
+        "bundle": None if config.url else config.bundle.uri,
+        "url": config.url,
         "prompts": len(prompts),
         "seeds": config.seeds,
         # None: the bundle's own (a distilled bundle's raygen_sampling.json, else the

@@ -354,7 +354,8 @@ class FidConfig(Config):
 
 
 class EvaluateConfig(Config):
-    """`raygen evaluate`: prompts x seeds -> images from a bundle -> scores and a report.
+    """`raygen evaluate`: prompts x seeds -> images from a bundle (or a running server) ->
+    scores and a report.
 
     Prompt following is read from pixels by the shapes detector (actors/shape_detector.py),
     GenEval-style, for prompts of the shapes domain; CLIP score is torchmetrics' CLIPScore
@@ -362,6 +363,12 @@ class EvaluateConfig(Config):
     bundle's raygen_sampling.json, else the pipeline's defaults."""
 
     bundle: ModelRef = Field(default_factory=lambda: _bundle("t2i"))
+    url: str | None = Field(
+        default=None,
+        description="a running `raygen serve` to generate through (POST /v1/generate) instead "
+        "of the bundle; its API key, if it wants one, from $RAYGEN_API_KEY",
+    )
+    request_timeout_s: float = Field(default=300.0, gt=0, description="per request, with url")
     prompts: str | None = Field(
         default=None,
         description="a text file of prompts, one a line; default: the shapes held-out prompts",

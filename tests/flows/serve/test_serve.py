@@ -35,11 +35,19 @@ from ray import serve
 from actors.families import Multiples
 from actors.watermark import detect_watermark
 from flows.cli import main
+from flows.evaluate import run_evaluate
 from flows.serve import api_key_digests, app_builder, deployment_options
 from flows.serve.checks import InvalidInput, check_inputs
 from schemas.api import GenerateRequest, VideoRequest
-from schemas.config import ConfigError, DeploymentSettings, ServeConfig
-from tests.conftest import METRICS_REPORT_INTERVAL_MS
+from schemas.config import (
+    ConfigError,
+    DeploymentSettings,
+    EvaluateConfig,
+    ServeConfig,
+    load_config,
+)
+from schemas.errors import RaygenError
+from tests.conftest import METRICS_REPORT_INTERVAL_MS, free_port
 from tests.flows.serve.conftest import (
     API_KEY,
     BLOCKED,
@@ -668,3 +676,47 @@ def test_check_inputs_names_the_field_for_images_and_videos():
         with pytest.raises(InvalidInput, match=message) as caught:
             check_inputs(request, config, multiples)
         assert caught.value.field == field
+
+
+@pytest.mark.slow
+def test_evaluate_through_the_server_scores_each_image_as_from_the_bundle(
+    server, bundles, monkeypatch, tmp_path
+):
+    """`raygen evaluate --url`: the same (prompt, seed) rows through POST /v1/generate give
+    the bundle's own images (plus the watermark) and so the same scores."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on the left\na blue square at the top\na lighthouse\n")
+    monkeypatch.setenv("RAYGEN_API_KEY", API_KEY)
+    values = {
+        "prompts": str(prompts), "seeds": 2, "height": 32, "width": 32,
+        "num_inference_steps": 2, "guidance_scale": 3.5,
+        "max_sequence_length": MAX_SEQUENCE_LENGTH, "metrics": ["prompt_following"],
+        # The server's dozen replicas hold most of the 2 CPUs.
+        "generate.batch_size": 3, "generate.num_cpus": 0.2,
+    }  # fmt: skip
+    results = {}
+    for source, value in (("bundle.uri", str(bundles["t2i"])), ("url", server.url)):
+        config = load_config(
+            EvaluateConfig, values={**values, source: value, "output": str(tmp_path / source)}
+        )
+        results[source] = run_evaluate(config)
+    from_bundle, served = results["bundle.uri"], results["url"]
+    assert served["url"] == server.url and served["metrics"] == from_bundle["metrics"]
+    for ours, theirs in zip(from_bundle["images"], served["images"], strict=True):
+        assert (ours["prompt"], ours["seed"]) == (theirs["prompt"], theirs["seed"])
+        assert {k: v for k, v in ours.items() if k != "file"} == {
+            k: v for k, v in theirs.items() if k != "file"
+        }
+        plain = np.asarray(Image.open(tmp_path / "bundle.uri" / ours["file"])).astype(float)
+        marked = np.asarray(Image.open(tmp_path / "url" / theirs["file"])).astype(float)
+        assert 10 * np.log10(255**2 / np.mean((marked - plain) ** 2)) > 40  # PSNR in dB
+        assert detect_watermark(marked.astype(np.uint8), server.config.safety.watermark_key).present
+
+
+def test_evaluate_names_a_server_that_is_down_within_seconds(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}"
+    config = load_config(EvaluateConfig, values={"url": url, "output": str(tmp_path / "eval")})
+    started = time.monotonic()
+    with pytest.raises(RaygenError, match=f"url: cannot reach a raygen server at {url}"):
+        run_evaluate(config)
+    assert time.monotonic() - started < 10
