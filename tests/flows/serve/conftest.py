@@ -107,7 +107,7 @@ def serve_config(
                 "bundle": {"uri": str(bundles["t2v"])},
                 "max_height": 64,
                 "max_width": 64,
-                "max_num_frames": 9,
+                "max_num_frames": 33,
                 "max_sequence_length": MAX_SEQUENCE_LENGTH,
                 "max_running_jobs": 1,
                 "max_jobs": 2,

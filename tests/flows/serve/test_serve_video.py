@@ -56,7 +56,8 @@ pytestmark = pytest.mark.slow
 HEIGHT, WIDTH, NUM_FRAMES = 32, 48, 5
 NUM_STEPS = 3
 # A job of the largest size the server takes and the most steps runs for seconds.
-LONG_JOB = {"height": 64, "width": 64, "num_frames": 9, "num_inference_steps": 200}
+# Long enough (seconds) to be killed mid-run after its first progress write, a second in.
+LONG_JOB = {"height": 64, "width": 64, "num_frames": 33, "num_inference_steps": 200}
 PROMPT = "a red car driving through the city at night"
 
 
@@ -232,7 +233,7 @@ def test_cancel_running_and_queued_jobs_and_the_queue_bound(server):
     ("fields", "field", "message"),
     [
         ({"num_frames": 6}, "num_frames", "multiple of 4"),
-        ({"num_frames": 13}, "num_frames", "at most 9"),
+        ({"num_frames": 37}, "num_frames", "at most 33"),
         ({"height": 24}, "height", "multiple of 16"),
         ({"width": 80}, "width", "at most 64"),
         ({"num_inference_steps": 0}, "num_inference_steps", "greater than or equal"),
