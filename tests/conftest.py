@@ -14,12 +14,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -273,46 +274,109 @@ def no_ray(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> I
         _connect(request.getfixturevalue("session_ray"))
 
 
+@dataclass
+class BackgroundRun:
+    """A command the session runs in the background, as a user runs it (a subprocess with a
+    local Ray of its own, one data folder); a fixture waits for it with ``finish``."""
+
+    command: list[str]
+    data: Path
+    timeout_s: float  # from its start
+    process: subprocess.Popen[bytes] | None = None
+    deadline: float = 0.0
+    started: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def stdout(self) -> Path:
+        return self.data.parent / f"{self.data.name}.stdout.txt"
+
+    @property
+    def stderr(self) -> Path:
+        return self.data.parent / f"{self.data.name}.stderr.txt"
+
+    def start(self) -> None:
+        with self.stdout.open("wb") as out, self.stderr.open("wb") as err:
+            self.process = subprocess.Popen(
+                [*self.command, str(self.data)], cwd=REPO, stdout=out, stderr=err
+            )
+        self.deadline = time.monotonic() + self.timeout_s
+        self.started.set()
+
+    def finish(self) -> tuple[int, str, str]:
+        """Wait for it (started, then ended); its return code, stdout and stderr."""
+        self.started.wait()
+        assert self.process is not None
+        try:
+            returncode = self.process.wait(timeout=max(1.0, self.deadline - time.monotonic()))
+        finally:
+            stdout = self.stdout.read_text(errors="replace")
+            stderr = self.stderr.read_text(errors="replace")
+        return returncode, stdout, stderr
+
+    def stop(self) -> None:
+        self.started.set()
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
 @dataclass(frozen=True)
-class DemoProcess:
-    process: subprocess.Popen[bytes]
-    data: Path  # its --data-dir
-    stdout: Path
-    stderr: Path
-    deadline: float  # time.monotonic() by which it must have finished
+class BackgroundRuns:
+    sample: BackgroundRun  # tests/sample_prep.py: the shards most tests read
+    demo: BackgroundRun  # `raygen demo --quick`
 
 
 @pytest.fixture(scope="session")
-def demo_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoProcess]:
-    """`raygen demo` as a new user runs it (a subprocess, its own local Ray, one data folder),
-    started in the background: ``demo_run`` (tests/flows/conftest.py) waits for it."""
-    root = tmp_path_factory.mktemp("demo")
-    stdout, stderr = root / "stdout.txt", root / "stderr.txt"
-    with stdout.open("wb") as out, stderr.open("wb") as err:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "demo", "--data-dir", str(root / "raygen-data")],
-            cwd=REPO,
-            stdout=out,
-            stderr=err,
-        )
-    yield DemoProcess(process, root / "raygen-data", stdout, stderr, time.monotonic() + 400)
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+def background_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundRuns]:
+    """The sample prep, then `raygen demo --quick`, one after the other in the background
+    (one extra local Ray at a time on 2 cores): ``sample_run`` and ``demo_run``
+    (tests/flows/conftest.py) wait for theirs."""
+    root = tmp_path_factory.mktemp("background")
+    runs = BackgroundRuns(
+        sample=BackgroundRun([sys.executable, "-m", "tests.sample_prep"], root / "sample", 300),
+        demo=BackgroundRun(
+            [sys.executable, "-m", "flows.cli", "demo", "--quick", "--data-dir"],
+            root / "raygen-data",
+            400,
+        ),
+    )
+    stopping = threading.Event()
+
+    def run_in_turn() -> None:
+        for run in (runs.sample, runs.demo):
+            if stopping.is_set():
+                return
+            run.start()
+            assert run.process is not None
+            run.process.wait()
+
+    thread = threading.Thread(target=run_in_turn, name="background-runs", daemon=True)
+    thread.start()
+    yield runs
+    stopping.set()
+    for run in (runs.sample, runs.demo):
+        run.stop()
+    thread.join(timeout=10)
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _demo_in_the_background(request: pytest.FixtureRequest) -> None:
-    """The demo starts with the session's first test when a selected test reads it: its
-    minute or two (half of it waiting on one core) then overlaps the tests that do not read
-    it, which run first (pytest_collection_modifyitems), instead of adding to the suite."""
-    if any("demo_run" in item.fixturenames for item in request.session.items):
-        request.getfixturevalue("demo_process")
+def _runs_in_the_background(request: pytest.FixtureRequest) -> None:
+    """The background runs start with the session's first test when a selected test reads
+    them: their minutes (half of it waiting on one core) then overlap the tests that do not
+    read them, which run first (pytest_collection_modifyitems), instead of adding to the
+    suite."""
+    if any(_READS_RUNS.intersection(item.fixturenames) for item in request.session.items):
+        request.getfixturevalue("background_runs")
+
+
+_READS_RUNS = {"sample_run", "demo_run"}
 
 
 # Fixtures that start Ray (or run a job that does): a test that uses one is slow, so
 # `-m "not slow"` runs without starting Ray at all.
-_RAY_FIXTURES = {"session_ray", "ray_local", "no_ray", "demo_run", "tiny_bundles", "prep_shards"}
+_RAY_FIXTURES = {
+    "session_ray", "ray_local", "no_ray", "sample_run", "demo_run", "tiny_bundles", "prep_shards",
+}  # fmt: skip
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -320,16 +384,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if _RAY_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
     # Tests that need Ray down run before the session's Ray starts, so `no_ray` need not
-    # restart it after each of them. Then the modules that do not read the demo, while it
-    # runs in the background; then the demo's own test, and the other modules that read it.
+    # restart it after each of them. Then the modules that read neither background run, while
+    # they run; then the modules that read the sample prep (done first), then the demo's.
     # Whole modules move (a stable sort keeps file order), so module fixtures start once.
-    reads_demo = {item.path for item in items if "demo_run" in item.fixturenames}
+    reads = {
+        name: {item.path for item in items if name in item.fixturenames} for name in _READS_RUNS
+    }
 
     def order(item: pytest.Item) -> int:
         if "no_ray" in item.fixturenames:
             return 0
-        if item.path not in reads_demo:
-            return 1
-        return 2 if item.path.name == "test_demo.py" else 3
+        if item.path in reads["demo_run"]:
+            return 3
+        return 2 if item.path in reads["sample_run"] else 1
 
     items.sort(key=order)

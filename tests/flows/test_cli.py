@@ -140,7 +140,7 @@ def test_quiet_is_the_default_and_submit_passes_its_command_flags_on():
 
 @pytest.mark.slow
 def test_a_failing_worker_is_shown_on_the_quiet_console(
-    demo_run, tiny_bundles, ray_local, tmp_path
+    sample_run, tiny_bundles, ray_local, tmp_path
 ):
     # Worker output stays in Ray's logs by default; a worker's error must not. The captioner
     # stage given the CLIP scorer's bundle fails where it loads, in a Ray Data actor. The
@@ -148,7 +148,7 @@ def test_a_failing_worker_is_shown_on_the_quiet_console(
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for name in ("synthetic_00.png", "synthetic_00.txt"):
-        (corpus / name).write_bytes((demo_run.data / "corpus" / name).read_bytes())
+        (corpus / name).write_bytes((sample_run.data / "corpus" / name).read_bytes())
     result = subprocess.run(
         [
             sys.executable, "-m", "flows.cli", "prep",

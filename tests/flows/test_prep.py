@@ -36,16 +36,16 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def bundles(tiny_bundles):
-    """The demo's bundles: t2i, t2v, the captioner and the scorer."""
+    """The session's tiny bundles: t2i, t2v, the captioner and the scorer."""
     return tiny_bundles
 
 
 @pytest.fixture(scope="module")
-def corpus(demo_run, tmp_path_factory):
-    """The demo's sample corpus, and what each of its broken files must be quarantined for
+def corpus(sample_run, tmp_path_factory):
+    """The sample corpus the session prepped (tests/sample_prep.py), and what each of its broken files must be quarantined for
     (``build_broken_files`` names and writes them the same way every time: written again
     elsewhere, for the names only)."""
-    return demo_run.data / "corpus", build_broken_files(tmp_path_factory.mktemp("broken"))
+    return sample_run.data / "corpus", build_broken_files(tmp_path_factory.mktemp("broken"))
 
 
 def _config(bundles, input_uri: str, output_uri: str, **overrides) -> PrepConfig:
@@ -84,11 +84,11 @@ def _rows(root: str, fs: pafs.FileSystem | None = None) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def local_run(bundles, corpus, demo_run, ray_local):
-    """The demo's prep (`raygen demo` ran `run_prep` with this config on its own local Ray):
-    its config, manifest and output folder."""
+def local_run(bundles, corpus, sample_run, ray_local):
+    """The session's sample prep (tests/sample_prep.py ran `run_prep` with this config on its
+    own local Ray): its config, manifest and output folder."""
     root, _ = corpus
-    output = demo_run.data / "shards"
+    output = sample_run.data / "shards"
     manifest = Manifest.model_validate_json((output / MANIFEST_NAME).read_text())
     return _config(bundles, str(root), str(output)), manifest, output
 
