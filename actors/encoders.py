@@ -161,14 +161,21 @@ def empty_prompt_embeddings(config: PrepConfig) -> dict[str, np.ndarray]:
     dropout, per media kind with a bundle: ``{media}_prompt_embeds`` (L, D) and, for a family
     that pools (SD3), ``{media}_pooled_prompt_embeds`` (D,). Float32, encoded like
     ``TextEncoder``'s embeddings whatever ``encode.text`` says."""
+    return {key: value[0] for key, value in prompt_embeddings(config, [""]).items()}
+
+
+def prompt_embeddings(config: PrepConfig, prompts: list[str]) -> dict[str, np.ndarray]:
+    """``prompts`` encoded as prep encodes captions, per media kind with a bundle:
+    ``{media}_prompt_embeds`` (P, L, D) and, for a family that pools,
+    ``{media}_pooled_prompt_embeds`` (P, D)."""
     encode = config.encode.model_copy(update={"text": "embeddings"})
     encoder = TextEncoder(encode, config.bundle, config.video_bundle, config.storage)
     embeddings = {}
     for media in encoder.pipes:
-        prompt_embeds, pooled = encoder._embeddings(media, [""])
-        embeddings[f"{media}_prompt_embeds"] = prompt_embeds[0]
+        prompt_embeds, pooled = encoder._embeddings(media, prompts)
+        embeddings[f"{media}_prompt_embeds"] = prompt_embeds
         if pooled is not None:
-            embeddings[f"{media}_pooled_prompt_embeds"] = pooled[0]
+            embeddings[f"{media}_pooled_prompt_embeds"] = pooled
     return embeddings
 
 

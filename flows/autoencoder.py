@@ -185,6 +185,11 @@ class PixelPlan:
     ) -> bytes:
         return objective.reconstruction_grid(weights, self.samples[PIXELS][: config.num_samples])
 
+    def prompt_following(
+        self, objective: Any, weights: dict[str, torch.Tensor], config: LoopConfig, device: Any
+    ) -> dict[str, float]:
+        raise ConfigError("eval_every: an autoencoder follows no prompts")  # plan_pixels checks
+
 
 def to_model_pixels(pixels: np.ndarray, device: torch.device) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1], what the VAE takes."""
@@ -211,6 +216,11 @@ def plan_pixels(config: AutoencoderConfig, storage: Storage) -> PixelPlan:
         )
     if config.init == "bundle" and config.vae_config:
         raise ConfigError("vae_config: only used with init: scratch")
+    if config.eval_every:
+        raise ConfigError(
+            "eval_every: an autoencoder follows no prompts; its samples are "
+            "reconstructions (sample_every)"
+        )
     if config.parallelism != "ddp":
         raise ConfigError("parallelism: the autoencoder trains with ddp (it fits a device)")
     step = family.multiples(bundle_dir, storage).latent

@@ -51,6 +51,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from actors.families import FAMILIES, Family, component_config, family_of
+from actors.shape_detector import detect_image
 from cluster.bundles import resolve_bundle
 from cluster.ray_runtime import DriverConsole, init_ray
 from cluster.storage import Storage, is_s3, join
@@ -63,8 +64,9 @@ from flows.shard_reader import (
     read_worker_rows,
 )
 from flows.train_log import MetricsLog, png_bytes
-from schemas.config import ConfigError, LoopConfig, TrainConfig
+from schemas.config import ConfigError, LoopConfig, ModelRef, PrepConfig, TrainConfig
 from schemas.errors import RaygenError
+from schemas.shapes import HELD_OUT, ShapeCaption
 from schemas.shards import MANIFEST_NAME, BucketKey, Manifest
 
 # Ray Train keeps its run state (checkpoints, snapshot) under <output>/<RUN_NAME>.
@@ -96,6 +98,10 @@ class RunPlan:
     empty_prompt: dict[str, np.ndarray]  # "prompt_embeds" (L, D), "pooled_prompt_embeds" (D,)
     samples: dict[str, np.ndarray] = field(default_factory=dict)  # fixed rows for sample grids
     sample_bucket: str = ""
+    # eval_every: the shapes held-out prompts and their embeddings, "prompt_embeds" (P, L, D)
+    # and "pooled_prompt_embeds" (P, D), encoded as prep encoded the captions.
+    eval_prompts: list[str] = field(default_factory=list)
+    eval_embeddings: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def family(self) -> Family:
@@ -154,6 +160,15 @@ class RunPlan:
     ) -> bytes:
         return sample_grid(objective, self, weights, config, device)
 
+    def prompt_following(
+        self,
+        objective: Objective,
+        weights: dict[str, torch.Tensor],
+        config: LoopConfig,
+        device: torch.device,
+    ) -> dict[str, float]:
+        return prompt_following(objective, self, weights, config, device)
+
 
 class DataPlan(Protocol):
     """What the loop asks of a plan (RunPlan: prep shards; flows/autoencoder.py: pixels)."""
@@ -183,6 +198,10 @@ class DataPlan(Protocol):
     def sample_grid(
         self, objective: Any, weights: dict[str, torch.Tensor], config: LoopConfig, device: Any
     ) -> bytes: ...
+
+    def prompt_following(
+        self, objective: Any, weights: dict[str, torch.Tensor], config: LoopConfig, device: Any
+    ) -> dict[str, float]: ...
 
 
 def plan_run(config: LoopConfig, bundle_uri: str, storage: Storage) -> RunPlan:
@@ -247,7 +266,24 @@ def plan_run(config: LoopConfig, bundle_uri: str, storage: Storage) -> RunPlan:
     )
     _check_text_widths(plan, transformer_config, transformer_class)
     plan.sample_bucket, plan.samples = _sample_rows(plan, config.num_samples, storage)
+    if config.eval_every:
+        if media != "image":
+            raise ConfigError(f"eval_every: scores images; a {transformer_class} makes videos")
+        plan.eval_prompts = [caption.text for caption in HELD_OUT]
+        prep = PrepConfig.model_validate(manifest.config)
+        prep = prep.model_copy(update={"bundle": ModelRef(uri=bundle_uri), "video_bundle": None})
+        init_ray(config.ray)
+        embeddings = ray.get(_prompt_embeddings.remote(prep, plan.eval_prompts))
+        plan.eval_embeddings = {k.removeprefix("image_"): v for k, v in embeddings.items()}
     return plan
+
+
+@ray.remote
+def _prompt_embeddings(config: PrepConfig, prompts: list[str]) -> dict[str, np.ndarray]:
+    """On a worker (it loads the text encoders, never on the driver)."""
+    from actors.encoders import prompt_embeddings
+
+    return prompt_embeddings(config, prompts)
 
 
 def _check_shapes(
@@ -644,7 +680,8 @@ def train_loop(args: dict[str, Any]) -> None:
 
         # --- metrics, samples, checkpoints ---
         step_time = time.perf_counter() - step_start
-        if step % config.log_every == 0 or step == config.max_steps:
+        eval_due = bool(config.eval_every) and step % config.eval_every == 0
+        if step % config.log_every == 0 or step == config.max_steps or eval_due:
             records.append(
                 {
                     "step": step,
@@ -663,6 +700,10 @@ def train_loop(args: dict[str, Any]) -> None:
                 }
             )
             resumed_from = None
+        if eval_due:
+            weights = _ema_weights(model, ema)  # a collective under FSDP: every rank
+            if rank == 0:
+                records[-1].update(plan.prompt_following(objective, weights, config, device))
         if config.sample_every and step % config.sample_every == 0:
             weights = _ema_weights(model, ema)
             if rank == 0:
@@ -755,15 +796,7 @@ def sample_grid(
     device: torch.device,
 ) -> bytes:
     """PNG of the fixed sample captions, generated with the given (EMA) weights."""
-    transformer = unwrapped_copy(objective.model)
-    transformer.load_state_dict(weights)
-    transformer.to(device).eval()
-    # No text encoders: the grid's prompts are stored embeddings.
-    family = plan.family
-    unloaded = family.unloaded("denoisers", "vae")
-    pipe = family.pipeline.from_pretrained(
-        plan.bundle_dir, **unloaded, **{family.denoisers[0]: transformer}
-    ).to(device)
+    pipe = _embeddings_pipeline(objective, plan, weights, device)
     n = len(plan.samples["prompt_embeds_original"])
     prompt = np.where(
         plan.samples["has_synthetic"].reshape(
@@ -804,6 +837,89 @@ def sample_grid(
     if not isinstance(images[0], Image.Image):  # Wan returns arrays in [0, 1]
         images = [Image.fromarray((np.asarray(im) * 255).round().astype(np.uint8)) for im in images]
     return png_bytes(_grid(images))
+
+
+def _embeddings_pipeline(
+    objective: Objective, plan: RunPlan, weights: dict[str, torch.Tensor], device: torch.device
+) -> Any:
+    """The bundle's pipeline with the given (EMA) weights and no text encoders: its prompts
+    are stored embeddings."""
+    transformer = unwrapped_copy(objective.model)
+    transformer.load_state_dict(weights)
+    transformer.to(device).eval()
+    family = plan.family
+    unloaded = family.unloaded("denoisers", "vae")
+    pipe = family.pipeline.from_pretrained(
+        plan.bundle_dir, **unloaded, **{family.denoisers[0]: transformer}
+    ).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def held_out_images(
+    objective: Objective,
+    plan: RunPlan,
+    weights: dict[str, torch.Tensor],
+    config: LoopConfig,
+    device: torch.device,
+) -> list[tuple[str, int, np.ndarray]]:
+    """The held-out prompts x ``eval_seeds`` generated with the given (EMA) weights, each
+    image with a generator seeded by its seed alone, as `raygen evaluate` makes them:
+    (prompt, seed, (H, W, 3) uint8) in evaluate's order (prompt-major)."""
+    pipe = _embeddings_pipeline(objective, plan, weights, device)
+    prompts = len(plan.eval_prompts)
+    embeddings = {
+        "prompt_embeds": plan.eval_embeddings["prompt_embeds"],
+        "negative_prompt_embeds": np.broadcast_to(
+            plan.empty_prompt["prompt_embeds"], plan.eval_embeddings["prompt_embeds"].shape
+        ),
+    }
+    if "pooled_prompt_embeds" in plan.eval_embeddings:
+        embeddings["pooled_prompt_embeds"] = plan.eval_embeddings["pooled_prompt_embeds"]
+        embeddings["negative_pooled_prompt_embeds"] = np.broadcast_to(
+            plan.empty_prompt["pooled_prompt_embeds"],
+            plan.eval_embeddings["pooled_prompt_embeds"].shape,
+        )
+    tensors = {
+        k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in embeddings.items()
+    }
+    bucket = BucketKey.parse(plan.sample_bucket)
+    by_seed = []
+    for seed in range(config.eval_seeds):
+        images = pipe(
+            **tensors,
+            height=bucket.height,
+            width=bucket.width,
+            num_inference_steps=config.sample_steps,
+            guidance_scale=config.sample_guidance_scale,
+            generator=[torch.Generator(device).manual_seed(seed) for _ in range(prompts)],
+            output_type="np",
+        ).images  # (P, H, W, 3) in [0, 1]
+        by_seed.append((np.asarray(images) * 255).round().astype(np.uint8))
+    return [
+        (prompt, seed, by_seed[seed][index])
+        for index, prompt in enumerate(plan.eval_prompts)
+        for seed in range(config.eval_seeds)
+    ]
+
+
+def prompt_following(
+    objective: Objective,
+    plan: RunPlan,
+    weights: dict[str, torch.Tensor],
+    config: LoopConfig,
+    device: torch.device,
+) -> dict[str, float]:
+    """`raygen evaluate`'s prompt following, in the loop: ``held_out_images`` read back by
+    the shapes detector. ``eval_{color,shape,place,all}``: the share of images right."""
+    verdicts = []
+    for prompt, _, image in held_out_images(objective, plan, weights, config, device):
+        caption = ShapeCaption.parse(prompt)
+        assert caption is not None  # HELD_OUT's own texts
+        verdicts.append(detect_image(image).matches(caption))
+    scores = {f"eval_{c}": float(np.mean([v[c] for v in verdicts])) for c in verdicts[0]}
+    scores["eval_all"] = float(np.mean([all(v.values()) for v in verdicts]))
+    return scores
 
 
 def _grid(images: list[Image.Image]) -> Image.Image:

@@ -19,6 +19,8 @@ from ray.train.v2.api.callback import UserCallback
 from cluster.ray_runtime import DriverConsole
 from cluster.storage import Storage, join
 
+EVAL_CATEGORIES = ("color", "shape", "place", "all")  # train's eval_every scores
+
 
 def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
@@ -91,6 +93,12 @@ class MetricsLog(UserCallback):
             f"{record['samples_per_s']:.1f} samples/s data_wait {record['data_wait_fraction']:.1%}"
             + (" [checkpoint]" if checkpoint else "")
         )
+        for scored in records:
+            if "eval_all" in scored:
+                self.console.say(
+                    f"[raygen] step {scored['step']} held-out prompts: "
+                    + ", ".join(f"{c} {scored[f'eval_{c}']:.2f}" for c in EVAL_CATEGORIES)
+                )
         lines = "".join(json.dumps(r) + "\n" for r in self.history)
         self.storage.write_bytes(join(self.output, "metrics.jsonl"), lines.encode())
         if checkpoint or record["step"] == self.total_steps:

@@ -260,6 +260,14 @@ class LoopConfig(Config):
     num_samples: int = Field(default=4, ge=1, description="grid size: fixed captions from data")
     sample_steps: int = Field(default=8, ge=1)
     sample_guidance_scale: float = Field(default=4.5, ge=0)
+    eval_every: int = Field(
+        default=0,
+        ge=0,
+        description="steps between prompt-following scores of the EMA weights on the shapes "
+        "held-out prompts (raygen evaluate's detector; sample_steps, sample_guidance_scale), "
+        "logged beside the loss; 0: off",
+    )
+    eval_seeds: int = Field(default=2, ge=1, description="images per held-out prompt there")
     seed: int = 0
     resume: bool = Field(default=False, description="continue from the latest checkpoint")
     storage: StorageConfig = Field(default_factory=StorageConfig)

@@ -21,16 +21,19 @@ from diffusers import StableDiffusion3Pipeline, WanPipeline
 from PIL import Image
 
 from cluster.storage import Storage
+from flows.evaluate import run_evaluate
 from flows.shard_reader import bucket_datasets, embeddings_and_latents
 from flows.train import (
     RectifiedFlow,
     TrainingError,
+    held_out_images,
     plan_run,
     run_train,
     sample_grid,
     warmup_cosine,
 )
-from schemas.config import ConfigError, TrainConfig, load_config
+from schemas.config import ConfigError, EvaluateConfig, TrainConfig, load_config
+from schemas.shapes import HELD_OUT
 from schemas.shards import BucketKey
 
 pytestmark = pytest.mark.slow
@@ -234,12 +237,17 @@ def test_finished_run_resumes_and_exports_a_bundle_diffusers_loads(
     # A second run into the same output is refused unless it resumes.
     with pytest.raises(TrainingError, match="already holds a run"):
         run_train(config.model_copy(update={"max_steps": 7}))
-    resumed = run_train(config.model_copy(update={"max_steps": 7, "resume": True}))
+    # Resumed with the held-out prompts scored at its last step (one seed, two steps).
+    more = {"max_steps": 7, "resume": True, "eval_every": 7, "eval_seeds": 1, "sample_steps": 2}
+    resumed = run_train(config.model_copy(update=more))
     assert resumed.steps == 7
     records = _metrics(uninterrupted)
     assert [r["step"] for r in records] == list(range(1, 8))
     assert {r["step"]: r["loss"] for r in records[:6]} == losses  # history kept as it was
     assert records[6]["resumed_from_step"] == 6
+    scores = {k: v for k, v in records[6].items() if k.startswith("eval_")}
+    assert sorted(scores) == ["eval_all", "eval_color", "eval_place", "eval_shape"]
+    assert all(0 <= v <= 1 for v in scores.values())
 
     # The bundle loads unchanged in diffusers and samples; its transformer is the trained one.
     pipe = StableDiffusion3Pipeline.from_pretrained(uninterrupted / "bundle")
@@ -283,3 +291,39 @@ def test_workers_that_leave_no_cpu_for_the_reads_are_refused(
     )
     with pytest.raises(ConfigError, match=r"^cpus_per_worker: 2 workers x 1 CPUs leave 0 "):
         run_train(config)
+
+
+@pytest.mark.slow
+def test_the_loops_held_out_images_are_the_ones_raygen_evaluate_makes(
+    ray_local, tiny_bundles, prep_shards, tmp_path
+):
+    """eval_every scores what `raygen evaluate` would score for the same weights: the same
+    prompts, seeds and settings give the same images."""
+    config = _config(tiny_bundles, prep_shards, tmp_path / "run", eval_every=1, eval_seeds=2)
+    config = config.model_copy(update={"sample_steps": 2})
+    plan = plan_run(config, config.bundle.uri, Storage())
+    assert plan.eval_prompts == [caption.text for caption in HELD_OUT]
+    objective = RectifiedFlow(config, plan, torch.device("cpu"))
+    weights = objective.model.state_dict()  # the bundle's own transformer
+    ours = held_out_images(objective, plan, weights, config, torch.device("cpu"))
+
+    bucket = BucketKey.parse(plan.sample_bucket)
+    manifest = json.loads((prep_shards / "manifest.json").read_text())
+    output = tmp_path / "eval"
+    evaluate = load_config(
+        EvaluateConfig,
+        values={
+            "bundle.uri": str(tiny_bundles["t2i"]), "seeds": 2,
+            "height": bucket.height, "width": bucket.width, "num_inference_steps": 2,
+            "guidance_scale": config.sample_guidance_scale,
+            "max_sequence_length": manifest["config"]["encode"]["max_sequence_length"],
+            "metrics": ["prompt_following"], "output": str(output), "generate.num_cpus": 0.5,
+        },
+    )  # fmt: skip
+    theirs = run_evaluate(evaluate)["images"]
+    assert [(prompt, seed) for prompt, seed, _ in ours] == [
+        (row["prompt"], row["seed"]) for row in theirs
+    ]
+    for (_, _, image), row in zip(ours, theirs, strict=True):
+        saved = np.asarray(Image.open(output / row["file"])).astype(np.int16)
+        assert np.abs(image.astype(np.int16) - saved).max() <= 1, row["file"]
