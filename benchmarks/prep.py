@@ -13,8 +13,8 @@ all cores (its default), and once on one thread, to show what intra-op threads g
 
 What it reports (printed, and as JSON at ``--out``):
 
-- start-up: ``raygen prep`` on the demo's corpus and tiny bundles (``flows/demo.py``'s
-  config), each run on a fresh local Ray: seconds from the start (Ray starting included) to
+- start-up: ``raygen prep`` on the sample corpus and tiny bundles (the config the earlier
+  demo ran, now ``tests/sample_prep.py``'s), each run on a fresh local Ray: seconds from the start (Ray starting included) to
   the first shard file written, and the CPU seconds the process tree spent until then;
   medians of ``--startup-repeats`` runs, interleaved with the same job forced to one actor
   pool per model stage (``small_corpus_inputs=0``, what a large corpus runs);
@@ -630,7 +630,8 @@ def make_config(
 
 
 def demo_config(data: Path, output: Path, small_corpus_inputs: int | None) -> PrepConfig:
-    """``flows/demo.py``'s prep config (tiny bundles, the sample corpus, default resources)."""
+    """The sample corpus's prep config (tiny bundles, every stage, default resources): what
+    the earlier `raygen demo` ran, and tests/sample_prep.py runs for the tests."""
     values: dict[str, Any] = {
         "input": str(data / "corpus"),
         "output": str(output),

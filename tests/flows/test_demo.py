@@ -36,6 +36,8 @@ def test_quick_demo_trains_distills_serves_and_reports(demo_run):
     for run in ("vae", "train", "distill"):
         assert state["steps"][run]["steps"] == getattr(QUICK, f"{run}_steps")
         assert (data / "runs" / run / "bundle" / "model_index.json").exists()
+    # The loop scored the held-out prompts along the way (eval_every), on each quick step.
+    assert sorted(map(int, state["steps"]["train"]["eval"])) == [1, 2, 3]
     # Each target is judged from the evaluations (met or not, at smoke sizes).
     assert len(state["targets"]) == 6 and all(
         isinstance(v, bool) for v in state["targets"].values()

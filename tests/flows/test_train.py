@@ -57,16 +57,17 @@ def _metrics(output: Path) -> list[dict]:
     return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
 
 
-def _train_worker_pids() -> list[int]:
-    """Ray titles each worker process after its actor (``ray::RayTrainWorker...``)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and b"ray::RayTrainWorker" in (proc / "cmdline").read_bytes():
-                pids.append(int(proc.name))
-        except OSError:  # a process that ended while we looked
-            continue
-    return sorted(pids)
+def _train_worker_pids(session_ray) -> list[int]:
+    """The session Ray's live Ray Train workers (its State API): a background demo's own
+    local Ray has workers of the same name on this machine."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(
+        address=session_ray.jobs_api,
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+        raise_on_missing_output=False,
+    )
+    return sorted(actor.pid for actor in actors)
 
 
 def test_warmup_cosine_schedule():
@@ -180,7 +181,7 @@ def uninterrupted(ray_local, tiny_bundles, prep_shards, tmp_path_factory) -> Pat
 # and a restart, about two minutes here, so twice the usual limit.
 @pytest.mark.timeout(600)
 def test_killed_worker_restarts_from_its_checkpoint_with_the_uninterrupted_losses(
-    ray_local, tiny_bundles, prep_shards, uninterrupted, tmp_path
+    ray_local, session_ray, tiny_bundles, prep_shards, uninterrupted, tmp_path
 ):
     """A worker killed mid-run: the group restarts from the last checkpoint (not from step 0)
     and every step's loss, before and after the restart, is the uninterrupted run's."""
@@ -200,7 +201,7 @@ def test_killed_worker_restarts_from_its_checkpoint_with_the_uninterrupted_losse
         time.sleep(0.2)
     before = {r["step"]: r["loss"] for r in _metrics(output)}
     assert max(before) >= 3, "training never reached step 3"
-    workers = _train_worker_pids()
+    workers = _train_worker_pids(session_ray)
     assert len(workers) == 2
     os.kill(workers[-1], signal.SIGKILL)
     thread.join(timeout=240)
