@@ -27,7 +27,7 @@ from typing import Any
 
 from safetensors import safe_open
 
-from cluster.bundles import SAMPLING_FILE
+from actors.evaluation import sampling_settings
 from cluster.ray_runtime import init_ray
 from flows.autoencoder import run_autoencoder
 from flows.distill import run_distill
@@ -188,9 +188,9 @@ def step_config(paths: DemoPaths, name: str, cls: type[C], **kwargs: Any) -> C:
     return config
 
 
-def _loop_values(sizes: DemoSizes, steps: int, output: Path) -> dict[str, Any]:
-    """What the three Ray Train runs share: 2 workers, held buckets, resume when a run
-    of a crashed demo left checkpoints."""
+def _loop_values(steps: int, output: Path) -> dict[str, Any]:
+    """What the three Ray Train runs share: checkpoints and progress lines spaced by the run's
+    length, buckets held in memory, and resume when a crashed demo left checkpoints."""
     return {
         "output": str(output),
         "max_steps": steps,
@@ -208,7 +208,7 @@ def train_vae(paths: DemoPaths, sizes: DemoSizes) -> dict[str, Any]:
         "vae",
         AutoencoderConfig,
         values={
-            **_loop_values(sizes, sizes.vae_steps, paths.run("vae")),
+            **_loop_values(sizes.vae_steps, paths.run("vae")),
             "data": str(paths.shapes / MEDIA_DIR),
             "bundle.uri": str(paths.base),
             "init": "scratch",
@@ -273,7 +273,7 @@ def train_transformer(paths: DemoPaths, sizes: DemoSizes) -> dict[str, Any]:
         "train",
         TrainConfig,
         values={
-            **_loop_values(sizes, sizes.train_steps, paths.run("train")),
+            **_loop_values(sizes.train_steps, paths.run("train")),
             "data": str(paths.shards),
             "bundle.uri": str(paths.bundle("vae")),
             "init": "scratch",
@@ -322,7 +322,7 @@ def distill_student(paths: DemoPaths, sizes: DemoSizes) -> dict[str, Any]:
         "distill",
         DistillConfig,
         values={
-            **_loop_values(sizes, sizes.distill_steps, paths.run("distill")),
+            **_loop_values(sizes.distill_steps, paths.run("distill")),
             "data": str(paths.shards),
             "teacher.uri": str(paths.bundle("train")),
             "student_steps": 4,
@@ -382,7 +382,7 @@ def serve_and_evaluate_student(paths: DemoPaths, sizes: DemoSizes) -> dict[str, 
     from flows.serve.app import APP_NAME, build_app
 
     student = paths.bundle("distill")
-    sampling = json.loads((student / SAMPLING_FILE).read_text())
+    sampling = sampling_settings(student, None, None)  # 4 steps, guidance folded in
     config = step_config(
         paths,
         "serve",
@@ -455,9 +455,7 @@ def write_report(paths: DemoPaths, sizes: DemoSizes, state: DemoState) -> Path:
     ]
     sampled = {
         "teacher": sizes.teacher_steps or 28,
-        "student": json.loads((paths.bundle("distill") / SAMPLING_FILE).read_text())[
-            "num_inference_steps"
-        ],
+        "student": sampling_settings(paths.bundle("distill"), None, None)["num_inference_steps"],
     }
     for name in ("teacher", "student"):
         f = following[name]
