@@ -485,6 +485,10 @@ def write_report(paths: DemoPaths, sizes: DemoSizes, state: DemoState) -> Path:
     lines += ["Teacher:", "", "![teacher](grid-teacher.png)", "", "Student, served:", ""]
     lines += ["![student](grid-student.png)", "", "## Loss", ""]
     lines += [f"![{run}](loss-{run}.png)" for run in ("vae", "train", "distill")]
+    lines += [
+        "",
+        f"The curves and held-out scores in TensorBoard: `tensorboard --logdir {paths.data / 'runs'}`",
+    ]
     lines += ["", "## Steps", "", "| step | seconds |", "| --- | --- |"]
     lines += [f"| {name} | {step['seconds']} |" for name, step in steps.items()]
     (report / "report.md").write_text("\n".join(lines) + "\n")
@@ -537,6 +541,7 @@ def run_demo(data_dir: str | Path, quick: bool = False) -> None:
     for line in _summary(state):
         print(f"      {line}")
     print(f"done in {time.perf_counter() - started:.1f}s; everything is under {paths.data}")
+    print(f"curves: tensorboard --logdir {paths.data / 'runs'}")
     print(f"report: {report}")
 
 

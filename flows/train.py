@@ -63,6 +63,7 @@ from flows.shard_reader import (
     read_buckets,
     read_worker_rows,
 )
+from flows.tracking import check_installed
 from flows.train_log import MetricsLog, png_bytes
 from schemas.config import ConfigError, LoopConfig, ModelRef, PrepConfig, TrainConfig
 from schemas.errors import RaygenError
@@ -708,9 +709,10 @@ def train_loop(args: dict[str, Any]) -> None:
             weights = _ema_weights(model, ema)
             if rank == 0:
                 grid = plan.sample_grid(objective, weights, config, device)
-                Storage(config.storage).write_bytes(
-                    join(config.output, "samples", f"step-{step:07d}.png"), grid
-                )
+                name = f"samples/step-{step:07d}.png"
+                Storage(config.storage).write_bytes(join(config.output, name), grid)
+                if records and records[-1]["step"] == step:
+                    records[-1]["sample"] = name  # the trackers show it beside the step
         if step % config.checkpoint_every == 0 or step == config.max_steps:
             state = {
                 "model": _full_weights(model),
@@ -994,6 +996,7 @@ def run_loop(
         text = storage.read_bytes(join(config.output, "metrics.jsonl")).decode()
         history = [json.loads(line) for line in text.splitlines() if line.strip()]
 
+    check_installed(config.tracking)
     init_ray(config.ray)
     if plan.streams_data:
         _check_cpus_for_reads(config)  # held buckets are read by the workers themselves
@@ -1031,7 +1034,17 @@ def run_loop(
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoints_to_keep),
-            callbacks=[MetricsLog(config.output, storage, config.max_steps, history, console)],
+            callbacks=[
+                MetricsLog(
+                    config.output,
+                    storage,
+                    config.max_steps,
+                    history,
+                    console,
+                    tracking=config.tracking,
+                    params={"flow": label, **config.model_dump(mode="json")},
+                )
+            ],
         ),
         datasets=plan.datasets(storage),
     )

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 from ray.train.v2.api.callback import UserCallback
 
 from cluster.ray_runtime import DriverConsole
 from cluster.storage import Storage, join
+from flows.tracking import Trackers, scalars_of
+from schemas.config import TrackingConfig
 
 EVAL_CATEGORIES = ("color", "shape", "place", "all")  # train's eval_every scores
 
@@ -28,38 +31,63 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def loss_curve_png(
-    steps: list[int], losses: list[float], size: tuple[int, int] = (640, 360)
-) -> bytes:
-    """A plain line plot of loss against step (log scale), drawn with PIL."""
-    width, height = size
-    pad = 40
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    draw.rectangle([pad, pad // 2, width - pad // 2, height - pad], outline="black")
-    if len(steps) >= 1:
-        logs = np.log10(np.maximum(np.asarray(losses, dtype=np.float64), 1e-12))
-        lo, hi = float(logs.min()), float(logs.max())
-        hi = hi if hi > lo else lo + 1.0
-        x0, x1 = steps[0], max(steps[-1], steps[0] + 1)
-        points = [
-            (
-                pad + (s - x0) / (x1 - x0) * (width - 1.5 * pad),
-                height - pad - (v - lo) / (hi - lo) * (height - 1.5 * pad),
+def smoothed(values: list[float]) -> np.ndarray:
+    """TensorBoard's smoothing: an exponential moving average, debiased at the start; its
+    weight grows with the number of points (20 points: 0.5; 200 and more: 0.95)."""
+    weight = float(np.clip(1 - 10 / max(len(values), 1), 0.0, 0.95))
+    out, average = [], 0.0
+    for i, value in enumerate(values, start=1):
+        average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight**i))
+    return np.asarray(out)
+
+
+def metrics_png(history: list[dict[str, Any]], title: str = "") -> bytes:
+    """The loss against step (raw and smoothed, log scale), and beside it the held-out
+    prompt-following scores where the run measured them, drawn with matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a Ray node
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    scored = [r for r in history if "eval_all" in r]
+    figure = Figure(figsize=(10.0 if scored else 6.4, 3.6), dpi=100, layout="constrained")
+    axes = figure.subplots(1, 2 if scored else 1, squeeze=False)[0]
+    steps = [r["step"] for r in history]
+    losses = [r["loss"] for r in history]
+    axes[0].plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="loss")
+    axes[0].plot(steps, smoothed(losses), color="tab:blue", linewidth=2, label="smoothed")
+    # A log scale where the loss falls by a decade or more; a narrow range reads better linear.
+    positive = [v for v in losses if v > 0]
+    wide = bool(positive) and max(positive) / min(positive) >= 10
+    axes[0].set(xlabel="step", ylabel="loss", yscale="log" if wide else "linear")
+    axes[0].set_title(title or "training loss")
+    axes[0].grid(True, which="both", alpha=0.3)
+    axes[0].legend(loc="upper right")
+    if scored:
+        for category in EVAL_CATEGORIES:
+            axes[1].plot(
+                [r["step"] for r in scored],
+                [r[f"eval_{category}"] for r in scored],
+                marker="o",
+                linewidth=2 if category == "all" else 1,
+                label=category,
             )
-            for s, v in zip(steps, logs, strict=True)
-        ]
-        draw.line(points, fill="steelblue", width=2)
-        draw.text((pad, height - pad + 8), f"step {x0}", fill="black")
-        draw.text((width - 3 * pad, height - pad + 8), f"step {x1}", fill="black")
-        draw.text((4, pad // 2), f"{10**hi:.3g}", fill="black")
-        draw.text((4, height - pad - 10), f"{10**lo:.3g}", fill="black")
-    draw.text((width // 2 - 20, 4), "loss", fill="black")
-    return png_bytes(image)
+        axes[1].set(xlabel="step", ylabel="accuracy", ylim=(-0.02, 1.02))
+        axes[1].set_title("held-out prompts")
+        axes[1].grid(True, alpha=0.3)
+        axes[1].legend(loc="best")
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
 
 
 class MetricsLog(UserCallback):
-    """On the Train controller: rank 0's metrics -> progress lines, metrics.jsonl, loss.png."""
+    """On the Train controller: rank 0's metrics -> progress lines, metrics.jsonl, loss.png,
+    and the trackers of ``tracking`` (TensorBoard by default; MLflow, W&B)."""
 
     def __init__(
         self,
@@ -68,9 +96,13 @@ class MetricsLog(UserCallback):
         total_steps: int,
         history: list[dict],
         console: DriverConsole,
+        tracking: TrackingConfig | None = None,
+        params: dict[str, Any] | None = None,
     ) -> None:
         self.output, self.storage, self.total_steps = output, storage, total_steps
         self.history, self.console = history, console
+        self.tracking, self.params = tracking or TrackingConfig(tensorboard=False), params or {}
+        self.trackers: Trackers | None = None  # opened at the first report, on the controller
 
     def after_report(
         self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any
@@ -101,11 +133,28 @@ class MetricsLog(UserCallback):
                 )
         lines = "".join(json.dumps(r) + "\n" for r in self.history)
         self.storage.write_bytes(join(self.output, "metrics.jsonl"), lines.encode())
-        if checkpoint or record["step"] == self.total_steps:
-            curve = loss_curve_png(
-                [r["step"] for r in self.history], [r["loss"] for r in self.history]
-            )
-            self.storage.write_bytes(join(self.output, "loss.png"), curve)
+        last = record["step"] == self.total_steps
+        self._track(records, flush=bool(checkpoint) or last, close=last)
+        if checkpoint or last:
+            png = metrics_png(self.history, title=f"{Path(self.output.rstrip('/')).name} loss")
+            self.storage.write_bytes(join(self.output, "loss.png"), png)
+
+    def _track(self, records: list[dict[str, Any]], flush: bool, close: bool) -> None:
+        """The records to the trackers. A tracker that fails (a tracking server down) is
+        named on the console and dropped: it must not stop a training run."""
+        if self.trackers is None:
+            self.trackers = Trackers(self.tracking, self.output, self.storage, self.params)
+        for record in records:
+            self.trackers.log(record["step"], scalars_of(record))
+            if "sample" in record:
+                png = self.storage.read_bytes(join(self.output, record["sample"]))
+                self.trackers.image(record["step"], "samples", png)
+        if flush:
+            self.trackers.flush()
+        if close:
+            self.trackers.close()
+        for name, error in self.trackers.take_errors():
+            self.console.say(f"[raygen] {name} tracking failed, not used from here: {error}")
 
     def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
         # Worker output stays in Ray's logs: say here that workers failed (Ray Train restarts

@@ -206,6 +206,25 @@ class OptimizerConfig(Config):
     max_grad_norm: float | None = Field(default=1.0, gt=0, description="None: no clipping")
 
 
+class TrackingConfig(Config):
+    """Where a run's curves, held-out scores and sample grids go besides metrics.jsonl."""
+
+    tensorboard: bool = Field(default=True, description="event files in {output}/tensorboard")
+    mlflow: str | None = Field(
+        default=None,
+        description="an MLflow tracking URI (http://mlflow:5000, databricks, or a local "
+        "file:/path/mlruns); needs `pip install mlflow-skinny`",
+    )
+    wandb: str | None = Field(
+        default=None, description="a Weights & Biases project; needs `pip install wandb`"
+    )
+    wandb_mode: Literal["online", "offline", "disabled"] | None = Field(
+        default=None, description="default: $WANDB_MODE, else online"
+    )
+    experiment: str = Field(default="raygen", description="the MLflow experiment")
+    run_name: str | None = Field(default=None, description="default: the output folder's name")
+
+
 class LoopConfig(Config):
     """What every Ray Train run shares (training and distillation): workers, batching, the
     optimizer, checkpoints, faults, metrics. One loop in flows/train.py reads it."""
@@ -268,6 +287,7 @@ class LoopConfig(Config):
         "logged beside the loss; 0: off",
     )
     eval_seeds: int = Field(default=2, ge=1, description="images per held-out prompt there")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     seed: int = 0
     resume: bool = Field(default=False, description="continue from the latest checkpoint")
     storage: StorageConfig = Field(default_factory=StorageConfig)

@@ -69,6 +69,10 @@ def test_quick_demo_trains_distills_serves_and_reports(demo_run):
         assert grid.std() > 0  # decoded images, not a blank canvas
     for run in ("vae", "train", "distill"):
         assert f"loss-{run}.png" in report and (data / "report" / f"loss-{run}.png").exists()
+        assert list((data / "runs" / run / "tensorboard").glob("events.out.tfevents.*")), run
+    # The train curve has the held-out scores beside the loss (a second panel).
+    assert Image.open(data / "report" / "loss-train.png").size == (1000, 360)
+    assert f"tensorboard --logdir {data / 'runs'}" in report
 
 
 @pytest.mark.slow

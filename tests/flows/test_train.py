@@ -57,6 +57,50 @@ def _metrics(output: Path) -> list[dict]:
     return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
 
 
+def _tensorboard(output: Path) -> dict[str, dict[int, float]]:
+    """What TensorBoard shows of a run: scalars by tag and step, images as tag -> steps."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(
+        str(output / "tensorboard"), size_guidance={"scalars": 0, "images": 0}
+    )
+    events.Reload()
+    shown = {
+        tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]
+    }
+    return shown | {
+        tag: {e.step: 0.0 for e in events.Images(tag)} for tag in events.Tags()["images"]
+    }
+
+
+def _wandb_history(folder: Path) -> list[dict]:
+    """The history rows of W&B's offline run files (``run-<id>.wandb``): W&B's record log
+    (32 KiB blocks of chunks with a 7-byte header) of its protobuf records."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    rows = []
+    for path in sorted(folder.glob("wandb/offline-run-*/run-*.wandb")):
+        raw, position, pending = path.read_bytes(), 7, b""  # a 7-byte file header first
+        while position + 7 <= len(raw):
+            if 32768 - position % 32768 < 7:  # a block's tail too short for a header
+                position += 32768 - position % 32768
+                continue
+            _, length, kind = struct.unpack("<IHB", raw[position : position + 7])
+            pending += raw[position + 7 : position + 7 + length]
+            position += 7 + length
+            if kind in (1, 4):  # a whole record, or a record's last chunk
+                record = wandb_internal_pb2.Record.FromString(pending)
+                pending = b""
+                if record.WhichOneof("record_type") == "history":
+                    items = record.history.item
+                    rows.append(
+                        {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items}
+                    )
+    return rows
+
+
 def _train_worker_pids(session_ray) -> list[int]:
     """The session Ray's live Ray Train workers (its State API): a background demo's own
     local Ray has workers of the same name on this machine."""
@@ -169,11 +213,19 @@ def _kill_test_config(bundles, shards, output: Path) -> TrainConfig:
     )  # fmt: skip
 
 
+def _tracked(config: TrainConfig, output: Path) -> TrainConfig:
+    """The run logged to MLflow (a local mlruns folder) and W&B (offline) as well."""
+    tracking = {"mlflow": f"file:{output.parent / 'mlruns'}", "wandb": "raygen-tests"}
+    tracking |= {"wandb_mode": "offline", "run_name": "uninterrupted"}
+    return config.model_copy(update={"tracking": config.tracking.model_copy(update=tracking)})
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(ray_local, tiny_bundles, prep_shards, tmp_path_factory) -> Path:
-    """The kill test's run without a kill: its output folder."""
+    """The kill test's run without a kill (logged to MLflow and W&B too): its output folder."""
     output = tmp_path_factory.mktemp("uninterrupted") / "run"
-    assert run_train(_kill_test_config(tiny_bundles, prep_shards, output)).steps == 6
+    config = _tracked(_kill_test_config(tiny_bundles, prep_shards, output), output)
+    assert run_train(config).steps == 6
     return output
 
 
@@ -228,6 +280,10 @@ def test_killed_worker_restarts_from_its_checkpoint_with_the_uninterrupted_losse
         "step-0000003.png",
         "step-0000006.png",
     ]
+    # TensorBoard shows each step once, the restarted steps' values replacing the first ones.
+    shown = _tensorboard(output)
+    assert shown["train/loss"] == pytest.approx({r["step"]: r["loss"] for r in records}, rel=1e-6)
+    assert sorted(shown["samples"]) == [3, 6]
 
 
 def test_finished_run_resumes_and_exports_a_bundle_diffusers_loads(
@@ -240,7 +296,7 @@ def test_finished_run_resumes_and_exports_a_bundle_diffusers_loads(
         run_train(config.model_copy(update={"max_steps": 7}))
     # Resumed with the held-out prompts scored at its last step (one seed, two steps).
     more = {"max_steps": 7, "resume": True, "eval_every": 7, "eval_seeds": 1, "sample_steps": 2}
-    resumed = run_train(config.model_copy(update=more))
+    resumed = run_train(_tracked(config, uninterrupted).model_copy(update=more))
     assert resumed.steps == 7
     records = _metrics(uninterrupted)
     assert [r["step"] for r in records] == list(range(1, 8))
@@ -249,6 +305,26 @@ def test_finished_run_resumes_and_exports_a_bundle_diffusers_loads(
     scores = {k: v for k, v in records[6].items() if k.startswith("eval_")}
     assert sorted(scores) == ["eval_all", "eval_color", "eval_place", "eval_shape"]
     assert all(0 <= v <= 1 for v in scores.values())
+    losses[7] = records[6]["loss"]
+    # The curves where teams look: TensorBoard, and the one MLflow run and W&B run the resumed
+    # run continued (their ids in tracking.json), every step's loss as in metrics.jsonl.
+    assert _tensorboard(uninterrupted)["train/loss"] == pytest.approx(losses, rel=1e-6)
+    assert _tensorboard(uninterrupted)["eval/shape"] == {7: pytest.approx(scores["eval_shape"])}
+    ids = json.loads((uninterrupted / "tracking.json").read_text())
+    from mlflow import MlflowClient
+
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    mlflow = MlflowClient(tracking_uri=f"file:{uninterrupted.parent / 'mlruns'}")
+    run = mlflow.get_run(ids["mlflow_run_id"])
+    assert run.info.run_name == "uninterrupted" and run.data.params["max_steps"] == "6"
+    history = {m.step: m.value for m in mlflow.get_metric_history(run.info.run_id, "train/loss")}
+    assert history == pytest.approx(losses, rel=1e-6)
+    logged = _wandb_history(uninterrupted)
+    assert {row["_step"]: row["train/loss"] for row in logged} == pytest.approx(losses, rel=1e-6)
+    assert [row["_step"] for row in logged if "samples/path" in row] == [3, 6]
+    assert {p.name.split("-")[-1] for p in (uninterrupted / "wandb").glob("offline-run-*")} == {
+        ids["wandb_run_id"]
+    }
 
     # The bundle loads unchanged in diffusers and samples; its transformer is the trained one.
     pipe = StableDiffusion3Pipeline.from_pretrained(uninterrupted / "bundle")
