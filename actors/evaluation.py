@@ -26,7 +26,8 @@ import torch
 from PIL import Image
 
 from actors.loaders import load_model, load_pipeline, load_processor
-from actors.shape_detector import detect_image
+from actors.shape_detector import detect_image, detect_video
+from actors.video import encode_mp4, to_uint8
 from cluster.bundles import SAMPLING_FILE, resolve_bundle
 from cluster.storage import Storage, is_s3
 from flows.client import generate_image
@@ -65,8 +66,20 @@ def sampling_settings(
     return {**recorded, **{key: value for key, value in given.items() if value is not None}}
 
 
+def filmstrip(frames: np.ndarray) -> np.ndarray:
+    """(F, H, W, 3) -> (H, F * W, 3): a video's frames side by side, left to right."""
+    return np.concatenate(list(frames), axis=1)
+
+
+def strip_frames(strip: np.ndarray, count: int) -> np.ndarray:
+    """``filmstrip``'s inverse: (H, F * W, 3) -> (F, H, W, 3)."""
+    return np.stack(np.split(strip, count, axis=1))
+
+
 class BundleImages:
-    """Ray Data stage: rows with ``prompt`` and ``seed`` -> ``image`` (PNG bytes) added."""
+    """Ray Data stage: rows with ``prompt`` and ``seed`` -> ``image`` (PNG bytes) and
+    ``frames`` added. A video bundle's video is ``image`` as a filmstrip of its ``frames``
+    frames (what the scorer reads and the grid shows), and ``video`` (MP4 bytes)."""
 
     def __init__(
         self,
@@ -77,6 +90,8 @@ class BundleImages:
         num_inference_steps: int | None,
         guidance_scale: float | None,
         max_sequence_length: int,
+        num_frames: int = 1,
+        fps: int = 8,
     ) -> None:
         self.pipe = load_pipeline(bundle, storage)
         self.pipe.set_progress_bar_config(disable=True)
@@ -86,20 +101,34 @@ class BundleImages:
             "width": width,
             **sampling_settings(bundle_dir, num_inference_steps, guidance_scale),
         }
-        if "max_sequence_length" in inspect.signature(self.pipe.__call__).parameters:
+        parameters = inspect.signature(self.pipe.__call__).parameters
+        if "max_sequence_length" in parameters:
             self.settings["max_sequence_length"] = max_sequence_length
+        self.video = "num_frames" in parameters
+        if self.video:
+            self.settings["num_frames"] = num_frames
+        self.fps = fps
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         device = self.pipe.device
         generators = [torch.Generator(device).manual_seed(int(seed)) for seed in batch["seed"]]
-        images = self.pipe(
+        output = self.pipe(
             prompt=[str(prompt) for prompt in batch["prompt"]],
             generator=generators,
             output_type="np",
             **self.settings,
-        ).images  # (B, H, W, 3) float in [0, 1]
-        pixels = (np.asarray(images) * 255).round().astype(np.uint8)
-        return {**batch, "image": np.array([png(p) for p in pixels], dtype=object)}
+        )
+        if not self.video:
+            pixels = to_uint8(np.asarray(output.images))  # (B, H, W, 3)
+            images = np.array([png(p) for p in pixels], dtype=object)
+            return {**batch, "image": images, "frames": np.ones(len(pixels), dtype=np.int64)}
+        videos = to_uint8(np.asarray(output.frames))  # (B, F, H, W, 3)
+        return {
+            **batch,
+            "image": np.array([png(filmstrip(v)) for v in videos], dtype=object),
+            "frames": np.full(len(videos), videos.shape[1], dtype=np.int64),
+            "video": np.array([encode_mp4(v, self.fps) for v in videos], dtype=object),
+        }
 
 
 class ServerImages:
@@ -130,7 +159,8 @@ class ServerImages:
             request = GenerateRequest(prompt=str(prompt), seed=int(seed), **self.settings)
             response = generate_image(self.url, request, self.api_key, self.timeout_s)
             images.append(base64.b64decode(response.images[0].b64_json))
-        return {**batch, "image": np.array(images, dtype=object)}
+        frames = np.ones(len(images), dtype=np.int64)
+        return {**batch, "image": np.array(images, dtype=object), "frames": frames}
 
 
 class CLIPFeatures(torch.nn.Module):
@@ -192,18 +222,25 @@ class ImageScores:
         columns: dict[str, list[Any]] = {name: [] for name in self.CATEGORIES}
         columns |= {f"seen_{name}": [] for name in self.CATEGORIES}
         columns["clip_score"] = []
-        for prompt, data in zip(batch["prompt"], batch["image"], strict=True):
-            pixels = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))  # (H, W, 3)
+        rows = zip(batch["prompt"], batch["image"], batch["frames"], strict=True)
+        for prompt, data, count in rows:
+            pixels = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))  # (H, F * W, 3)
+            frames = strip_frames(pixels, int(count))  # (F, H, W, 3)
             caption = ShapeCaption.parse(str(prompt))
-            video = caption is not None and caption.direction is not None
-            detection = detect_image(pixels)
+            # A video is read as a video, an image as an image: a caption of the other kind
+            # (a motion asked of an image) is not scored.
+            video = len(frames) > 1
+            detection = detect_video(frames) if video else detect_image(frames[0])
+            kind_matches = caption is not None and (caption.direction is not None) == video
             for name in self.CATEGORIES:
                 seen = getattr(detection, name)
                 columns[f"seen_{name}"].append(seen)
-                wanted = None if caption is None or video else caption.value(name)
+                wanted = caption.value(name) if kind_matches else None
                 columns[name].append(None if wanted is None else seen == wanted)
+            # CLIP sees the middle frame of a video.
+            middle = frames[len(frames) // 2]
             with torch.no_grad():
-                score = self.clip_score(pixels, str(prompt)) if self.clip else float("nan")
+                score = self.clip_score(middle, str(prompt)) if self.clip else float("nan")
             columns["clip_score"].append(score)
         return {
             **batch,

@@ -7,9 +7,14 @@ detector's verdicts, the CLIP score) -> ``eval.json`` (settings, metrics, every 
 scores), ``report.md`` (the metrics table and the grid) and ``grid.png`` (a row per prompt,
 a column per seed), with the images under ``images/``; local or ``s3://``.
 
-Prompt following, GenEval-style: per category (color, shape, place), the share of images
-whose prompt names it where the detector sees what the prompt says; ``all`` is the share
-right in every category. Prompts outside the shapes domain count for the CLIP score only.
+A video bundle (Wan) makes videos: each is stored as an MP4 and as a filmstrip PNG of its
+frames, which the detector reads as a video (color and shape from the middle frame, the
+direction of motion from the shape's travel); its default prompts are the shapes video
+prompts. Evaluation through a server is of images.
+
+Prompt following, GenEval-style: per category (color, shape, place; direction for videos),
+the share of images whose prompt names it where the detector sees what the prompt says;
+``all`` is the share right in every category the prompt names. Prompts outside the shapes domain count for the CLIP score only.
 FID (torchmetrics) compares the generated images with ``fid.reference`` images, decoded by
 prep's stages to the same size, in a Ray task; without a reference or local feature
 weights it is skipped with its reason.
@@ -38,14 +43,15 @@ from actors.evaluation import (
     fid_skip_reason,
     frechet_distance,
 )
+from actors.families import family_of
 from actors.sources import FetchMedia, list_inputs
 from cluster.ray_runtime import init_ray
 from cluster.storage import Storage, join
 from schemas.config import BucketConfig, ConfigError, EvaluateConfig, PrepConfig
 from schemas.errors import RaygenError
-from schemas.shapes import HELD_OUT
+from schemas.shapes import HELD_OUT, VIDEO_PROMPTS
 
-CATEGORIES = ("color", "shape", "place")
+CATEGORIES = ("color", "shape", "place", "direction")  # place: images; direction: videos
 GRID_PROMPTS = 12  # rows of grid.png: the first prompts
 
 
@@ -65,9 +71,9 @@ def check_server(url: str, timeout_s: float) -> None:
         raise RaygenError(f"url: cannot reach a raygen server at {url}: {reason}") from None
 
 
-def read_prompts(config: EvaluateConfig, storage: Storage) -> list[str]:
+def read_prompts(config: EvaluateConfig, storage: Storage, video: bool = False) -> list[str]:
     if config.prompts is None:
-        return [caption.text for caption in HELD_OUT]
+        return [caption.text for caption in (VIDEO_PROMPTS if video else HELD_OUT)]
     if not storage.exists(config.prompts):
         raise ConfigError(f"prompts: no file {config.prompts}")
     text = storage.read_bytes(config.prompts).decode("utf-8", errors="replace")
@@ -78,13 +84,19 @@ def read_prompts(config: EvaluateConfig, storage: Storage) -> list[str]:
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The metrics over scored rows: per-category accuracy (and ``all``) where prompts name
-    the category, and the mean CLIP score."""
+    """The metrics over scored rows: per-category accuracy over the rows whose prompt names
+    the category (``all``: right in every category it names), and the mean CLIP score."""
     metrics: dict[str, Any] = {}
-    scored = [row for row in rows if any(row[c] is not None for c in CATEGORIES)]
+    scored = [row for row in rows if any(row.get(c) is not None for c in CATEGORIES)]
     if scored:
-        following = {c: float(np.mean([bool(row[c]) for row in scored])) for c in CATEGORIES}
-        following["all"] = float(np.mean([all(row[c] for c in CATEGORIES) for row in scored]))
+        following = {
+            c: float(np.mean([bool(row[c]) for row in named]))
+            for c in CATEGORIES
+            if (named := [row for row in scored if row.get(c) is not None])
+        }
+        following["all"] = float(
+            np.mean([all(row[c] for c in CATEGORIES if row.get(c) is not None) for row in scored])
+        )
         metrics["prompt_following"] = {**following, "images": len(scored)}
     clip = [row["clip_score"] for row in rows if not math.isnan(row["clip_score"])]
     if clip:
@@ -140,18 +152,25 @@ def grid_png(rows: list[dict[str, Any]], prompts: list[str], seeds: int) -> byte
     return buffer.getvalue()
 
 
-def report_markdown(config: EvaluateConfig, metrics: dict[str, Any], prompts: list[str]) -> str:
+def report_markdown(
+    config: EvaluateConfig, metrics: dict[str, Any], prompts: list[str], video: bool = False
+) -> str:
     lines = [
         f"# Evaluation of {source(config)}",
         "",
-        f"{len(prompts)} prompts x {config.seeds} seeds at {config.width}x{config.height}.",
+        f"{len(prompts)} prompts x {config.seeds} seeds at {config.width}x{config.height}"
+        + (
+            f", {config.num_frames} frames a video (a filmstrip each in the grid)."
+            if video
+            else "."
+        ),
         "",
         "| metric | value | images |",
         "| --- | --- | --- |",
     ]
     following = metrics.get("prompt_following")
     if following:
-        for category in (*CATEGORIES, "all"):
+        for category in (*(c for c in CATEGORIES if c in following), "all"):
             lines.append(
                 f"| prompt following: {category} | {following[category]:.3f} | "
                 f"{following['images']} |"
@@ -181,9 +200,13 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
     started = time.perf_counter()
     storage = Storage(config.storage)
     storage.check(config.output)
-    prompts = read_prompts(config, storage)
+    # A video bundle makes videos (read for their direction of motion); a server, images.
+    video = config.url is None and family_of(config.bundle.uri, storage).media == "video"
+    prompts = read_prompts(config, storage, video)
     clip = config.clip if "clip_score" in config.metrics else None
     fid_skipped = fid_skip_reason(config.fid) if "fid" in config.metrics else None
+    if video and "fid" in config.metrics:
+        fid_skipped = "a video model: FID compares images"
     if "fid" in config.metrics and fid_skipped is None:
         reference = reference_items(config, storage)  # a bad folder fails here, before any work
     rows = [
@@ -219,6 +242,7 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
         stage = BundleImages
         kwargs = {"bundle": config.bundle, "storage": config.storage}
         kwargs["max_sequence_length"] = config.max_sequence_length
+        kwargs |= {"num_frames": config.num_frames, "fps": config.fps}
         num_cpus, num_gpus = resources.num_cpus, resources.num_gpus
     ds = ds.map_batches(
         stage,
@@ -254,9 +278,12 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
     for row in scored:
         name = f"images/{row['index']:04d}-seed{row['seed']}.png"
         storage.write_bytes(join(config.output, name), row["image"])
+        if video:
+            storage.write_bytes(join(config.output, name[:-4] + ".mp4"), row["video"])
         images.append(
             {
                 "file": name,
+                **({"video": name[:-4] + ".mp4", "frames": int(row["frames"])} if video else {}),
                 "prompt": row["prompt"],
                 "seed": int(row["seed"]),
                 **{c: row[c] for c in CATEGORIES if row[c] is not None},
@@ -269,6 +296,7 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
         "url": config.url,
         "prompts": len(prompts),
         "seeds": config.seeds,
+        "media": "video" if video else "image",
         # None: the bundle's own (a distilled bundle's raygen_sampling.json, else the
         # pipeline's defaults).
         "settings": {
@@ -276,6 +304,7 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
             "width": config.width,
             "num_inference_steps": config.num_inference_steps,
             "guidance_scale": config.guidance_scale,
+            **({"num_frames": config.num_frames} if video else {}),
         },
         "metrics": metrics,
         "seconds": round(time.perf_counter() - started, 1),
@@ -283,7 +312,7 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
     }
     storage.write_bytes(join(config.output, "grid.png"), grid_png(scored, prompts, config.seeds))
     storage.write_bytes(
-        join(config.output, "report.md"), report_markdown(config, metrics, prompts).encode()
+        join(config.output, "report.md"), report_markdown(config, metrics, prompts, video).encode()
     )
     storage.write_bytes(join(config.output, "eval.json"), json.dumps(result, indent=1).encode())
     for name, value in metrics.items():

@@ -383,7 +383,8 @@ class FidConfig(Config):
 
 class EvaluateConfig(Config):
     """`raygen evaluate`: prompts x seeds -> images from a bundle (or a running server) ->
-    scores and a report.
+    scores and a report. A video bundle (Wan) makes videos, scored for their direction of
+    motion too; its default prompts are the shapes video prompts.
 
     Prompt following is read from pixels by the shapes detector (actors/shape_detector.py),
     GenEval-style, for prompts of the shapes domain; CLIP score is torchmetrics' CLIPScore
@@ -407,6 +408,10 @@ class EvaluateConfig(Config):
     num_inference_steps: int | None = Field(default=None, ge=1)
     guidance_scale: float | None = Field(default=None, ge=0)
     max_sequence_length: int = Field(default=77, ge=1, description="T5 tokens per prompt")
+    num_frames: int = Field(
+        default=9, ge=1, description="video bundles: frames per video (Wan: 4k + 1)"
+    )
+    fps: int = Field(default=8, ge=1, description="video bundles: of the MP4s written")
     metrics: list[str] = Field(default_factory=lambda: list(EVAL_METRICS))
     clip: ModelRef | None = Field(
         default_factory=lambda: _bundle("scorer"),

@@ -94,6 +94,21 @@ def _held_out() -> tuple[ShapeCaption, ...]:
 HELD_OUT: tuple[ShapeCaption, ...] = _held_out()
 
 
+def _video_prompts() -> tuple[ShapeCaption, ...]:
+    """`raygen evaluate`'s default prompts for a video model: two motions per color, each
+    direction three times and each shape four times."""
+    held = []
+    for index, color in enumerate(COLORS):
+        held.append(ShapeCaption(color, SHAPES[index % 3], direction=DIRECTIONS[index % 4]))
+        held.append(
+            ShapeCaption(color, SHAPES[(index + 1) % 3], direction=DIRECTIONS[(index + 2) % 4])
+        )
+    return tuple(held)
+
+
+VIDEO_PROMPTS: tuple[ShapeCaption, ...] = _video_prompts()
+
+
 def training_triples() -> list[ShapeCaption]:
     """Every (color, shape, place) an image of a training corpus may show."""
     held = set(HELD_OUT)

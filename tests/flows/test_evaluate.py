@@ -4,20 +4,21 @@ same images; a report; and clear errors for prompts and metrics."""
 
 import json
 
+import av
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusion3Pipeline
+from diffusers import StableDiffusion3Pipeline, WanPipeline
 from PIL import Image
 from torchmetrics.multimodal.clip_score import CLIPScore
 
-from actors.evaluation import ImageScores, clip_model_and_processor, png
+from actors.evaluation import ImageScores, clip_model_and_processor, filmstrip, png
 from cluster.storage import Storage
 from flows.evaluate import read_prompts, reference_items, run_evaluate, summarize
 from flows.models import build_tiny_bundles
-from flows.shapes import MEDIA_DIR, build_shapes_corpus, shape_image
+from flows.shapes import MEDIA_DIR, build_shapes_corpus, shape_image, shape_video
 from schemas.config import ConfigError, EvaluateConfig, ModelRef, load_config
-from schemas.shapes import HELD_OUT
+from schemas.shapes import HELD_OUT, VIDEO_PROMPTS
 
 PROMPTS = ["a red circle on the left", "a blue square at the top", "a photo of a cat"]
 
@@ -35,6 +36,7 @@ def test_scores_of_renderings_and_clip_score_as_torchmetrics_computes_it(scorer)
     batch = {
         "prompt": np.array(prompts, dtype=object),
         "image": np.array([png(p) for p in pixels], dtype=object),
+        "frames": np.ones(len(prompts), dtype=np.int64),
     }
     scores = ImageScores(scorer, None)(batch)
     for category in ("color", "shape", "place"):
@@ -44,6 +46,33 @@ def test_scores_of_renderings_and_clip_score_as_torchmetrics_computes_it(scorer)
     direct = CLIPScore(model_name_or_path=lambda: clip_model_and_processor(scorer))
     direct.update(torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2), prompts)
     assert np.mean(scores["clip_score"]) == pytest.approx(float(direct.compute()), rel=1e-5)
+
+
+def test_videos_are_read_as_videos_from_their_filmstrips():
+    """The generator's own motions, as BundleImages stores a video (a filmstrip PNG of its
+    frames): every direction read right; an image asked for a motion is not scored."""
+    rng = np.random.default_rng(0)
+    videos = [shape_video(caption, 32, 9, rng) for caption in VIDEO_PROMPTS]  # (9, 32, 32, 3)
+    prompts = [caption.text for caption in VIDEO_PROMPTS]
+    batch = {
+        "prompt": np.array([*prompts, prompts[0]], dtype=object),
+        "image": np.array([png(filmstrip(v)) for v in [*videos, videos[0][:1]]], dtype=object),
+        "frames": np.array([9] * len(videos) + [1], dtype=np.int64),
+    }
+    scores = ImageScores(None, None)(batch)
+    for category in ("color", "shape", "direction"):
+        assert list(scores[category]) == [True] * len(videos) + [None], category
+    assert list(scores["place"]) == [None] * (len(videos) + 1)
+    assert list(scores["seen_direction"][:4]) == [c.direction for c in VIDEO_PROMPTS[:4]]
+    assert summarize(
+        [dict(zip(scores, row, strict=True)) for row in zip(*scores.values(), strict=True)]
+    )["prompt_following"] == {
+        "color": 1.0,
+        "shape": 1.0,
+        "direction": 1.0,
+        "all": 1.0,
+        "images": len(videos),
+    }
 
 
 def test_summary_counts_shapes_prompts_only():
@@ -116,6 +145,47 @@ def test_evaluate_a_bundle_on_ray_data(ray_local, tiny_bundles, feature_extracto
         ).images[0]  # fmt: skip
         got = np.asarray(Image.open(output / image["file"])).astype(np.int16)
         assert np.abs(got - (expected * 255).round()).max() <= 1, image["file"]
+
+
+@pytest.mark.slow
+def test_evaluate_a_video_bundle_reads_the_direction_of_motion(ray_local, tiny_bundles, tmp_path):
+    output = tmp_path / "eval"
+    config = load_config(
+        EvaluateConfig,
+        values={
+            "bundle.uri": str(tiny_bundles["t2v"]),
+            "output": str(output),
+            "seeds": 1,
+            "height": 32,
+            "width": 32,
+            "num_frames": 5,
+            "num_inference_steps": 2,
+            "max_sequence_length": 16,
+            "metrics": ["prompt_following", "fid"],
+            "generate.batch_size": 6,
+        },
+    )
+    result = run_evaluate(config)
+    following = result["metrics"]["prompt_following"]
+    assert sorted(following) == ["all", "color", "direction", "images", "shape"]
+    assert following["images"] == len(VIDEO_PROMPTS)
+    assert result["metrics"]["fid"] == {"skipped": "a video model: FID compares images"}
+    assert result["media"] == "video" and result["settings"]["num_frames"] == 5
+    assert "| prompt following: direction |" in (output / "report.md").read_text()
+    assert Image.open(output / "grid.png").size == (5 * 32, 12 * 32)  # filmstrips, a row each
+
+    # Each video is the pipeline's own for its seed, in the MP4 and in the filmstrip.
+    pipe = WanPipeline.from_pretrained(tiny_bundles["t2v"])
+    first = result["images"][0]
+    expected = pipe(
+        first["prompt"], height=32, width=32, num_frames=5, num_inference_steps=2,
+        max_sequence_length=16, generator=torch.Generator().manual_seed(0), output_type="np",
+    ).frames[0]  # fmt: skip
+    strip = np.asarray(Image.open(output / first["file"])).astype(np.int16)
+    assert strip.shape == (32, 5 * 32, 3)
+    assert np.abs(strip - (filmstrip(expected) * 255).round()).max() <= 1
+    with av.open(str(output / first["video"])) as container:
+        assert len(list(container.decode(video=0))) == 5
 
 
 class TinyFeatures(torch.nn.Module):
