@@ -33,8 +33,9 @@ def png_bytes(image: Image.Image) -> bytes:
 
 def smoothed(values: list[float]) -> np.ndarray:
     """TensorBoard's smoothing: an exponential moving average, debiased at the start; its
-    weight grows with the number of points (20 points: 0.5; 200 and more: 0.95)."""
-    weight = float(np.clip(1 - 10 / max(len(values), 1), 0.0, 0.95))
+    weight grows with the number of points (20 or fewer: none; 50: 0.6; 100 and more: 0.8),
+    so that a short curve is not dragged behind its points."""
+    weight = float(np.clip(1 - 20 / max(len(values), 1), 0.0, 0.8))
     out, average = [], 0.0
     for i, value in enumerate(values, start=1):
         average = weight * average + (1 - weight) * value
@@ -66,15 +67,21 @@ def metrics_png(history: list[dict[str, Any]], title: str = "") -> bytes:
     axes[0].grid(True, which="both", alpha=0.3)
     axes[0].legend(loc="upper right")
     if scored:
+        # Categories often coincide (all at 1.0): markers of different sizes keep each seen.
+        styles = {
+            "color": {"marker": "o", "markersize": 9},
+            "shape": {"marker": "s", "markersize": 6},
+            "place": {"marker": "^", "markersize": 4},
+            "all": {"color": "black", "linestyle": "--", "linewidth": 2},
+        }
         for category in EVAL_CATEGORIES:
             axes[1].plot(
                 [r["step"] for r in scored],
                 [r[f"eval_{category}"] for r in scored],
-                marker="o",
-                linewidth=2 if category == "all" else 1,
                 label=category,
+                **styles[category],
             )
-        axes[1].set(xlabel="step", ylabel="accuracy", ylim=(-0.02, 1.02))
+        axes[1].set(xlabel="step", ylabel="accuracy", ylim=(-0.04, 1.06))
         axes[1].set_title("held-out prompts")
         axes[1].grid(True, alpha=0.3)
         axes[1].legend(loc="best")
