@@ -70,6 +70,8 @@ class LatentConsistencyDistillation:
     would round updates away in bf16). `dtype` applies to the frozen teacher only.
     """
 
+    output_name = "bundle"
+
     def __init__(
         self,
         bundle_dir: str | Path,

@@ -65,7 +65,14 @@ from flows.shard_reader import (
 )
 from flows.tracking import check_installed
 from flows.train_log import MetricsLog, png_bytes
-from schemas.config import ConfigError, LoopConfig, ModelRef, PrepConfig, TrainConfig
+from schemas.config import (
+    AdapterConfig,
+    ConfigError,
+    LoopConfig,
+    ModelRef,
+    PrepConfig,
+    TrainConfig,
+)
 from schemas.errors import RaygenError
 from schemas.shapes import HELD_OUT, ShapeCaption
 from schemas.shards import MANIFEST_NAME, BucketKey, Manifest
@@ -342,6 +349,7 @@ def _sample_rows(
 
 class Objective(Protocol):
     model: torch.nn.Module  # the trainable module: wrapped, EMA-tracked, exported
+    output_name: str  # the folder of the output its export is written to
 
     def loss(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator
@@ -359,6 +367,8 @@ class Objective(Protocol):
 class StatelessObjective:
     """The Objective methods of an objective with no state of its own beyond the model and
     nothing to do after an optimizer step (distillation's target network is the other kind)."""
+
+    output_name = "bundle"
 
     def after_optimizer_step(self, model: torch.nn.Module) -> None:
         pass
@@ -386,6 +396,9 @@ class RectifiedFlow(StatelessObjective):
             model = transformer_cls.from_config({**model_config, **config.transformer_config})
         else:
             model = transformer_cls.from_pretrained(plan.bundle_dir, subfolder="transformer")
+        if config.adapter is not None:
+            add_lora(model, config.adapter)
+            self.output_name = "adapter"
         self.model = model.to(device).train()
         scheduler = component_config(plan.bundle_dir, "scheduler")
         # FlowMatchEulerDiscreteScheduler calls it shift, Wan's UniPC flow_shift.
@@ -433,7 +446,58 @@ class RectifiedFlow(StatelessObjective):
         return loss, {"sigma_mean": sigmas.mean().item()}
 
     def export(self, state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> None:
-        export_bundle(self.plan.bundle_dir, self.model, state_dict, out_dir)
+        if self.config.adapter is not None:
+            export_lora(self.plan, self.config, state_dict, out_dir)
+        else:
+            export_bundle(self.plan.bundle_dir, self.model, state_dict, out_dir)
+
+
+ADAPTER_FILE = "raygen_adapter.json"  # beside the LoRA: its base bundle and settings
+
+
+def add_lora(model: torch.nn.Module, adapter: AdapterConfig) -> None:
+    """Freeze ``model`` and give it a LoRA (peft, through diffusers' ``add_adapter``, as
+    diffusers' DreamBooth-LoRA scripts do): only the LoRA matrices train, kept in fp32 (bf16
+    comes from autocast on GPU)."""
+    from peft import LoraConfig
+
+    model.requires_grad_(False)
+    model.add_adapter(
+        LoraConfig(
+            r=adapter.rank,
+            lora_alpha=adapter.alpha or adapter.rank,
+            lora_dropout=adapter.dropout,
+            init_lora_weights="gaussian",
+            target_modules=adapter.target_modules,
+        )
+    )
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+
+
+def lora_layers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The LoRA matrices of a state dict, named as peft's ``get_peft_model_state_dict`` names
+    them (the default adapter's name left out): what ``save_lora_weights`` takes."""
+    return {
+        key.replace(".default.", "."): value
+        for key, value in state_dict.items()
+        if ".lora_A." in key or ".lora_B." in key
+    }
+
+
+def export_lora(
+    plan: RunPlan, config: TrainConfig, state_dict: dict[str, torch.Tensor], out_dir: str | Path
+) -> None:
+    """``pytorch_lora_weights.safetensors`` written by the family pipeline's own
+    ``save_lora_weights`` (``pipe.load_lora_weights(dir)`` loads it unchanged), and beside it
+    the base bundle it was trained on."""
+    plan.family.pipeline.save_lora_weights(
+        out_dir, transformer_lora_layers=lora_layers(state_dict), safe_serialization=True
+    )
+    assert config.adapter is not None
+    recorded = {"base": plan.bundle_uri, **config.adapter.model_dump(mode="json")}
+    (Path(out_dir) / ADAPTER_FILE).write_text(json.dumps(recorded, indent=1) + "\n")
 
 
 def export_bundle(
@@ -453,10 +517,14 @@ def export_bundle(
 
 
 def unwrapped_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A new CPU instance of a diffusers model's own class and config, to load full weights
-    into: FSDP2 swaps in a subclass of the model and refuses deepcopy."""
+    """A new CPU instance of a diffusers model's own class and config (and LoRA, if it has
+    one), to load full weights into: FSDP2 swaps in a subclass of the model and refuses
+    deepcopy."""
     cls = next(c for c in type(model).__mro__ if c.__module__.startswith("diffusers."))
-    return cls.from_config(model.config)
+    copy = cls.from_config(model.config)
+    for name, adapter in getattr(model, "peft_config", {}).items():
+        copy.add_adapter(adapter, adapter_name=name)
+    return copy
 
 
 def _where_rows(
@@ -563,12 +631,22 @@ def _full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=FULL)
 
 
-def _ema_weights(model: torch.nn.Module, ema: EMAModel) -> dict[str, torch.Tensor]:
-    ema.store(model.parameters())
-    ema.copy_to(model.parameters())
+def _ema_weights(
+    model: torch.nn.Module, ema: EMAModel, params: list[torch.nn.Parameter]
+) -> dict[str, torch.Tensor]:
+    """Full weights with the EMA in place of ``params``, the trained parameters (a LoRA's:
+    the frozen base is not averaged)."""
+    ema.store(params)
+    ema.copy_to(params)
     weights = _full_weights(model)
-    ema.restore(model.parameters())
+    ema.restore(params)
     return weights
+
+
+def _trained(weights: dict[str, torch.Tensor], names: set[str] | None) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of full weights: the trained parameters (``names``; None: all).
+    A LoRA's checkpoint is its matrices; the frozen base comes from the bundle."""
+    return weights if names is None else {k: v for k, v in weights.items() if k in names}
 
 
 def train_loop(args: dict[str, Any]) -> None:
@@ -594,6 +672,10 @@ def train_loop(args: dict[str, Any]) -> None:
         raw_model.enable_gradient_checkpointing()
     model = _wrap(raw_model, config.parallelism, device)
     params = [p for p in model.parameters() if p.requires_grad]
+    # A LoRA run trains (and checkpoints) its matrices only; None: every parameter trains.
+    frozen = any(not p.requires_grad for p in raw_model.parameters())
+    trained = {n for n, p in raw_model.named_parameters() if p.requires_grad} if frozen else None
+    loading = StateDictOptions(full_state_dict=True, strict=trained is None)
     optim = config.optimizer
     optimizer = torch.optim.AdamW(
         params, lr=optim.learning_rate, betas=optim.betas, weight_decay=optim.weight_decay
@@ -622,10 +704,10 @@ def train_loop(args: dict[str, Any]) -> None:
         with checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=False)
         # EMA first through the model's own parameters (FSDP shards them on the way in).
-        set_model_state_dict(model, state["ema"], options=StateDictOptions(full_state_dict=True))
+        set_model_state_dict(model, state["ema"], options=loading)
         ema = EMAModel(params, decay=config.ema_decay, foreach=foreach)
         ema.optimization_step = state["ema_step"]
-        set_model_state_dict(model, state["model"], options=StateDictOptions(full_state_dict=True))
+        set_model_state_dict(model, state["model"], options=loading)
         set_optimizer_state_dict(
             model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True)
         )
@@ -702,11 +784,11 @@ def train_loop(args: dict[str, Any]) -> None:
             )
             resumed_from = None
         if eval_due:
-            weights = _ema_weights(model, ema)  # a collective under FSDP: every rank
+            weights = _ema_weights(model, ema, params)  # a collective under FSDP: every rank
             if rank == 0:
                 records[-1].update(plan.prompt_following(objective, weights, config, device))
         if config.sample_every and step % config.sample_every == 0:
-            weights = _ema_weights(model, ema)
+            weights = _ema_weights(model, ema, params)
             if rank == 0:
                 grid = plan.sample_grid(objective, weights, config, device)
                 name = f"samples/step-{step:07d}.png"
@@ -715,8 +797,8 @@ def train_loop(args: dict[str, Any]) -> None:
                     records[-1]["sample"] = name  # the trackers show it beside the step
         if step % config.checkpoint_every == 0 or step == config.max_steps:
             state = {
-                "model": _full_weights(model),
-                "ema": _ema_weights(model, ema),
+                "model": _trained(_full_weights(model), trained),
+                "ema": _trained(_ema_weights(model, ema, params), trained),
                 "ema_step": ema.optimization_step,
                 "optimizer": get_optimizer_state_dict(model, optimizer, options=FULL),
                 "schedule": schedule.state_dict(),
@@ -739,11 +821,11 @@ def train_loop(args: dict[str, Any]) -> None:
             records, last_report = [], time.monotonic()
 
     # --- the bundle: EMA weights in the source bundle's layout ---
-    weights = _ema_weights(model, ema)
+    weights = _ema_weights(model, ema, params)
     if rank == 0:
         with tempfile.TemporaryDirectory() as folder:
             objective.export(weights, folder)
-            Storage(config.storage).upload_dir(folder, join(config.output, "bundle"))
+            Storage(config.storage).upload_dir(folder, join(config.output, objective.output_name))
 
 
 def _stop(config: LoopConfig, rank: int, step: int, what: str) -> None:
@@ -1086,5 +1168,13 @@ def _check_cpus_for_reads(config: LoopConfig) -> None:
 def run_train(config: TrainConfig) -> RunResult:
     plan = plan_shards(config, config.bundle.uri, "train")
     result = run_loop(config, plan, RectifiedFlow, "train")
-    print(f"[raygen train] {result.steps} steps; bundle: {result.bundle}", flush=True)
+    if config.adapter is not None:
+        result = dataclasses.replace(result, bundle=join(config.output, "adapter"))
+        print(
+            f"[raygen train] {result.steps} steps; LoRA (rank {config.adapter.rank}) for "
+            f"{config.bundle.uri}: {result.bundle}",
+            flush=True,
+        )
+    else:
+        print(f"[raygen train] {result.steps} steps; bundle: {result.bundle}", flush=True)
     return result

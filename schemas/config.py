@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from schemas.errors import RaygenError
 
@@ -294,6 +301,20 @@ class LoopConfig(Config):
     ray: RayConfig = Field(default_factory=RayConfig)
 
 
+class AdapterConfig(Config):
+    """A LoRA trained instead of the whole transformer (peft, as diffusers' training examples
+    add it): only its matrices train, in fp32; checkpoints hold them and their optimizer."""
+
+    kind: Literal["lora"] = "lora"
+    rank: int = Field(default=4, ge=1)
+    alpha: float | None = Field(default=None, gt=0, description="default: rank (scale 1)")
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    # diffusers' SD3 DreamBooth-LoRA choice: the attention projections (Wan's too).
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"], min_length=1
+    )
+
+
 class TrainConfig(LoopConfig):
     """`raygen train`: shards in, a diffusers bundle out.
 
@@ -310,6 +331,19 @@ class TrainConfig(LoopConfig):
     cfg_dropout: float = Field(default=0.1, ge=0, le=1, description="empty-prompt probability")
     logit_mean: float = Field(default=0.0, description="logit-normal timestep sampling (SD3)")
     logit_std: float = Field(default=1.0, gt=0)
+    adapter: AdapterConfig | None = Field(
+        default=None,
+        description="train a LoRA on the bundle's transformer (written to <output>/adapter) "
+        "instead of the transformer itself",
+    )
+
+    @model_validator(mode="after")
+    def _adapter_on_trained_weights(self) -> TrainConfig:
+        if self.adapter is not None and self.init == "scratch":
+            raise ValueError(
+                "adapter: a LoRA adapts the bundle's trained weights; use init: bundle"
+            )
+        return self
 
 
 class DistillConfig(LoopConfig):

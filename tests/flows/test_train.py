@@ -19,6 +19,7 @@ import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline, WanPipeline
 from PIL import Image
+from safetensors.torch import load_file
 
 from cluster.storage import Storage
 from flows.evaluate import run_evaluate
@@ -404,3 +405,45 @@ def test_the_loops_held_out_images_are_the_ones_raygen_evaluate_makes(
     for (_, _, image), row in zip(ours, theirs, strict=True):
         saved = np.asarray(Image.open(output / row["file"])).astype(np.int16)
         assert np.abs(image.astype(np.int16) - saved).max() <= 1, row["file"]
+
+
+@pytest.mark.slow
+def test_a_lora_trains_alone_checkpoints_small_and_loads_in_plain_diffusers(
+    ray_local, tiny_bundles, prep_shards, tmp_path
+):
+    """`adapter: lora`: only the LoRA trains; checkpoints hold it and its optimizer; the
+    output is diffusers' LoRA format, which `load_lora_weights` takes unchanged, and a
+    resumed run continues it."""
+    output = tmp_path / "lora"
+    config = _config(
+        tiny_bundles, prep_shards, output, max_steps=4, sample_every=4,
+        **{"adapter.rank": 4, "optimizer.learning_rate": 1e-2},
+    )  # fmt: skip
+    result = run_train(config)
+    adapter = output / "adapter"
+    assert result.steps == 4 and result.bundle == str(adapter)
+    assert not (output / "bundle").exists()
+    recorded = json.loads((adapter / "raygen_adapter.json").read_text())
+    assert recorded["base"] == str(tiny_bundles["t2i"]) and recorded["rank"] == 4
+    layers = load_file(adapter / "pytorch_lora_weights.safetensors")
+    assert layers and all(".lora_A." in k or ".lora_B." in k for k in layers)
+    # The checkpoint is the LoRA and its optimizer: no base weight in it.
+    [latest] = sorted(p for p in (output / "ray-train").glob("checkpoint_*") if p.is_dir())[-1:]
+    state = torch.load(latest / "state.pt", weights_only=False)
+    assert state["model"] and all(".lora_" in key for key in (*state["model"], *state["ema"]))
+    assert len(state["optimizer"]["state"]) == len(state["model"])
+
+    # Plain diffusers: the LoRA loads unchanged and changes the picture; the base does not.
+    settings = {"height": 32, "width": 32, "num_inference_steps": 2, "output_type": "np"}
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_bundles["t2i"])
+    before = pipe("a red circle", generator=torch.Generator().manual_seed(0), **settings)
+    base = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    pipe.load_lora_weights(adapter)
+    after = pipe("a red circle", generator=torch.Generator().manual_seed(0), **settings)
+    assert np.abs(after.images - before.images).max() > 1e-3
+    pipe.unload_lora_weights()
+    assert all(torch.equal(base[k], v) for k, v in pipe.transformer.state_dict().items())
+
+    resumed = run_train(config.model_copy(update={"max_steps": 5, "resume": True}))
+    assert resumed.steps == 5 and [r["step"] for r in _metrics(output)] == [1, 2, 3, 4, 5]
+    assert load_file(adapter / "pytorch_lora_weights.safetensors").keys() == layers.keys()

@@ -117,3 +117,11 @@ def test_defaults_are_the_embedded_ones():
     assert config.ray.address is None
     assert config.bundle.uri.startswith("./raygen-data/bundles/")
     assert config.storage.endpoint_url is None
+
+
+def test_a_lora_is_set_from_flags_and_refused_on_a_transformer_from_scratch():
+    config = load_config(TrainConfig, overrides=["adapter.rank=8", "adapter.alpha=16"])
+    assert config.adapter is not None and (config.adapter.rank, config.adapter.alpha) == (8, 16)
+    assert config.adapter.target_modules == ["to_k", "to_q", "to_v", "to_out.0"]
+    with pytest.raises(ConfigError, match="adapter: a LoRA adapts the bundle's trained weights"):
+        load_config(TrainConfig, overrides=["adapter.rank=8", "init=scratch"])
