@@ -447,7 +447,8 @@ class RectifiedFlow(StatelessObjective):
 
     def export(self, state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> None:
         if self.config.adapter is not None:
-            export_lora(self.plan, self.config, state_dict, out_dir)
+            plan, adapter = self.plan, self.config.adapter
+            export_lora(plan.family, plan.bundle_uri, adapter, state_dict, out_dir)
         else:
             export_bundle(self.plan.bundle_dir, self.model, state_dict, out_dir)
 
@@ -487,16 +488,19 @@ def lora_layers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def export_lora(
-    plan: RunPlan, config: TrainConfig, state_dict: dict[str, torch.Tensor], out_dir: str | Path
+    family: Family,
+    base: str,
+    adapter: AdapterConfig,
+    state_dict: dict[str, torch.Tensor],
+    out_dir: str | Path,
 ) -> None:
     """``pytorch_lora_weights.safetensors`` written by the family pipeline's own
     ``save_lora_weights`` (``pipe.load_lora_weights(dir)`` loads it unchanged), and beside it
     the base bundle it was trained on."""
-    plan.family.pipeline.save_lora_weights(
+    family.pipeline.save_lora_weights(
         out_dir, transformer_lora_layers=lora_layers(state_dict), safe_serialization=True
     )
-    assert config.adapter is not None
-    recorded = {"base": plan.bundle_uri, **config.adapter.model_dump(mode="json")}
+    recorded = {"base": base, **adapter.model_dump(mode="json")}
     (Path(out_dir) / ADAPTER_FILE).write_text(json.dumps(recorded, indent=1) + "\n")
 
 

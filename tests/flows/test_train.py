@@ -21,19 +21,23 @@ from diffusers import StableDiffusion3Pipeline, WanPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
+from actors.families import family_of
 from cluster.storage import Storage
 from flows.evaluate import run_evaluate
+from flows.models import build_tiny_bundles
 from flows.shard_reader import bucket_datasets, embeddings_and_latents
 from flows.train import (
     RectifiedFlow,
     TrainingError,
+    add_lora,
+    export_lora,
     held_out_images,
     plan_run,
     run_train,
     sample_grid,
     warmup_cosine,
 )
-from schemas.config import ConfigError, EvaluateConfig, TrainConfig, load_config
+from schemas.config import AdapterConfig, ConfigError, EvaluateConfig, TrainConfig, load_config
 from schemas.shapes import HELD_OUT
 from schemas.shards import BucketKey
 
@@ -447,3 +451,39 @@ def test_a_lora_trains_alone_checkpoints_small_and_loads_in_plain_diffusers(
     resumed = run_train(config.model_copy(update={"max_steps": 5, "resume": True}))
     assert resumed.steps == 5 and [r["step"] for r in _metrics(output)] == [1, 2, 3, 4, 5]
     assert load_file(adapter / "pytorch_lora_weights.safetensors").keys() == layers.keys()
+
+
+@pytest.fixture(scope="module")
+def own_bundles(tmp_path_factory) -> dict[str, Path]:
+    """Tiny bundles built here (no wait for the session's background runs)."""
+    return build_tiny_bundles(tmp_path_factory.mktemp("bundles"), ["t2i", "t2v"])
+
+
+@pytest.mark.parametrize("kind", ["t2i", "t2v"])
+def test_an_exported_lora_in_plain_diffusers_draws_what_the_trained_transformer_draws(
+    own_bundles, kind, tmp_path
+):
+    """The LoRA as the loop holds it (peft on the bundle's transformer, its matrices set)
+    and as `load_lora_weights` reads the export: the same picture, SD3 and Wan."""
+    family = family_of(str(own_bundles[kind]))
+    trained = family.pipeline.from_pretrained(own_bundles[kind])
+    add_lora(trained.transformer, AdapterConfig(rank=4))
+    generator = torch.Generator().manual_seed(0)
+    for param in trained.transformer.parameters():
+        if param.requires_grad:  # as if trained: lora_B starts at zero
+            param.data = torch.randn(param.shape, generator=generator) * 0.3
+    export_lora(
+        family, "base-uri", AdapterConfig(rank=4), trained.transformer.state_dict(), tmp_path
+    )
+    assert json.loads((tmp_path / "raygen_adapter.json").read_text())["base"] == "base-uri"
+
+    plain = family.pipeline.from_pretrained(own_bundles[kind])
+    plain.load_lora_weights(tmp_path)
+    settings = {"height": 32, "width": 32, "num_inference_steps": 2, "output_type": "np"}
+    settings |= {"num_frames": 5} if kind == "t2v" else {}
+    ours, theirs = (
+        pipe("a red circle", generator=torch.Generator().manual_seed(1), **settings)
+        for pipe in (trained, plain)
+    )
+    frames = "frames" if kind == "t2v" else "images"
+    assert np.abs(getattr(ours, frames) - getattr(theirs, frames)).max() < 1e-5
