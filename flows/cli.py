@@ -21,6 +21,7 @@ from schemas.config import (
     DistillConfig,
     EvaluateConfig,
     PrepConfig,
+    SampleConfig,
     ServeConfig,
     TrainConfig,
     load_config,
@@ -180,6 +181,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seeds", type=int, metavar="N", help="images per prompt")
     evaluate.add_argument("--output", metavar="URI", help="where the report goes")
 
+    sample = commands.add_parser(
+        "sample",
+        help="a bundle's images for prompts x seeds, as a corpus prep reads (class images)",
+        description="Generate images (videos for a video bundle) for prompts x seeds from a "
+        "bundle on Ray Data and write them with .txt captions (their prompts) under "
+        "OUTPUT/train, which `raygen prep --input` reads: DreamBooth's class images for prior "
+        "preservation, or synthetic data.",
+    )
+    _add_config_args(sample)
+    sample.add_argument("--bundle", metavar="URI", help="bundle to sample")
+    sample.add_argument("--prompt", metavar="TEXT", help='one prompt, e.g. "a photo of a dog"')
+    sample.add_argument("--prompts", metavar="FILE", help="or a file of prompts, one a line")
+    sample.add_argument("--seeds", type=int, metavar="N", help="images per prompt")
+    sample.add_argument("--output", metavar="URI", help="the corpus folder")
+
     serve = commands.add_parser(
         "serve",
         help="serve the multi-stage generation graph on Ray Serve",
@@ -310,6 +326,16 @@ FLOW_FLAGS: dict[str, tuple[type[Config], dict[str, str]]] = {
         {
             "bundle": "bundle.uri",
             "url": "url",
+            "prompts": "prompts",
+            "seeds": "seeds",
+            "output": "output",
+        },
+    ),
+    "sample": (
+        SampleConfig,
+        {
+            "bundle": "bundle.uri",
+            "prompt": "prompt",
             "prompts": "prompts",
             "seeds": "seeds",
             "output": "output",
@@ -482,6 +508,13 @@ def _run_submit(args: argparse.Namespace) -> int:
     return submit(argv, address=args.address, wait=args.wait, pip=pip)
 
 
+def _run_sample(config: SampleConfig) -> int:
+    from flows.sample import run_sample
+
+    run_sample(config)
+    return 0
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     from flows.demo import run_demo
 
@@ -496,6 +529,7 @@ FLOW_HANDLERS: dict[str, Callable[[Any], int]] = {
     "vae": _run_vae,
     "distill": _run_distill,
     "evaluate": _run_evaluate,
+    "sample": _run_sample,
     "serve": _run_serve,
 }
 

@@ -47,7 +47,13 @@ from actors.families import family_of
 from actors.sources import FetchMedia, list_inputs
 from cluster.ray_runtime import init_ray
 from cluster.storage import Storage, join
-from schemas.config import BucketConfig, ConfigError, EvaluateConfig, PrepConfig
+from schemas.config import (
+    BucketConfig,
+    ConfigError,
+    EvaluateConfig,
+    PrepConfig,
+    SamplingConfig,
+)
 from schemas.errors import RaygenError
 from schemas.shapes import HELD_OUT, VIDEO_PROMPTS
 
@@ -71,15 +77,61 @@ def check_server(url: str, timeout_s: float) -> None:
         raise RaygenError(f"url: cannot reach a raygen server at {url}: {reason}") from None
 
 
+def sampling_kwargs(config: SamplingConfig) -> dict[str, Any]:
+    """What every image of a sampling job is made with (None: the bundle's or server's own)."""
+    return {
+        "height": config.height,
+        "width": config.width,
+        "num_inference_steps": config.num_inference_steps,
+        "guidance_scale": config.guidance_scale,
+    }
+
+
+def prompt_rows(prompts: list[str], seeds: int, first_seed: int = 0) -> list[dict[str, Any]]:
+    """The (index, prompt, seed) rows of prompts x seeds, prompt-major."""
+    return [
+        {"index": i * seeds + k, "prompt": prompt, "seed": first_seed + k}
+        for i, prompt in enumerate(prompts)
+        for k in range(seeds)
+    ]
+
+
+def bundle_images(ds: ray.data.Dataset, config: SamplingConfig) -> ray.data.Dataset:
+    """Rows with ``prompt`` and ``seed`` -> ``image`` (a PNG; a video's filmstrip), ``frames``
+    and, for a video bundle, ``video`` (MP4): the bundle's pipeline in an actor pool."""
+    resources = config.generate
+    return ds.map_batches(
+        BundleImages,
+        fn_constructor_kwargs={
+            "bundle": config.bundle,
+            "storage": config.storage,
+            **sampling_kwargs(config),
+            "max_sequence_length": config.max_sequence_length,
+            "num_frames": config.num_frames,
+            "fps": config.fps,
+        },
+        batch_format="numpy",
+        batch_size=resources.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=resources.concurrency),
+        num_cpus=resources.num_cpus,
+        num_gpus=resources.num_gpus,
+    )
+
+
 def read_prompts(config: EvaluateConfig, storage: Storage, video: bool = False) -> list[str]:
     if config.prompts is None:
         return [caption.text for caption in (VIDEO_PROMPTS if video else HELD_OUT)]
-    if not storage.exists(config.prompts):
-        raise ConfigError(f"prompts: no file {config.prompts}")
-    text = storage.read_bytes(config.prompts).decode("utf-8", errors="replace")
+    return prompts_file(config.prompts, storage)
+
+
+def prompts_file(uri: str, storage: Storage) -> list[str]:
+    """The prompts of a text file (local or s3://), one a line; blank lines skipped."""
+    if not storage.exists(uri):
+        raise ConfigError(f"prompts: no file {uri}")
+    text = storage.read_bytes(uri).decode("utf-8", errors="replace")
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
-        raise ConfigError(f"prompts: {config.prompts} has no prompts (one a line)")
+        raise ConfigError(f"prompts: {uri} has no prompts (one a line)")
     return prompts
 
 
@@ -209,11 +261,7 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
         fid_skipped = "a video model: FID compares images"
     if "fid" in config.metrics and fid_skipped is None:
         reference = reference_items(config, storage)  # a bad folder fails here, before any work
-    rows = [
-        {"index": i * config.seeds + seed, "prompt": prompt, "seed": seed}
-        for i, prompt in enumerate(prompts)
-        for seed in range(config.seeds)
-    ]
+    rows = prompt_rows(prompts, config.seeds)
     print(
         f"evaluate: {len(prompts)} prompts x {config.seeds} seeds from {source(config)}; "
         f"metrics: {', '.join(config.metrics)}",
@@ -226,33 +274,23 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
     init_ray(config.ray)
     resources = config.generate
     ds = ray.data.from_items(rows)
-    settings = {
-        "height": config.height,
-        "width": config.width,
-        "num_inference_steps": config.num_inference_steps,
-        "guidance_scale": config.guidance_scale,
-    }
     if config.url:
         # The server does the work: the stage only waits on HTTP, on a sliver of a CPU.
-        stage: type = ServerImages
-        kwargs = {"url": config.url, "api_key": os.environ.get("RAYGEN_API_KEY")}
-        kwargs["timeout_s"] = config.request_timeout_s
-        num_cpus, num_gpus = 0.1, 0.0
+        ds = ds.map_batches(
+            ServerImages,
+            fn_constructor_kwargs={
+                "url": config.url,
+                "api_key": os.environ.get("RAYGEN_API_KEY"),
+                "timeout_s": config.request_timeout_s,
+                **sampling_kwargs(config),
+            },
+            batch_format="numpy",
+            batch_size=resources.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=resources.concurrency),
+            num_cpus=0.1,
+        )
     else:
-        stage = BundleImages
-        kwargs = {"bundle": config.bundle, "storage": config.storage}
-        kwargs["max_sequence_length"] = config.max_sequence_length
-        kwargs |= {"num_frames": config.num_frames, "fps": config.fps}
-        num_cpus, num_gpus = resources.num_cpus, resources.num_gpus
-    ds = ds.map_batches(
-        stage,
-        fn_constructor_kwargs={**kwargs, **settings},
-        batch_format="numpy",
-        batch_size=resources.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=resources.concurrency),
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
-    )
+        ds = bundle_images(ds, config)
     ds = ds.map_batches(
         ImageScores,
         fn_constructor_kwargs={"clip": clip, "storage": config.storage},
@@ -300,10 +338,7 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
         # None: the bundle's own (a distilled bundle's raygen_sampling.json, else the
         # pipeline's defaults).
         "settings": {
-            "height": config.height,
-            "width": config.width,
-            "num_inference_steps": config.num_inference_steps,
-            "guidance_scale": config.guidance_scale,
+            **sampling_kwargs(config),
             **({"num_frames": config.num_frames} if video else {}),
         },
         "metrics": metrics,

@@ -415,27 +415,13 @@ class FidConfig(Config):
     max_reference_images: int = Field(default=10_000, ge=2)
 
 
-class EvaluateConfig(Config):
-    """`raygen evaluate`: prompts x seeds -> images from a bundle (or a running server) ->
-    scores and a report. A video bundle (Wan) makes videos, scored for their direction of
-    motion too; its default prompts are the shapes video prompts.
-
-    Prompt following is read from pixels by the shapes detector (actors/shape_detector.py),
-    GenEval-style, for prompts of the shapes domain; CLIP score is torchmetrics' CLIPScore
-    with the ``clip`` bundle's model. Settings left None take the bundle's own: a distilled
-    bundle's raygen_sampling.json, else the pipeline's defaults."""
+class SamplingConfig(Config):
+    """Prompts x seeds -> images (videos for a video bundle) from a bundle's own diffusers
+    pipeline in Ray Data actors, batched, a generator per row seeded by its seed: what
+    `raygen evaluate` and `raygen sample` share. Settings left None take the bundle's own: a
+    distilled bundle's raygen_sampling.json, else the pipeline's defaults."""
 
     bundle: ModelRef = Field(default_factory=lambda: _bundle("t2i"))
-    url: str | None = Field(
-        default=None,
-        description="a running `raygen serve` to generate through (POST /v1/generate) instead "
-        "of the bundle; its API key, if it wants one, from $RAYGEN_API_KEY",
-    )
-    request_timeout_s: float = Field(default=300.0, gt=0, description="per request, with url")
-    prompts: str | None = Field(
-        default=None,
-        description="a text file of prompts, one a line; default: the shapes held-out prompts",
-    )
     seeds: int = Field(default=4, ge=1, description="images per prompt, seeds 0 .. seeds-1")
     height: int = Field(default=64, ge=8)
     width: int = Field(default=64, ge=8)
@@ -446,6 +432,33 @@ class EvaluateConfig(Config):
         default=9, ge=1, description="video bundles: frames per video (Wan: 4k + 1)"
     )
     fps: int = Field(default=8, ge=1, description="video bundles: of the MP4s written")
+    generate: StageResources = Field(
+        default_factory=lambda: StageResources(batch_size=8, num_cpus=1.0),
+        description="the actors holding the pipeline",
+    )
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+class EvaluateConfig(SamplingConfig):
+    """`raygen evaluate`: prompts x seeds -> images from a bundle (or a running server) ->
+    scores and a report. A video bundle (Wan) makes videos, scored for their direction of
+    motion too; its default prompts are the shapes video prompts.
+
+    Prompt following is read from pixels by the shapes detector (actors/shape_detector.py),
+    GenEval-style, for prompts of the shapes domain; CLIP score is torchmetrics' CLIPScore
+    with the ``clip`` bundle's model."""
+
+    url: str | None = Field(
+        default=None,
+        description="a running `raygen serve` to generate through (POST /v1/generate) instead "
+        "of the bundle; its API key, if it wants one, from $RAYGEN_API_KEY",
+    )
+    request_timeout_s: float = Field(default=300.0, gt=0, description="per request, with url")
+    prompts: str | None = Field(
+        default=None,
+        description="a text file of prompts, one a line; default: the shapes held-out prompts",
+    )
     metrics: list[str] = Field(default_factory=lambda: list(EVAL_METRICS))
     clip: ModelRef | None = Field(
         default_factory=lambda: _bundle("scorer"),
@@ -453,12 +466,6 @@ class EvaluateConfig(Config):
     )
     fid: FidConfig = Field(default_factory=FidConfig)
     output: str = Field(default=f"{DEFAULT_DATA_ROOT}/eval")
-    generate: StageResources = Field(
-        default_factory=lambda: StageResources(batch_size=8, num_cpus=1.0),
-        description="the actors holding the pipeline",
-    )
-    storage: StorageConfig = Field(default_factory=StorageConfig)
-    ray: RayConfig = Field(default_factory=RayConfig)
 
     @field_validator("metrics")
     @classmethod
@@ -469,6 +476,18 @@ class EvaluateConfig(Config):
         if not metrics:
             raise ValueError(f"no metric; known: {', '.join(EVAL_METRICS)}")
         return metrics
+
+
+class SampleConfig(SamplingConfig):
+    """`raygen sample`: a bundle's images for prompts x seeds written as a corpus (each image
+    beside a ``.txt`` caption, its prompt) that `raygen prep` reads: DreamBooth's class
+    images for prior preservation, or synthetic data. ``first_seed`` keeps them apart from
+    the seeds an evaluation uses."""
+
+    prompt: str | None = Field(default=None, description="one prompt (or prompts: a file)")
+    prompts: str | None = Field(default=None, description="a text file of prompts, one a line")
+    first_seed: int = Field(default=1000, ge=0, description="seeds first_seed .. + seeds - 1")
+    output: str = Field(default=f"{DEFAULT_DATA_ROOT}/samples")
 
 
 class AutoscalingConfig(Config):

@@ -12,7 +12,7 @@ from flows.cli import build_parser, main
 from tests.conftest import REPO
 
 SUBCOMMANDS = [
-    "models", "data", "prep", "train", "vae", "distill", "evaluate", "serve", "generate",
+    "models", "data", "prep", "train", "vae", "distill", "evaluate", "sample", "serve", "generate",
     "watermark", "submit", "demo",
 ]  # fmt: skip
 

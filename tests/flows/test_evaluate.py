@@ -3,6 +3,7 @@ same seeds; prompt following read from pixels; CLIP score equal to torchmetrics'
 same images; a report; and clear errors for prompts and metrics."""
 
 import json
+from pathlib import Path
 
 import av
 import numpy as np
@@ -13,11 +14,20 @@ from PIL import Image
 from torchmetrics.multimodal.clip_score import CLIPScore
 
 from actors.evaluation import ImageScores, clip_model_and_processor, filmstrip, png
+from actors.sources import list_inputs
 from cluster.storage import Storage
 from flows.evaluate import read_prompts, reference_items, run_evaluate, summarize
 from flows.models import build_tiny_bundles
+from flows.sample import run_sample
 from flows.shapes import MEDIA_DIR, build_shapes_corpus, shape_image, shape_video
-from schemas.config import ConfigError, EvaluateConfig, ModelRef, load_config
+from schemas.config import (
+    ConfigError,
+    EvaluateConfig,
+    ModelRef,
+    PrepConfig,
+    SampleConfig,
+    load_config,
+)
 from schemas.shapes import HELD_OUT, VIDEO_PROMPTS
 
 PROMPTS = ["a red circle on the left", "a blue square at the top", "a photo of a cat"]
@@ -234,3 +244,35 @@ def test_fid_is_torchmetrics_fid_and_zero_for_a_set_against_itself(feature_extra
     # Without a reference or local weights: skipped, with the reason.
     assert "no fid.reference" in fid_skip_reason(FidConfig(feature_extractor=feature_extractor))
     assert "never downloaded" in fid_skip_reason(FidConfig(reference="x"))
+
+
+@pytest.mark.slow
+def test_raygen_sample_writes_a_corpus_prep_reads(ray_local, tiny_bundles, tmp_path):
+    """Class images (DreamBooth's prior preservation): the pipeline's own images for the
+    prompt and seeds from first_seed, each beside its caption, listed as prep lists input."""
+    output = tmp_path / "class-images"
+    config = load_config(
+        SampleConfig,
+        values={
+            "bundle.uri": str(tiny_bundles["t2i"]), "prompt": "a photo of a dog", "seeds": 3,
+            "height": 32, "width": 32, "num_inference_steps": 2, "max_sequence_length": 16,
+            "output": str(output),
+        },
+    )  # fmt: skip
+    result = run_sample(config)
+    assert [item["seed"] for item in result["files"]] == [1000, 1001, 1002]
+    items = list_inputs(PrepConfig(input=str(output / "train")), Storage())
+    assert [Path(item["item_uri"]).name for item in items] == [
+        "000000.png", "000001.png", "000002.png"
+    ]  # fmt: skip
+    assert all(Path(item["caption_uri"]).read_text() == "a photo of a dog\n" for item in items)
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_bundles["t2i"])
+    expected = pipe(
+        "a photo of a dog", height=32, width=32, num_inference_steps=2, max_sequence_length=16,
+        generator=torch.Generator().manual_seed(1001), output_type="np",
+    ).images[0]  # fmt: skip
+    got = np.asarray(Image.open(output / "train" / "000001.png")).astype(np.int16)
+    assert np.abs(got - (expected * 255).round()).max() <= 1
+
+    with pytest.raises(ConfigError, match="^prompt: give a prompt"):
+        run_sample(config.model_copy(update={"prompts": str(tmp_path / "p.txt")}))

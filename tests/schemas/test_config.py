@@ -8,6 +8,7 @@ from schemas.config import (
     DistillConfig,
     EvaluateConfig,
     PrepConfig,
+    SampleConfig,
     ServeConfig,
     TrainConfig,
     dump_config,
@@ -22,6 +23,7 @@ MODELS = {
     "vae": AutoencoderConfig,
     "distill": DistillConfig,
     "evaluate": EvaluateConfig,
+    "sample": SampleConfig,
     "serve": ServeConfig,
 }
 
