@@ -122,6 +122,7 @@ class PixelPlan:
     prep: PrepConfig  # the corpus as prep's stages read it
     items: list[dict[str, Any]] = field(default_factory=list, repr=False)
     media: str = "image"
+    prior: None = None  # no second stream (train's DreamBooth prior preservation)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "items": []}

@@ -110,6 +110,9 @@ class RunPlan:
     # and "pooled_prompt_embeds" (P, D), encoded as prep encoded the captions.
     eval_prompts: list[str] = field(default_factory=list)
     eval_embeddings: dict[str, np.ndarray] = field(default_factory=dict)
+    # DreamBooth's prior preservation: the class images' plan (held in memory) and its weight.
+    prior: RunPlan | None = None
+    prior_loss_weight: float = 1.0
 
     @property
     def family(self) -> Family:
@@ -119,9 +122,13 @@ class RunPlan:
     # flows/autoencoder.py's PixelPlan is the other kind (decoded pixels of a corpus).
 
     def describe(self) -> str:
-        return f"{self.media} {self.transformer_class}, buckets " + ", ".join(
+        described = f"{self.media} {self.transformer_class}, buckets " + ", ".join(
             f"{b.name} ({b.num_rows} rows)" for b in self.buckets.values()
         )
+        if self.prior is not None:
+            rows = sum(b.num_rows for b in self.prior.buckets.values())
+            described += f"; prior: {rows} class rows, loss weight {self.prior_loss_weight:g}"
+        return described
 
     @property
     def streams_data(self) -> bool:
@@ -185,6 +192,8 @@ class DataPlan(Protocol):
     bundle_uri: str
     bundle_dir: str
     batch_per_worker: int
+    prior: Any  # a second plan whose batches train beside this one's, or None
+    prior_loss_weight: float
 
     def describe(self) -> str: ...
 
@@ -627,6 +636,15 @@ def _step_status(loss: torch.Tensor, grad_norm: torch.Tensor, report_due: bool) 
     return StepStatus(total_loss / world, total_norm / world, bad_loss == 0, bad_norm == 0, due > 0)
 
 
+def _mean_over_ranks(values: list[torch.Tensor]) -> float:
+    """The mean of this step's values on every rank (a collective: every rank calls it)."""
+    mean = torch.stack(values).mean().detach().float()
+    if dist.is_initialized():
+        dist.all_reduce(mean)
+        mean /= dist.get_world_size()
+    return float(mean)
+
+
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
@@ -695,7 +713,11 @@ def train_loop(args: dict[str, Any]) -> None:
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     )
 
-    stream = plan.open_stream(config, rank, ray.train.get_context().get_world_size())
+    world = ray.train.get_context().get_world_size()
+    stream = plan.open_stream(config, rank, world)
+    # Prior preservation: a class batch beside each instance batch, as one more accumulation
+    # micro-step (its gradient summed before the one all-reduce), weighted by its loss weight.
+    prior_stream = plan.prior.open_stream(config, rank, world) if plan.prior else None
     step = 0
     # Metric records not yet sent to the driver, and when the last report went.
     records: list[dict[str, Any]] = []
@@ -719,6 +741,8 @@ def train_loop(args: dict[str, Any]) -> None:
         objective.load_state_dict(state["objective"])
         step = state["step"]
         stream.seek(state["epoch"], state["position"])
+        if prior_stream is not None:
+            prior_stream.seek(state["prior_epoch"], state["prior_position"])
         resumed_from = step
         args["console"].say(
             f"[raygen train] rank {rank}: resumed at step {step} from {checkpoint.path}"
@@ -729,6 +753,7 @@ def train_loop(args: dict[str, Any]) -> None:
         step_start = time.perf_counter()
         data_wait = 0.0
         losses: list[torch.Tensor] = []
+        prior_losses: list[torch.Tensor] = []
         extras: Counter[str] = Counter()
         optimizer.zero_grad(set_to_none=True)
         for micro in range(config.gradient_accumulation_steps):
@@ -738,15 +763,30 @@ def train_loop(args: dict[str, Any]) -> None:
             generator = torch.Generator(device).manual_seed(
                 hash((config.seed, rank, step, micro)) % 2**63
             )
+            last = micro == config.gradient_accumulation_steps - 1
             batch = plan.model_inputs(arrays, config, generator, device)
-            sync = micro == config.gradient_accumulation_steps - 1
-            with _no_grad_sync(model, sync):
+            with _no_grad_sync(model, last and prior_stream is None):
                 with autocast:
                     loss, metrics = objective.loss(model, batch, generator)
                 # A non-finite loss makes non-finite gradients: caught below, before the update.
                 (loss / config.gradient_accumulation_steps).backward()
             losses.append(loss.detach())
             extras.update(metrics)
+            if prior_stream is not None:
+                assert plan.prior is not None
+                # Its own generator: the instance batches draw what they would without it.
+                prior_generator = torch.Generator(device).manual_seed(
+                    hash((config.seed, rank, step, micro, "prior")) % 2**63
+                )
+                prior_batch = plan.prior.model_inputs(
+                    next(prior_stream), config, prior_generator, device
+                )
+                with _no_grad_sync(model, last):
+                    with autocast:
+                        prior_loss, _ = objective.loss(model, prior_batch, prior_generator)
+                    weight = plan.prior_loss_weight / config.gradient_accumulation_steps
+                    (weight * prior_loss).backward()
+                prior_losses.append(prior_loss.detach())
         max_norm = optim.max_grad_norm or math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         status = _step_status(
@@ -774,6 +814,7 @@ def train_loop(args: dict[str, Any]) -> None:
                     "step": step,
                     "epoch": stream.epoch,
                     "loss": status.loss,
+                    **({"prior_loss": _mean_over_ranks(prior_losses)} if prior_losses else {}),
                     "grad_norm": status.grad_norm,
                     "lr": schedule.get_last_lr()[0],
                     "samples_per_s": config.batch_size / step_time,
@@ -810,6 +851,11 @@ def train_loop(args: dict[str, Any]) -> None:
                 "step": step,
                 "epoch": stream.epoch,
                 "position": stream.position,
+                **(
+                    {"prior_epoch": prior_stream.epoch, "prior_position": prior_stream.position}
+                    if prior_stream is not None
+                    else {}
+                ),
             }
             with tempfile.TemporaryDirectory() as folder:
                 if rank == 0:
@@ -1169,8 +1215,34 @@ def _check_cpus_for_reads(config: LoopConfig) -> None:
         )
 
 
+def plan_prior(config: TrainConfig, plan: RunPlan) -> RunPlan:
+    """The class images' plan for prior preservation: the same bundle, held in memory (a
+    DreamBooth class set is hundreds of images), checked as the instance shards are."""
+    assert config.prior is not None
+    storage = Storage(config.storage)
+    update = {"data": config.prior.data, "eval_every": 0}
+    try:
+        prior = plan_run(config.model_copy(update=update), plan.bundle_uri, storage)
+    except ConfigError as err:
+        raise ConfigError(f"prior.{err}") from None  # "prior.data: ..." names the field
+    if prior.media != plan.media:
+        raise ConfigError(
+            f"prior.data: {config.prior.data} holds {prior.media}s, not {plan.media}s"
+        )
+    if prior.streams_data:
+        raise ConfigError(
+            f"prior.data: {config.prior.data} holds more than in_memory_bucket_bytes "
+            f"({config.in_memory_bucket_bytes} bytes) in a bucket; prior preservation keeps "
+            f"its class images in the workers' memory"
+        )
+    return prior
+
+
 def run_train(config: TrainConfig) -> RunResult:
     plan = plan_shards(config, config.bundle.uri, "train")
+    if config.prior is not None:
+        plan.prior = plan_prior(config, plan)
+        plan.prior_loss_weight = config.prior.loss_weight
     result = run_loop(config, plan, RectifiedFlow, "train")
     if config.adapter is not None:
         result = dataclasses.replace(result, bundle=join(config.output, "adapter"))

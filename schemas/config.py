@@ -315,6 +315,15 @@ class AdapterConfig(Config):
     )
 
 
+class PriorConfig(Config):
+    """DreamBooth's prior preservation: batches of class images (`raygen sample` from the
+    base model, then `raygen prep`) trained beside the instance images, their loss weighted
+    by ``loss_weight``, so the class ("a dog") keeps what the base model drew for it."""
+
+    data: str = Field(description="`raygen prep` output of the class images")
+    loss_weight: float = Field(default=1.0, ge=0, description="diffusers' prior_loss_weight")
+
+
 class TrainConfig(LoopConfig):
     """`raygen train`: shards in, a diffusers bundle out.
 
@@ -335,6 +344,9 @@ class TrainConfig(LoopConfig):
         default=None,
         description="train a LoRA on the bundle's transformer (written to <output>/adapter) "
         "instead of the transformer itself",
+    )
+    prior: PriorConfig | None = Field(
+        default=None, description="DreamBooth's prior preservation: class-image shards"
     )
 
     @model_validator(mode="after")

@@ -487,3 +487,33 @@ def test_an_exported_lora_in_plain_diffusers_draws_what_the_trained_transformer_
     )
     frames = "frames" if kind == "t2v" else "images"
     assert np.abs(getattr(ours, frames) - getattr(theirs, frames)).max() < 1e-5
+
+
+@pytest.mark.slow
+def test_prior_preservation_trains_class_batches_beside_the_instance_ones(
+    tiny_bundles, prep_shards, uninterrupted, tmp_path
+):
+    """DreamBooth's prior preservation: a class batch beside each instance batch (here the
+    same shards stand in for the class images). The instance batches are drawn as without
+    it, so the first step's loss is the plain run's; after one update with the class
+    gradient the losses part; the class loss is recorded and the class position checkpointed."""
+    output = tmp_path / "prior"
+    config = _kill_test_config(tiny_bundles, prep_shards, output).model_copy(
+        update={"max_steps": 3, "checkpoint_every": 3, "sample_every": 0}
+    )
+    config = load_config(
+        TrainConfig, values={**config.model_dump(mode="json"), "prior.data": str(prep_shards)}
+    )
+    assert run_train(config).steps == 3
+    reference = {r["step"]: r["loss"] for r in _metrics(uninterrupted)}
+    records = _metrics(output)
+    assert records[0]["loss"] == pytest.approx(reference[1], rel=1e-5)
+    assert records[1]["loss"] != pytest.approx(reference[2], rel=1e-5)
+    assert all(np.isfinite(r["prior_loss"]) and r["prior_loss"] > 0 for r in records)
+    [latest] = sorted(p for p in (output / "ray-train").glob("checkpoint_*") if p.is_dir())[-1:]
+    state = torch.load(latest / "state.pt", weights_only=False)
+    assert state["prior_epoch"] >= 0 and state["prior_position"] >= 0
+
+    missing = config.model_copy(update={"prior": config.prior.model_copy(update={"data": "/no"})})
+    with pytest.raises(ConfigError, match="^prior.data: no /no/manifest.json"):
+        run_train(missing.model_copy(update={"output": str(tmp_path / "missing")}))
