@@ -412,20 +412,31 @@ def test_the_loops_held_out_images_are_the_ones_raygen_evaluate_makes(
 
 
 @pytest.mark.slow
-def test_a_lora_trains_alone_checkpoints_small_and_loads_in_plain_diffusers(
-    ray_local, tiny_bundles, prep_shards, tmp_path
+def test_dreambooth_lora_with_prior_preservation_loads_in_plain_diffusers(
+    ray_local, tiny_bundles, prep_shards, uninterrupted, tmp_path
 ):
-    """`adapter: lora`: only the LoRA trains; checkpoints hold it and its optimizer; the
-    output is diffusers' LoRA format, which `load_lora_weights` takes unchanged, and a
-    resumed run continues it."""
+    """`adapter: lora` with `prior.data` (DreamBooth-LoRA; the same shards stand in for the
+    class images): only the LoRA trains; a class batch trains beside each instance batch,
+    which is drawn as without it; checkpoints hold the LoRA, its optimizer and the class
+    position; the output is diffusers' LoRA format, which `load_lora_weights` takes
+    unchanged; a resumed run continues it."""
     output = tmp_path / "lora"
     config = _config(
         tiny_bundles, prep_shards, output, max_steps=4, sample_every=4,
-        **{"adapter.rank": 4, "optimizer.learning_rate": 1e-2},
+        **{"adapter.rank": 4, "optimizer.learning_rate": 1e-2, "prior.data": str(prep_shards)},
     )  # fmt: skip
+    missing = config.model_copy(update={"prior": config.prior.model_copy(update={"data": "/no"})})
+    with pytest.raises(ConfigError, match="^prior.data: no /no/manifest.json"):
+        run_train(missing.model_copy(update={"output": str(tmp_path / "missing")}))
+
     result = run_train(config)
     adapter = output / "adapter"
     assert result.steps == 4 and result.bundle == str(adapter)
+    # The LoRA starts as the identity (lora_B = 0) and the instance batch is the plain run's:
+    # the first loss is the uninterrupted full run's first; each step has its class loss.
+    records = _metrics(output)
+    assert records[0]["loss"] == pytest.approx(_metrics(uninterrupted)[0]["loss"], rel=1e-5)
+    assert all(np.isfinite(r["prior_loss"]) and r["prior_loss"] > 0 for r in records)
     assert not (output / "bundle").exists()
     recorded = json.loads((adapter / "raygen_adapter.json").read_text())
     assert recorded["base"] == str(tiny_bundles["t2i"]) and recorded["rank"] == 4
@@ -436,6 +447,7 @@ def test_a_lora_trains_alone_checkpoints_small_and_loads_in_plain_diffusers(
     state = torch.load(latest / "state.pt", weights_only=False)
     assert state["model"] and all(".lora_" in key for key in (*state["model"], *state["ema"]))
     assert len(state["optimizer"]["state"]) == len(state["model"])
+    assert state["prior_epoch"] >= 0 and state["prior_position"] >= 0
 
     # Plain diffusers: the LoRA loads unchanged and changes the picture; the base does not.
     settings = {"height": 32, "width": 32, "num_inference_steps": 2, "output_type": "np"}
@@ -487,33 +499,3 @@ def test_an_exported_lora_in_plain_diffusers_draws_what_the_trained_transformer_
     )
     frames = "frames" if kind == "t2v" else "images"
     assert np.abs(getattr(ours, frames) - getattr(theirs, frames)).max() < 1e-5
-
-
-@pytest.mark.slow
-def test_prior_preservation_trains_class_batches_beside_the_instance_ones(
-    tiny_bundles, prep_shards, uninterrupted, tmp_path
-):
-    """DreamBooth's prior preservation: a class batch beside each instance batch (here the
-    same shards stand in for the class images). The instance batches are drawn as without
-    it, so the first step's loss is the plain run's; after one update with the class
-    gradient the losses part; the class loss is recorded and the class position checkpointed."""
-    output = tmp_path / "prior"
-    config = _kill_test_config(tiny_bundles, prep_shards, output).model_copy(
-        update={"max_steps": 3, "checkpoint_every": 3, "sample_every": 0}
-    )
-    config = load_config(
-        TrainConfig, values={**config.model_dump(mode="json"), "prior.data": str(prep_shards)}
-    )
-    assert run_train(config).steps == 3
-    reference = {r["step"]: r["loss"] for r in _metrics(uninterrupted)}
-    records = _metrics(output)
-    assert records[0]["loss"] == pytest.approx(reference[1], rel=1e-5)
-    assert records[1]["loss"] != pytest.approx(reference[2], rel=1e-5)
-    assert all(np.isfinite(r["prior_loss"]) and r["prior_loss"] > 0 for r in records)
-    [latest] = sorted(p for p in (output / "ray-train").glob("checkpoint_*") if p.is_dir())[-1:]
-    state = torch.load(latest / "state.pt", weights_only=False)
-    assert state["prior_epoch"] >= 0 and state["prior_position"] >= 0
-
-    missing = config.model_copy(update={"prior": config.prior.model_copy(update={"data": "/no"})})
-    with pytest.raises(ConfigError, match="^prior.data: no /no/manifest.json"):
-        run_train(missing.model_copy(update={"output": str(tmp_path / "missing")}))
