@@ -327,6 +327,9 @@ def distill_student(paths: DemoPaths, sizes: DemoSizes) -> dict[str, Any]:
             "teacher.uri": str(paths.bundle("train")),
             "student_steps": 4,
             "guidance_scale": GUIDANCE,
+            # A finer teacher ODE grid than the default 16: from one teacher, two students at
+            # 32 followed color 0.94 and 0.94 where two at 16 followed 0.90 and 0.90.
+            "num_teacher_steps": 32,
             "caption": "original",
             "cpus_per_worker": 1,
             "batch_size": sizes.distill_batch,
