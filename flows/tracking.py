@@ -241,12 +241,10 @@ class Trackers:
             )
         self.trackers: dict[str, Tracker] = {}
         for name, open_tracker in opened.items():
-            self._call(
-                name,
-                lambda open_tracker=open_tracker, name=name: self.trackers.update(
-                    {name: open_tracker()}
-                ),
-            )
+            try:
+                self.trackers[name] = open_tracker()
+            except Exception as error:  # noqa: BLE001 - reported, not raised
+                self.errors.append((name, f"{type(error).__name__}: {error}"))
         ids = {
             f"{name}_run_id": t.run_id for name, t in self.trackers.items() if hasattr(t, "run_id")
         }

@@ -646,28 +646,36 @@ def _mean_over_ranks(values: list[torch.Tensor]) -> float:
 
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+# Checkpoints and exports: without the frozen parameters (a LoRA's base comes from the
+# bundle), so a LoRA run does not gather the base it does not save; buffers stay in.
+TRAINED = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 
 
-def _full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _full_weights(
+    model: torch.nn.Module, options: StateDictOptions = FULL
+) -> dict[str, torch.Tensor]:
     """Unsharded weights on CPU (every rank must call: FSDP gathers)."""
-    return get_model_state_dict(model, options=FULL)
+    return get_model_state_dict(model, options=options)
 
 
 def _ema_weights(
-    model: torch.nn.Module, ema: EMAModel, params: list[torch.nn.Parameter]
+    model: torch.nn.Module,
+    ema: EMAModel,
+    params: list[torch.nn.Parameter],
+    options: StateDictOptions = FULL,
 ) -> dict[str, torch.Tensor]:
-    """Full weights with the EMA in place of ``params``, the trained parameters (a LoRA's:
-    the frozen base is not averaged)."""
+    """Weights with the EMA in place of ``params``, the trained parameters (a LoRA's: the
+    frozen base is not averaged)."""
     ema.store(params)
     ema.copy_to(params)
-    weights = _full_weights(model)
+    weights = _full_weights(model, options)
     ema.restore(params)
     return weights
 
 
 def _trained(weights: dict[str, torch.Tensor], names: set[str] | None) -> dict[str, torch.Tensor]:
-    """What a checkpoint keeps of full weights: the trained parameters (``names``; None: all).
-    A LoRA's checkpoint is its matrices; the frozen base comes from the bundle."""
+    """What a checkpoint keeps: the trained parameters ``names`` (None: everything). A LoRA's
+    checkpoint is its matrices, not the base's buffers either (SD3's pos_embed is large)."""
     return weights if names is None else {k: v for k, v in weights.items() if k in names}
 
 
@@ -842,8 +850,8 @@ def train_loop(args: dict[str, Any]) -> None:
                     records[-1]["sample"] = name  # the trackers show it beside the step
         if step % config.checkpoint_every == 0 or step == config.max_steps:
             state = {
-                "model": _trained(_full_weights(model), trained),
-                "ema": _trained(_ema_weights(model, ema, params), trained),
+                "model": _trained(_full_weights(model, TRAINED), trained),
+                "ema": _trained(_ema_weights(model, ema, params, TRAINED), trained),
                 "ema_step": ema.optimization_step,
                 "optimizer": get_optimizer_state_dict(model, optimizer, options=FULL),
                 "schedule": schedule.state_dict(),
@@ -870,8 +878,8 @@ def train_loop(args: dict[str, Any]) -> None:
             ray.train.report({"records": records})
             records, last_report = [], time.monotonic()
 
-    # --- the bundle: EMA weights in the source bundle's layout ---
-    weights = _ema_weights(model, ema, params)
+    # --- the bundle (or the LoRA): EMA weights in the source bundle's layout ---
+    weights = _ema_weights(model, ema, params, TRAINED)
     if rank == 0:
         with tempfile.TemporaryDirectory() as folder:
             objective.export(weights, folder)
