@@ -85,10 +85,11 @@ def test_address_without_port_is_a_user_error(no_ray: None) -> None:
         init_ray(RayConfig(address="head-node"))
 
 
-# A driver as a raygen command runs one: console chosen first, then a local Ray. A worker
-# prints, says a line through the driver's console, then another worker fails.
+# A driver as a raygen command runs one: console chosen first, then a local Ray. Ray Data's
+# issue detector gives its advice, a worker prints, says a line through the driver's console,
+# then another worker fails.
 _DRIVER = """
-import sys, time
+import logging, sys, time
 import ray
 from cluster.ray_runtime import DriverConsole, configure_console, init_ray
 from schemas.config import RayConfig
@@ -96,6 +97,10 @@ from schemas.config import RayConfig
 configure_console(verbose=sys.argv[1] == "verbose")
 init_ray(RayConfig(num_cpus=1))
 marker = sys.argv[2]
+
+import ray.data
+detector = "ray.data._internal.issue_detection.issue_detector_manager"
+logging.getLogger(detector).warning(f"consider setting memory= {marker}")
 
 @ray.remote
 def work(console):
@@ -138,6 +143,9 @@ def test_quiet_console_keeps_worker_output_in_rays_logs_but_shows_errors(
 
     assert f"said by a worker {marker}" in result.stdout  # raygen's own line, relayed
     assert f"printed by a worker {marker}" not in console
+    # Ray Data's advice on memory requests, which a stage's resources do not take, is in
+    # its log file (16 lines every 30 s on a slow machine pushed the demo past two screens).
+    assert f"consider setting memory= {marker}" not in console
     # The failure reaches the user with the worker's traceback, and the command fails.
     assert result.returncode != 0
     assert f"ValueError: a worker's error {marker}" in result.stderr
@@ -153,4 +161,5 @@ def test_verbose_console_shows_worker_output(ray_local: None) -> None:
 
     assert f"printed by a worker {marker}" in result.stdout
     assert f"said by a worker {marker}" in result.stdout
+    assert f"consider setting memory= {marker}" in result.stderr
     assert f"ValueError: a worker's error {marker}" in result.stderr
