@@ -14,7 +14,8 @@ machine. A ``bundle_dir`` is a local folder in diffusers' layout (resolve ``s3:/
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import threading
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -30,6 +31,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
 from diffusers.utils.torch_utils import randn_tensor
 
 from actors.families import family_of
+from schemas.errors import AdapterError
 
 ImageType = Literal["uint8", "float32"]
 
@@ -53,7 +55,8 @@ class PromptEmbeddings:
 @dataclass(frozen=True)
 class DenoiseRequest:
     """One image's denoising: its conditioning, seed and guidance, the shared settings a batch
-    is keyed on, and an optional SDXL-style handoff.
+    is keyed on (adapters included: a batch runs one set of LoRAs at one set of scales), and
+    an optional SDXL-style handoff.
 
     ``denoising_end`` stops at that fraction of the schedule and returns still-noisy latents;
     ``denoising_start`` (with the ``latents`` a previous stage stopped at) continues from that
@@ -72,6 +75,7 @@ class DenoiseRequest:
     denoising_start: float | None = None
     denoising_end: float | None = None
     latents: torch.Tensor | None = None  # (C, h, w), where a previous stage stopped
+    adapters: tuple[tuple[str, float], ...] = ()  # (LoRA name, scale), as set_adapters takes
 
     def __post_init__(self) -> None:
         for name in ("denoising_start", "denoising_end"):
@@ -91,14 +95,15 @@ class DenoiseRequest:
             )
 
     @property
-    def batch_key(self) -> tuple[int, int, int, int]:
+    def batch_key(self) -> tuple[int, int, int, int, tuple[tuple[str, float], ...]]:
         """Requests denoise together only if these agree: (height, width,
-        num_inference_steps, sequence length L of the embeddings)."""
+        num_inference_steps, sequence length L of the embeddings, adapters)."""
         return (
             self.height,
             self.width,
             self.num_inference_steps,
             self.embeddings.prompt_embeds.shape[0],
+            self.adapters,
         )
 
 
@@ -198,6 +203,13 @@ class Denoiser:
     scheduler owns the step math. A call builds its own schedulers, so nothing carries over
     from one call to the next. A callback after each step sees every request's progress and
     can stop the call there, as diffusers' ``callback_on_step_end`` and ``interrupt`` do.
+
+    LoRAs: ``hold_adapters`` loads them into the transformer as the family pipeline's
+    ``load_lora_weights`` does, ``release_adapters`` lets them go once nothing holds them; a
+    call runs its requests' adapters at their scales (``set_adapters``) and the base alone
+    for requests without. A call whose adapters were let go meanwhile loads them back for
+    itself. Loads, deletes and calls take turns (a lock), so a forward never sees an adapter
+    half loaded.
     """
 
     def __init__(
@@ -216,6 +228,84 @@ class Denoiser:
         # A template only: each call steps fresh copies of it.
         self.scheduler = pipe.scheduler
         self.multiples = family.multiples(bundle_dir)
+        self.pipeline_class = family.pipeline  # its LoRA loader reads diffusers' format
+        self._holds: Counter[str] = Counter()  # adapter name -> holders
+        self._adapter_dirs: dict[str, Path] = {}
+        self._lock = threading.Lock()
+        self.adapter_loads = 0
+
+    @property
+    def adapters(self) -> list[str]:
+        """The LoRAs in the transformer now."""
+        return sorted(getattr(self.transformer, "peft_config", {}))
+
+    def hold_adapters(self, dirs: dict[str, str | Path]) -> None:
+        """Load the LoRAs (name -> diffusers-format folder) not loaded yet, and hold each
+        once more. Raises ``AdapterError`` naming one that this transformer cannot take, and
+        then holds none of them."""
+        with self._lock:
+            try:
+                for name, folder in dirs.items():
+                    self._adapter_dirs[name] = Path(folder)
+                    if name not in self.adapters:
+                        self._load_adapter(name)
+            except Exception:
+                self._drop_unheld()
+                raise
+            self._holds.update(list(dirs))
+
+    def release_adapters(self, names: Sequence[str]) -> None:
+        """Hold each once less; delete those nothing holds."""
+        with self._lock:
+            self._holds.subtract(names)
+            self._drop_unheld()
+
+    def _load_adapter(self, name: str) -> None:
+        folder = self._adapter_dirs[name]
+        state_dict, metadata = self.pipeline_class.lora_state_dict(
+            folder, return_lora_metadata=True
+        )
+        others = sorted({key.split(".")[0] for key in state_dict} - {"transformer"})
+        if others:
+            raise AdapterError(
+                name, f"holds {', '.join(others)} weights; served adapters adapt the transformer"
+            )
+        try:
+            self.pipeline_class.load_lora_into_transformer(
+                state_dict, transformer=self.transformer, adapter_name=name, metadata=metadata
+            )
+        except (RuntimeError, ValueError, KeyError) as err:
+            if name in self.adapters:
+                self.transformer.delete_adapters(name)
+            # torch's size-mismatch message is a line per tensor: the first says enough.
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            mismatch = [line for line in lines if line.startswith("size mismatch")]
+            detail = (mismatch or lines or [type(err).__name__])[0]
+            raise AdapterError(name, f"does not fit this base's transformer ({detail})") from None
+        self.adapter_loads += 1
+
+    def _drop_unheld(self) -> None:
+        unheld = [name for name in self.adapters if self._holds[name] <= 0]
+        if unheld:
+            self.transformer.delete_adapters(unheld)
+        self._holds = +self._holds  # drop the zero counts
+
+    def _use_adapters(self, adapters: tuple[tuple[str, float], ...]) -> None:
+        """The transformer as this call's requests want it (under the lock)."""
+        for name, _ in adapters:
+            if name not in self.adapters:
+                if name not in self._adapter_dirs:
+                    raise AdapterError(name, "not held by this replica")
+                self._load_adapter(name)  # let go while its request waited for this call
+        if not self.adapters:
+            return  # no LoRA layers: the plain transformer
+        if not adapters:
+            self.transformer.disable_lora()
+            return
+        self.transformer.enable_lora()
+        self.transformer.set_adapters(
+            [name for name, _ in adapters], [scale for _, scale in adapters]
+        )
 
     def denoise(
         self,
@@ -232,13 +322,27 @@ class Denoiser:
         """
         if not requests:
             raise ValueError("denoise needs at least one request")
-        height, width, num_inference_steps, _ = key = requests[0].batch_key
+        height, width, num_inference_steps, _, adapters = key = requests[0].batch_key
         for request in requests:
             if request.batch_key != key:
                 raise ValueError(
                     "requests in one denoise call must share (height, width, "
-                    f"num_inference_steps, sequence length): {request.batch_key} != {key}"
+                    f"num_inference_steps, sequence length, adapters): {request.batch_key} != "
+                    f"{key}"
                 )
+        with self._lock:
+            try:
+                self._use_adapters(adapters)
+                return self._denoise(requests, callback_on_step_end)
+            finally:
+                self._drop_unheld()  # any this call loaded back for itself
+
+    def _denoise(
+        self,
+        requests: Sequence[DenoiseRequest],
+        callback_on_step_end: Callable[[list[int], list[int]], bool] | None,
+    ) -> list[torch.Tensor]:
+        height, width, num_inference_steps, _, _ = requests[0].batch_key
         self.multiples.check_size(height, width)
         latent_shape = (
             1,

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,10 @@ WEIGHT_SUFFIX = ".safetensors"
 # Beside a bundle raygen distilled: how to sample it ({"num_inference_steps", "guidance_scale"}).
 # Guidance is folded into a student, so a pipeline must not apply it again.
 SAMPLING_FILE = "raygen_sampling.json"
+# A LoRA folder: diffusers' weights file (``save_lora_weights``), and beside a LoRA raygen
+# trained, its base bundle and settings.
+ADAPTER_WEIGHTS = "pytorch_lora_weights.safetensors"
+ADAPTER_FILE = "raygen_adapter.json"
 UNSAFE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -35,16 +40,22 @@ class BundleError(RaygenError):
 
 def resolve_bundle(uri: str, storage: Storage) -> Path:
     """A local, validated bundle folder for ``uri`` (downloaded and cached for s3://)."""
+    return resolve_folder(uri, storage, validate_bundle, kind="bundle")
+
+
+def resolve_folder(uri: str, storage: Storage, validate: Callable[..., Any], kind: str) -> Path:
+    """A local folder for ``uri``, checked by ``validate(path, source=uri)``: the folder
+    itself, or for s3:// a copy in ``<cache_dir>/<kind>s`` downloaded once per content."""
     if not is_s3(uri):
         path = local_path(uri)
-        validate_bundle(path, source=uri)
+        validate(path, source=uri)
         return path
     listing = storage.list_info(uri)
     if not listing:
-        raise BundleError(f"bundle {uri}: no files under it")
-    cache_root = Path(storage.config.cache_dir).expanduser() / "bundles"
+        raise BundleError(f"{kind} {uri}: no files under it")
+    cache_root = Path(storage.config.cache_dir).expanduser() / f"{kind}s"
     target = cache_root / _cache_name(uri, listing)
-    if target.is_dir():  # only validated, complete bundles are ever renamed into place
+    if target.is_dir():  # only validated, complete folders are ever renamed into place
         return target
     cache_root.mkdir(parents=True, exist_ok=True)
     # Workers on one node that start together wait for one download instead of each
@@ -52,18 +63,20 @@ def resolve_bundle(uri: str, storage: Storage) -> Path:
     with (cache_root / f".{target.name}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not target.is_dir():
-            _download_into(uri, storage, target)
+            _download_into(uri, storage, target, validate, kind)
     return target
 
 
-def _download_into(uri: str, storage: Storage, target: Path) -> None:
+def _download_into(
+    uri: str, storage: Storage, target: Path, validate: Callable[..., Any], kind: str
+) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         storage.download_dir(uri, staging)
         # A key must name exactly the bytes under it: refuse content that moved mid-download.
         if _cache_name(uri, storage.list_info(uri)) != target.name:
-            raise BundleError(f"bundle {uri}: changed while it was downloading; try again")
-        validate_bundle(staging, source=uri)
+            raise BundleError(f"{kind} {uri}: changed while it was downloading; try again")
+        validate(staging, source=uri)
         # Atomic: a reader sees no folder or the whole bundle.
         try:
             os.rename(staging, target)
@@ -84,6 +97,12 @@ def _cache_name(uri: str, listing: list[ObjectInfo]) -> str:
     # The folder's own name first, so a person can tell cached bundles apart.
     name = re.sub(r"[^A-Za-z0-9._-]", "_", uri.rstrip("/").rsplit("/", 1)[-1])
     return f"{name}-{digest.hexdigest()[:16]}"
+
+
+def validate_adapter(path: str | Path, *, source: str | None = None) -> None:
+    """A local LoRA folder holds its weights file."""
+    if not (Path(path) / ADAPTER_WEIGHTS).is_file():
+        raise BundleError(f"adapter {source or path}: no {ADAPTER_WEIGHTS} in it")
 
 
 def validate_bundle(path: str | Path, *, source: str | None = None) -> dict[str, Any]:

@@ -233,6 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--refiner", action="store_true", default=None, help="hand off to the refiner stage"
     )
     generate.add_argument("--upscale", type=int, metavar="N", help="super-resolution stages")
+    generate.add_argument(
+        "--lora",
+        dest="loras",
+        action="append",
+        metavar="NAME[:SCALE]",
+        help="an adapter from the server's registry (GET /v1/loras), scale 1 unless given; "
+        "repeat to combine",
+    )
 
     watermark = commands.add_parser(
         "watermark",
@@ -429,6 +437,12 @@ _GENERATE_FIELDS = (
 )
 
 
+def _lora(text: str) -> dict[str, str]:
+    """``NAME`` or ``NAME:SCALE``, as the request's ``loras`` item (the schema checks both)."""
+    name, sep, scale = text.rpartition(":")
+    return {"name": name, "scale": scale} if sep else {"name": text}
+
+
 def _run_generate(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -436,6 +450,8 @@ def _run_generate(args: argparse.Namespace) -> int:
     from schemas.api import GenerateRequest
 
     fields = {name: getattr(args, name) for name in _GENERATE_FIELDS}
+    if args.loras:
+        fields["loras"] = [_lora(text) for text in args.loras]
     try:
         request = GenerateRequest(
             prompt=args.prompt,

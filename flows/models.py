@@ -38,6 +38,8 @@ from diffusers import (
     WanPipeline,
     WanTransformer3DModel,
 )
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
 from tokenizers import pre_tokenizers
 from transformers import (
     BertTokenizer,
@@ -137,6 +139,36 @@ def build_short_context_t2i(out: str | Path, clip_positions: int, seed: int = 0)
         pipe.save_pretrained(staged, safe_serialization=True)
 
     return _write_bundle(Path(out), build, seed)
+
+
+def build_tiny_lora(
+    bundle_dir: str | Path,
+    out: str | Path,
+    seed: int,
+    rank: int = 4,
+    heads: int | None = None,
+) -> Path:
+    """A LoRA on the bundle's SD3 transformer in diffusers' format (``save_lora_weights``, as
+    ``raygen train`` exports one), on the attention projections, with seeded random
+    matrices: peft starts B at zero, an identity no image could tell from the base. With
+    ``heads``, made on a transformer of that many heads instead: an adapter for another base.
+    """
+    config = dict(SD3Transformer2DModel.load_config(Path(bundle_dir) / "transformer"))
+    if heads is not None:
+        config["num_attention_heads"] = heads
+    with _seeded(seed):
+        transformer = SD3Transformer2DModel.from_config(config)
+        transformer.add_adapter(
+            LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+        )
+        with torch.no_grad():
+            for name, param in transformer.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(std=0.3)
+    StableDiffusion3Pipeline.save_lora_weights(
+        out, transformer_lora_layers=get_peft_model_state_dict(transformer), safe_serialization=True
+    )
+    return Path(out)
 
 
 def _write_bundle(bundle_dir: Path, builder: Callable[[Path, int], None], seed: int) -> Path:

@@ -52,7 +52,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from actors.families import FAMILIES, Family, component_config, family_of
 from actors.shape_detector import detect_image
-from cluster.bundles import resolve_bundle
+from cluster.bundles import ADAPTER_FILE, resolve_bundle
 from cluster.ray_runtime import DriverConsole, init_ray
 from cluster.storage import Storage, is_s3, join
 from flows.shard_reader import (
@@ -462,7 +462,6 @@ class RectifiedFlow(StatelessObjective):
             export_bundle(self.plan.bundle_dir, self.model, state_dict, out_dir)
 
 
-ADAPTER_FILE = "raygen_adapter.json"  # beside the LoRA: its base bundle and settings
 
 
 def add_lora(model: torch.nn.Module, adapter: AdapterConfig) -> None:

@@ -14,6 +14,28 @@ class ApiModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class LoraRef(ApiModel):
+    """An adapter from the server's registry (``GET /v1/loras``) and its weight, as
+    diffusers' ``set_adapters(names, adapter_weights)`` takes it."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    scale: float = Field(default=1.0, ge=-4.0, le=4.0)
+
+
+def _distinct_loras(loras: list[LoraRef]) -> list[LoraRef]:
+    names = [lora.name for lora in loras]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"adapter {repeated[0]!r} is named twice")
+    return loras
+
+
+LORAS_FIELD = Field(
+    default_factory=list,
+    description="adapters from GET /v1/loras, each with its scale (diffusers' set_adapters)",
+)
+
+
 class GenerateRequest(ApiModel):
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
@@ -23,6 +45,7 @@ class GenerateRequest(ApiModel):
     width: int = Field(default=1024, ge=8)
     seed: int | None = Field(default=None, ge=0, lt=2**63, description="random when omitted")
     num_images_per_prompt: int = Field(default=1, ge=1, le=8)
+    loras: list[LoraRef] = LORAS_FIELD
     refiner: bool = False
     denoising_end: float = Field(default=0.8, gt=0.0, lt=1.0, description="base/refiner handoff")
     upscale: int = Field(default=0, ge=0, description="super-resolution stages to run")
@@ -46,6 +69,8 @@ class GenerateRequest(ApiModel):
         if not value.strip():
             raise ValueError("prompt is blank")
         return value
+
+    _loras_distinct = field_validator("loras")(_distinct_loras)
 
 
 class GeneratedImage(ApiModel):
@@ -80,6 +105,7 @@ class ImageGenerationRequest(ApiModel):
     num_inference_steps: int = Field(default=28, ge=1, le=200)
     guidance_scale: float = Field(default=7.0, ge=0.0, le=30.0)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
+    loras: list[LoraRef] = LORAS_FIELD
 
     @field_validator("prompt")
     @classmethod
@@ -87,6 +113,8 @@ class ImageGenerationRequest(ApiModel):
         if not value.strip():
             raise ValueError("prompt is blank")
         return value
+
+    _loras_distinct = field_validator("loras")(_distinct_loras)
 
 
 class ImageGenerationResponse(BaseModel):
@@ -99,6 +127,18 @@ class ImageGenerationResponse(BaseModel):
     seeds: list[int]
     nsfw_content_detected: list[bool]
     stage_seconds: dict[str, float]
+
+
+class LoraInfo(ApiModel):
+    name: str
+    size_bytes: int = Field(description="the adapter's weights file")
+    base: str | None = Field(
+        default=None, description="the bundle it was trained on, where recorded (raygen train)"
+    )
+
+
+class LoraList(ApiModel):
+    loras: list[LoraInfo]
 
 
 class VideoRequest(ApiModel):

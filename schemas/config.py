@@ -661,6 +661,24 @@ class ServeVideoConfig(Config):
     deployments: VideoDeployments = Field(default_factory=VideoDeployments)
 
 
+class LoraServingConfig(Config):
+    """Adapters a request may name (``loras`` on ``/v1/generate``): a registry folder of
+    diffusers-format LoRAs, one subfolder each (``pytorch_lora_weights.safetensors``, as
+    ``raygen train`` with ``adapter:`` writes it). The base denoiser holds adapter sets with
+    Ray Serve's model multiplexing, so a request goes to a replica that holds its set."""
+
+    registry: str = Field(description="folder (local or s3://) of adapters, one subfolder each")
+    max_per_replica: int = Field(
+        default=4, ge=1, description="adapter sets a base replica holds; the least recent goes"
+    )
+    max_per_request: int = Field(default=4, ge=1, description="adapters one request may combine")
+    rescan_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="GET /v1/loras lists at most this stale; an unknown name rescans at once",
+    )
+
+
 class ServeConfig(Config):
     """`raygen serve`: the multi-stage generation graph behind one HTTP API."""
 
@@ -697,6 +715,9 @@ class ServeConfig(Config):
     deployments: ServeDeployments = Field(default_factory=ServeDeployments)
     video: ServeVideoConfig | None = Field(
         default=None, description="video jobs (/v1/videos); null: images only"
+    )
+    loras: LoraServingConfig | None = Field(
+        default=None, description="adapters requests may name (registry); null: none"
     )
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)

@@ -84,7 +84,15 @@ def build_app(config: ServeConfig) -> serve.Application:
         deployments.text_encoder,
         config.text_cache_size,
     )
-    base = bind(DenoiserStage, "base", deployments.base, config.bundle, storage, deployments.base)
+    base = bind(
+        DenoiserStage,
+        "base",
+        deployments.base,
+        config.bundle,
+        storage,
+        deployments.base,
+        config.loras,
+    )
     refiner = None
     if config.refiner is not None:
         refiner = bind(
@@ -206,6 +214,9 @@ def _absolute_local_paths(config: ServeConfig) -> ServeConfig:
                 update={"image_checker": model(config.safety.image_checker)}
             ),
             "output": absolute(config.output),
+            "loras": None
+            if config.loras is None
+            else config.loras.model_copy(update={"registry": absolute(config.loras.registry)}),
             "video": None
             if config.video is None
             else config.video.model_copy(update={"bundle": model(config.video.bundle)}),

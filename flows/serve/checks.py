@@ -57,10 +57,22 @@ def check_inputs(
             request.upscale,
             f"this server has {len(config.super_resolution)} super-resolution stages",
         )
+    if request.loras and config.loras is None:
+        raise InvalidInput(
+            "loras", _names(request), "this server serves no adapters (config: loras)"
+        )
+    if config.loras is not None and len(request.loras) > config.loras.max_per_request:
+        raise InvalidInput(
+            "loras", _names(request), f"at most {config.loras.max_per_request} adapters per request"
+        )
     if request.timeout_s is not None and request.timeout_s > config.request_timeout_s:
         raise InvalidInput(
             "timeout_s", request.timeout_s, f"must be at most {config.request_timeout_s:g}"
         )
+
+
+def _names(request: GenerateRequest) -> list[str]:
+    return [lora.name for lora in request.loras]
 
 
 def _check_sides(

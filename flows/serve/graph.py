@@ -22,6 +22,7 @@ from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
 from actors.families import Multiples
+from flows.serve.loras import adapter_set_key
 from flows.serve.messages import DenoiseSpec, EncodeItem, Staged
 from schemas.api import GenerateRequest
 from schemas.config import ServeConfig
@@ -232,6 +233,13 @@ class ImageGraph:
             ),
         )
         handoff = body.denoising_end if body.refiner else None
+        # The adapters adapt the base: a refiner is another model, which they were not made for.
+        adapters = tuple(sorted((lora.name, lora.scale) for lora in body.loras))
+        base = self.base
+        if adapters:
+            # To a base replica that holds this set, if one does (Serve's model multiplexing).
+            key = adapter_set_key([name for name, _ in adapters])
+            base = self.base.options(multiplexed_model_id=key)
         specs = [
             DenoiseSpec(
                 seed=seed,
@@ -240,12 +248,16 @@ class ImageGraph:
                 width=body.width,
                 num_inference_steps=body.num_inference_steps,
                 denoising_end=handoff,
+                adapters=adapters,
             )
             for seed in seeds
         ]
-        latents = await calls.denoise("base", self.base, specs, embeddings)
+        latents = await calls.denoise("base", base, specs, embeddings)
         if body.refiner:
-            specs = [replace(spec, denoising_start=handoff, denoising_end=None) for spec in specs]
+            specs = [
+                replace(spec, denoising_start=handoff, denoising_end=None, adapters=())
+                for spec in specs
+            ]
             latents = await calls.denoise("refiner", self.refiner, specs, embeddings, latents)
         images = await calls.stage(
             "vae_decode", self.vae_decode.decode.remote(output_type, *latents)

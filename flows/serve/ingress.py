@@ -31,6 +31,7 @@ from actors.prompt_filter import PromptFilter
 from cluster.storage import Storage, is_s3
 from flows.serve.checks import InvalidInput, check_inputs
 from flows.serve.graph import ReplicaFailed, stage_names
+from flows.serve.loras import AdapterRegistry
 from flows.serve.messages import FinishedImages, Staged
 from flows.serve.video_jobs import VIDEOS_FOLDER
 from schemas.api import (
@@ -39,10 +40,12 @@ from schemas.api import (
     GenerateResponse,
     ImageGenerationRequest,
     ImageGenerationResponse,
+    LoraList,
     VideoJob,
     VideoRequest,
 )
 from schemas.config import ServeConfig
+from schemas.errors import AdapterError
 
 IMAGES_FOLDER = "images"
 # Stored outputs by suffix: (folder under `output`, media type).
@@ -90,6 +93,12 @@ def build_api(ingress: "Ingress") -> FastAPI:
     ) -> GenerateResponse | StreamingResponse:
         """The images; with ``stream``, server-sent events (see ``Ingress.events``)."""
         return await ingress.generate(body, request)
+
+    @api.get("/v1/loras", response_model=LoraList, dependencies=auth)
+    async def loras() -> LoraList:
+        """The adapters a request may name in ``loras``: the registry's subfolders (one
+        added there is listed within the config's ``loras.rescan_s``)."""
+        return await ingress.loras()
 
     @api.post("/v1/images/generations", response_model=ImageGenerationResponse, dependencies=auth)
     async def images_generations(
@@ -184,6 +193,17 @@ def _invalid(err: InvalidInput, fields: dict[str, str]) -> RequestValidationErro
     )
 
 
+def _adapter_error(err: BaseException | None) -> AdapterError | None:
+    """The adapter error a stage raised, however many calls it came back through."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, AdapterError):
+            return err
+        err = err.cause if isinstance(err, RayTaskError) else (err.__cause__ or err.__context__)
+    return None
+
+
 def _sse(event: str, data: dict[str, Any]) -> str:
     """One server-sent event."""
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
@@ -227,6 +247,9 @@ class Ingress:
         self.video_jobs = video_jobs
         self.prompt_filter = PromptFilter(config.safety.blocklist)
         self.storage = Storage(config.storage)
+        self.registry = (
+            None if config.loras is None else AdapterRegistry(config.loras, self.storage)
+        )
         # Alongside Serve's own metrics (requests, latency per deployment), exported the same
         # way: Ray's metrics endpoint on each node, for Prometheus.
         self.stage_histogram = metrics.Histogram(
@@ -346,6 +369,7 @@ class Ingress:
             num_images_per_prompt=body.n,
             model=body.model,
             response_format=body.response_format,
+            loras=body.loras,
         )
         fields = {"height": "size", "width": "size", "num_images_per_prompt": "n"}
         seeds = await self._admit(native, fields)
@@ -360,6 +384,11 @@ class Ingress:
             nsfw_content_detected=flagged,
             stage_seconds=stage_seconds,
         )
+
+    async def loras(self) -> LoraList:
+        if self.registry is None:
+            raise HTTPException(404, "this server serves no adapters (config: loras)")
+        return LoraList(loras=await asyncio.to_thread(self.registry.infos))
 
     async def file(self, name: str) -> Response:
         match = _FILE_NAME.match(name)
@@ -382,6 +411,16 @@ class Ingress:
             check_inputs(body, self.config, self._image_multiples)
         except InvalidInput as err:
             raise _invalid(err, fields) from None
+        if body.loras:
+            assert self.registry is not None  # check_inputs refused loras without one
+            names = [lora.name for lora in body.loras]
+            missing = await asyncio.to_thread(self.registry.missing, names)
+            if missing:
+                raise HTTPException(
+                    404,
+                    f"unknown adapter {missing[0]!r}: not in the registry (GET /v1/loras lists "
+                    "the adapters)",
+                )
         self._filter_prompt(body.prompt)
         num_images = body.num_images_per_prompt
         first = body.seed if body.seed is not None else random.randrange(2**63 - num_images)
@@ -467,6 +506,22 @@ class Ingress:
                 ) from None
             if isinstance(_cause(err), ReplicaFailed):
                 raise self._replica_failed(_cause(err).stage) from None
+            if (adapter := _adapter_error(err)) is not None:
+                # Found by the replica that loads it: gone from the registry since the
+                # request was admitted (404), or made for another base (422, in FastAPI's
+                # shape, which a stream's error event carries too).
+                detail: Any = str(adapter)
+                if adapter.status == 422:
+                    names = [lora.name for lora in body.loras]
+                    detail = [
+                        {
+                            "loc": ["body", "loras"],
+                            "msg": detail,
+                            "type": "value_error",
+                            "input": names,
+                        }
+                    ]
+                raise HTTPException(adapter.status, detail) from None
             if isinstance(err, RayActorError):
                 raise self._replica_failed("graph") from None
             raise

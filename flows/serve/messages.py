@@ -59,6 +59,7 @@ class DenoiseSpec:
     num_inference_steps: int
     denoising_start: float | None = None
     denoising_end: float | None = None
+    adapters: tuple[tuple[str, float], ...] = ()  # (LoRA name, scale), sorted by name
 
     def request(self, embeddings: Staged, latents: Staged | None) -> DenoiseRequest:
         # Called in the denoiser's replica, which has the models' modules loaded already.

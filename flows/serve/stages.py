@@ -18,9 +18,18 @@ from ray import serve
 
 from actors.families import Multiples
 from actors.generation import Denoiser, DenoiseRequest, PromptEncoder, Upscaler, VaeDecoder
+from cluster.storage import Storage
+from flows.serve.loras import AdapterRegistry, adapter_set_key, adapter_set_names
 from flows.serve.messages import DenoiseSpec, EncodeItem, Staged
 from flows.serve.replica import deployment_name, local_bundle, torch_dtype
-from schemas.config import DeploymentSettings, ModelRef, StorageConfig, SuperResolutionStage
+from schemas.config import (
+    DeploymentSettings,
+    LoraServingConfig,
+    ModelRef,
+    StorageConfig,
+    SuperResolutionStage,
+)
+from schemas.errors import AdapterError
 
 
 @serve.deployment
@@ -88,6 +97,22 @@ class _Denoising:
     cancelled: bool = False
 
 
+class _HeldAdapters:
+    """An adapter set in Serve's multiplexed-model cache of a denoiser replica. Serve calls
+    ``__del__`` when it evicts the set (least recently used); its adapters go once no other
+    held set uses them."""
+
+    def __init__(self, denoiser: Denoiser, names: list[str]) -> None:
+        self.denoiser = denoiser
+        self.names = names
+        self._released = False
+
+    def __del__(self) -> None:
+        if not self._released:  # Serve's call, then the garbage collector's
+            self._released = True
+            self.denoiser.release_adapters(self.names)
+
+
 @serve.deployment
 class DenoiserStage:
     """The base DiT or the refiner: concurrent requests that share (height, width, steps,
@@ -98,15 +123,34 @@ class DenoiserStage:
     the video denoiser does. A call cancelled while its batch runs (Serve cancels the
     caller's coroutine, not the batch) marks its request; a batch stops between steps once
     every request in it is marked, so a timed-out request leaves no work running.
+
+    With ``loras``, a request may name adapters from the registry. A replica holds up to
+    ``max_per_replica`` adapter sets through Serve's model multiplexing, keyed by the set
+    (the graph calls with that key as the multiplexed model id, so Serve routes the request
+    to a replica that holds its set); the least recently used set goes when another comes.
+    Serve splits batches by that id, and a batch's requests share their scales too.
     """
 
     def __init__(
-        self, model: ModelRef, storage: StorageConfig, settings: DeploymentSettings
+        self,
+        model: ModelRef,
+        storage: StorageConfig,
+        settings: DeploymentSettings,
+        loras: LoraServingConfig | None = None,
     ) -> None:
         self.name = deployment_name()
         self.denoiser = Denoiser(
             local_bundle(model, storage), device=model.device, dtype=torch_dtype(model)
         )
+        self.registry = None if loras is None else AdapterRegistry(loras, Storage(storage))
+        self._held = None
+        if loras is not None:
+
+            async def hold(key: str) -> _HeldAdapters:
+                return await self._hold(key)
+
+            # Wrapped here, not decorated: the number of sets is the config's.
+            self._held = serve.multiplexed(max_num_models_per_replica=loras.max_per_replica)(hold)
         self._denoise_batch.set_max_batch_size(settings.max_batch_size)
         self._denoise_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         self.num_requests = 0
@@ -118,11 +162,27 @@ class DenoiserStage:
         """What the bundle fixes about image sizes (its family's multiples)."""
         return self.denoiser.multiples
 
+    async def _hold(self, key: str) -> _HeldAdapters:
+        assert self.registry is not None
+        names = adapter_set_names(key)
+        dirs = {name: await asyncio.to_thread(self.registry.local_dir, name) for name in names}
+        await asyncio.to_thread(self.denoiser.hold_adapters, dirs)
+        return _HeldAdapters(self.denoiser, names)
+
+    async def _hold_adapters(self, spec: DenoiseSpec) -> None:
+        """The request's adapter set held by this replica (loaded now if it is not)."""
+        if not spec.adapters:
+            return
+        if self._held is None:
+            raise AdapterError(spec.adapters[0][0], f"the {self.name} stage serves no adapters")
+        await self._held(adapter_set_key([name for name, _ in spec.adapters]))
+
     async def denoise(
         self, spec: DenoiseSpec, embeddings: Staged, latents: Staged | None = None
     ) -> Staged:
         """The request's latents (C, h, w)."""
         start = time.perf_counter()
+        await self._hold_adapters(spec)
         item = _Denoising(spec.request(embeddings, latents))
         inputs = (embeddings,) if latents is None else (embeddings, latents)
         return Staged.after(await self._denoise_one(item), inputs, self.name, start)
@@ -133,6 +193,7 @@ class DenoiserStage:
         """``denoise``, streamed: ``(steps done, num_steps, None)`` after each step of the
         request's span, ``(num_steps, num_steps, latents)`` last."""
         start = time.perf_counter()
+        await self._hold_adapters(spec)
         steps: asyncio.Queue[tuple[int, int] | None] = asyncio.Queue()
         item = _Denoising(
             spec.request(embeddings, latents),
@@ -204,6 +265,8 @@ class DenoiserStage:
             "batch_sizes": dict(self.batch_sizes),
             "steps": self.num_steps,
             "stopped": self.num_stopped,
+            "adapters": self.denoiser.adapters,
+            "adapter_loads": self.denoiser.adapter_loads,
         }
 
 

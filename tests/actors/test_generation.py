@@ -22,7 +22,8 @@ from actors.generation import (
     Upscaler,
     VaeDecoder,
 )
-from flows.models import build_tiny_bundles
+from flows.models import build_tiny_bundles, build_tiny_lora
+from schemas.errors import AdapterError
 
 HEIGHT, WIDTH = 32, 48  # not square, so height and width cannot be swapped unnoticed
 NUM_STEPS = 6
@@ -286,6 +287,55 @@ def test_a_batch_must_share_its_key(encoder, base):
         replace(one, denoising_start=DENOISING_END)
     with pytest.raises(ValueError, match="must be in"):
         replace(one, denoising_end=1.0)
+
+
+def test_adapters_are_the_pipelines_load_lora_weights_and_set_adapters(
+    bundles, encoder, decoder, tmp_path
+):
+    lora_a = build_tiny_lora(bundles["t2i"], tmp_path / "a", seed=1)
+    lora_b = build_tiny_lora(bundles["t2i"], tmp_path / "b", seed=2)
+    denoiser = Denoiser(bundles["t2i"])  # its own: adapters change what it holds
+    denoiser.hold_adapters({"a": lora_a, "b": lora_b})
+    assert denoiser.adapters == ["a", "b"]
+    pipe = sd3_pipeline(bundles["t2i"])
+    pipe.load_lora_weights(lora_a, adapter_name="a")
+    pipe.load_lora_weights(lora_b, adapter_name="b")
+
+    case = CASES[1]
+    [embeddings] = embed(encoder, (case,))
+
+    def staged(adapters: tuple[tuple[str, float], ...]) -> np.ndarray:
+        [latents] = denoiser.denoise([request(embeddings, case, adapters=adapters)])
+        return decoder.decode([latents], output_type="float32")[0]
+
+    images = {}
+    for adapters in ((("a", 1.0),), (("b", 0.6),), (("a", 0.8), ("b", 0.5)), ()):
+        images[adapters] = staged(adapters)
+        if adapters:
+            pipe.enable_lora()
+            pipe.set_adapters([name for name, _ in adapters], [scale for _, scale in adapters])
+        else:
+            pipe.disable_lora()
+        reference = pipeline_call(pipe, case, output_type="np")[0]
+        assert max_abs(images[adapters], reference) <= TOLERANCE, adapters
+    plain = images[()]
+    assert max_abs(images[(("a", 1.0),)], plain) > 0.01  # the adapter mattered
+    assert max_abs(images[(("a", 1.0),)], images[(("b", 0.6),)]) > 0.01
+
+    # Let go, an adapter is deleted; a call that still names it (its request waited while
+    # the replica let it go) loads it back for itself only.
+    denoiser.release_adapters(["a"])
+    assert denoiser.adapters == ["b"]
+    assert max_abs(staged((("a", 1.0),)), images[(("a", 1.0),)]) <= 1e-6
+    assert denoiser.adapters == ["b"]
+
+    # An adapter made for another transformer is refused by name; nothing of it stays.
+    other = build_tiny_lora(bundles["t2i"], tmp_path / "other", seed=3, heads=3)
+    with pytest.raises(AdapterError, match=r"adapter 'other': does not fit this base's transformer \(size mismatch"):
+        denoiser.hold_adapters({"other": other})
+    assert denoiser.adapters == ["b"]
+    with pytest.raises(AdapterError, match="adapter 'c': not held"):
+        staged((("c", 1.0),))
 
 
 def test_a_repeated_prompt_skips_the_encoders(bundles):

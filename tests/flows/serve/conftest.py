@@ -18,7 +18,8 @@ import pytest
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from flows.models import build_tiny_bundles
+from cluster.storage import Storage
+from flows.models import build_tiny_bundles, build_tiny_lora
 from flows.serve import APP_NAME, build_app
 from schemas.config import ServeConfig, StorageConfig
 from tests.conftest import S3_REGION, free_port
@@ -30,6 +31,8 @@ SECOND_KEY = "rk-test-second-55aa"
 MAX_SEQUENCE_LENGTH = 16
 BLOCKED = "forbidden fruit"
 RETRY_AFTER_S = 2
+# Adapter sets a base replica holds: three sets in turn evict the first.
+MAX_ADAPTER_SETS = 2
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,46 @@ class Server:
     url: str
     graph: DeploymentHandle
     config: ServeConfig
+
+
+@dataclass(frozen=True)
+class Adapters:
+    """LoRAs in diffusers' format: local folders (for the reference pipelines) and the
+    server's registry on the S3 test server, holding all but ``late``."""
+
+    local: dict[str, Path]
+    registry: str
+    late: str  # built, not yet in the registry: a test adds it while the server runs
+
+
+@pytest.fixture(scope="package")
+def storage(s3_server: str, tmp_path_factory: pytest.TempPathFactory) -> StorageConfig:
+    return StorageConfig(
+        endpoint_url=s3_server,
+        region=S3_REGION,
+        cache_dir=str(tmp_path_factory.mktemp("cache")),
+    )
+
+
+@pytest.fixture(scope="package")
+def adapters(
+    bundles: dict[str, Path],
+    output_bucket: str,
+    storage: StorageConfig,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Adapters:
+    root = tmp_path_factory.mktemp("loras")
+    local = {
+        name: build_tiny_lora(bundles["t2i"], root / name, seed=seed)
+        for seed, name in enumerate(("style-a", "style-b", "style-c", "late-d"), start=1)
+    }
+    # Made for a transformer of other widths: this base cannot load it.
+    local["other-base"] = build_tiny_lora(bundles["t2i"], root / "other-base", seed=9, heads=3)
+    registry = f"{output_bucket}/loras"
+    for name, folder in local.items():
+        if name != "late-d":
+            Storage(storage).upload_dir(folder, Storage.join(registry, name))
+    return Adapters(local, registry, "late-d")
 
 
 @pytest.fixture(scope="package")
@@ -54,7 +97,11 @@ def output_bucket(s3_client: Any) -> str:
 
 
 def serve_config(
-    bundles: dict[str, Path], output: str, storage: StorageConfig, api_keys_env: str | None
+    bundles: dict[str, Path],
+    output: str,
+    storage: StorageConfig,
+    api_keys_env: str | None,
+    loras_registry: str | None = None,
 ) -> ServeConfig:
     # Every stage at a tenth of a CPU: a dozen replicas fit the 2-CPU local Ray.
     stage = {"num_cpus": 0.1}
@@ -119,6 +166,9 @@ def serve_config(
                     "vae_decode": stage,
                 },
             },
+            "loras": None
+            if loras_registry is None
+            else {"registry": loras_registry, "max_per_replica": MAX_ADAPTER_SETS, "rescan_s": 60},
             "storage": storage.model_dump(),
         }
     )
@@ -128,17 +178,14 @@ def serve_config(
 def server(
     bundles: dict[str, Path],
     output_bucket: str,
-    s3_server: str,
+    storage: StorageConfig,
     ray_local: None,
-    tmp_path_factory: pytest.TempPathFactory,
+    adapters: Adapters,
 ) -> Iterator[Server]:
-    storage = StorageConfig(
-        endpoint_url=s3_server,
-        region=S3_REGION,
-        cache_dir=str(tmp_path_factory.mktemp("cache")),
-    )
     os.environ[API_KEYS_ENV] = f"{API_KEY}, {SECOND_KEY}"
-    config = serve_config(bundles, f"{output_bucket}/outputs", storage, API_KEYS_ENV)
+    config = serve_config(
+        bundles, f"{output_bucket}/outputs", storage, API_KEYS_ENV, adapters.registry
+    )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:

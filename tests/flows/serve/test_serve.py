@@ -34,6 +34,7 @@ from ray import serve
 
 from actors.families import Multiples
 from actors.watermark import detect_watermark
+from cluster.storage import Storage
 from flows.cli import main
 from flows.evaluate import run_evaluate
 from flows.serve import api_key_digests, app_builder, deployment_options
@@ -51,9 +52,11 @@ from tests.conftest import METRICS_REPORT_INTERVAL_MS, free_port
 from tests.flows.serve.conftest import (
     API_KEY,
     BLOCKED,
+    MAX_ADAPTER_SETS,
     MAX_SEQUENCE_LENGTH,
     RETRY_AFTER_S,
     SECOND_KEY,
+    Adapters,
     Server,
 )
 
@@ -587,6 +590,139 @@ def test_raygen_generate_writes_a_png(server, tmp_path, capsys):
     # Ray forwards replica logs to this process's stderr too: keep the client's own lines.
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("raygen")]
     assert len(err) == 1 and "403" in err[0] and WRONG_KEY not in err[0]
+
+    # Adapters by name, with a scale or without.
+    adapted = tmp_path / "adapted.png"
+    assert (
+        main([*argv[:3], str(adapted), *argv[4:], "--lora", "style-a:0.7", "--lora", "style-b"])
+        == 0
+    )
+    assert max_abs(decode_png(adapted.read_bytes()), image) > 3
+    assert main([*argv, "--lora", "no-such"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("raygen")]
+    assert len(err) == 1 and "404" in err[0] and "'no-such'" in err[0], err
+
+
+# ---- adapters (LoRA multiplexing) -----------------------------------------------------
+
+
+def lora_pipeline(bundles: dict[str, Path], adapters: Adapters) -> StableDiffusion3Pipeline:
+    """diffusers' own way to the same images: every adapter loaded under its name."""
+    pipe = sd3_pipeline(bundles["t2i"])
+    for name, folder in adapters.local.items():
+        if name != "other-base":
+            pipe.load_lora_weights(folder, adapter_name=name)
+    return pipe
+
+
+def with_adapters(pipe: StableDiffusion3Pipeline, loras: list[dict[str, Any]], seed: int) -> Any:
+    pipe.enable_lora()
+    pipe.set_adapters([lora["name"] for lora in loras], [lora["scale"] for lora in loras])
+    return pipeline_call(pipe, seed, output_type="np")[0]
+
+
+def base_stats(server: Server) -> dict[str, Any]:
+    return server.graph.stats.remote().result()["base"]
+
+
+@pytest.mark.slow
+def test_adapter_sets_alternating_on_one_replica_each_equal_diffusers(server, bundles, adapters):
+    pipe = lora_pipeline(bundles, adapters)
+    a = [{"name": "style-a", "scale": 1.0}]
+    b = [{"name": "style-b", "scale": 0.6}]
+    both = [{"name": "style-b", "scale": 0.5}, {"name": "style-a", "scale": 0.8}]
+    images = {}
+    for index, loras in enumerate((a, b, a, b, both)):
+        staged = staged_pixels(server, seed=21, loras=loras)
+        diff = max_abs(staged, with_adapters(pipe, loras, seed=21))
+        print(f"adapters {loras}: max abs float32 pixel diff {diff:.3g}")
+        assert diff <= TOLERANCE
+        images[index] = staged
+    assert max_abs(images[0], images[1]) > 0.01  # each its own adapter
+    assert max_abs(images[0], staged_pixels(server, seed=21)) > 0.01  # and the plain base
+    # The plain request after them is still the plain pipeline's.
+    pipe.disable_lora()
+    reference = pipeline_call(pipe, 21, output_type="np")[0]
+    assert max_abs(staged_pixels(server, seed=21), reference) <= TOLERANCE
+
+
+@pytest.mark.slow
+def test_one_set_more_than_a_replica_holds_evicts_the_least_recent(server, bundles, adapters):
+    sets = [[{"name": name, "scale": 1.0}] for name in ("style-a", "style-b", "style-c")]
+    assert len(sets) == MAX_ADAPTER_SETS + 1
+    loads = base_stats(server)["adapter_loads"]
+    for loras in sets:
+        generate(server, prompt=PROMPT, seed=5, loras=loras)
+    stats = base_stats(server)
+    # style-a's set went when style-c's came; the last two stay, loaded once each at most.
+    assert stats["adapters"] == ["style-b", "style-c"], stats
+    assert loads < stats["adapter_loads"] <= loads + 3
+    # Asked for again, style-a is loaded back (style-b, now the least recent, goes), and its
+    # image is still diffusers' own.
+    staged = staged_pixels(server, seed=22, loras=sets[0])
+    pipe = lora_pipeline(bundles, adapters)
+    assert max_abs(staged, with_adapters(pipe, sets[0], seed=22)) <= TOLERANCE
+    assert base_stats(server)["adapters"] == ["style-a", "style-c"]
+
+
+@pytest.mark.slow
+def test_an_adapter_added_to_the_registry_while_serving_is_used(server, adapters):
+    status, _, listed = call(server, "/v1/loras")
+    assert status == 200, listed
+    names = [lora["name"] for lora in listed["loras"]]
+    assert {"style-a", "style-b", "style-c", "other-base"} <= set(names)
+    assert adapters.late not in names
+    assert all(lora["size_bytes"] > 0 for lora in listed["loras"])
+
+    storage = Storage(server.config.storage)
+    storage.upload_dir(
+        adapters.local[adapters.late], Storage.join(adapters.registry, adapters.late)
+    )
+    late = generate(server, prompt=PROMPT, seed=6, loras=[{"name": adapters.late}])
+    plain = generate(server, prompt=PROMPT, seed=6)
+    image = decode_png(base64.b64decode(late["images"][0]["b64_json"]))
+    assert max_abs(image, decode_png(base64.b64decode(plain["images"][0]["b64_json"]))) > 3
+    _, _, listed = call(server, "/v1/loras")
+    assert adapters.late in [lora["name"] for lora in listed["loras"]]
+    # The OpenAI route takes the same field.
+    status, _, payload = call(
+        server,
+        "/v1/images/generations",
+        {"prompt": PROMPT, "size": f"{WIDTH}x{HEIGHT}", "num_inference_steps": NUM_STEPS,
+         "seed": 6, "loras": [{"name": adapters.late}]},
+    )  # fmt: skip
+    assert status == 200, payload
+    openai_image = decode_png(base64.b64decode(payload["data"][0]["b64_json"]))
+    assert max_abs(openai_image, image) <= 1  # the same request, its PNG re-encoded
+
+
+@pytest.mark.slow
+def test_bad_adapters_are_refused_naming_them(server):
+    body = {"prompt": PROMPT, "height": HEIGHT, "width": WIDTH, "num_inference_steps": NUM_STEPS}
+
+    status, _, payload = call(server, "/v1/generate", {**body, "loras": [{"name": "no-such"}]})
+    assert status == 404 and "'no-such'" in payload["detail"], payload
+
+    status, _, payload = call(server, "/v1/generate", {**body, "loras": [{"name": "other-base"}]})
+    assert status == 422, payload
+    [error] = payload["detail"]
+    assert error["loc"] == ["body", "loras"]
+    assert "'other-base'" in error["msg"] and "does not fit" in error["msg"], error
+
+    many = [{"name": f"style-{c}"} for c in "abcde"]  # over max_per_request (4)
+    for loras, words in (
+        (many, "at most 4 adapters"),
+        ([{"name": "style-a"}, {"name": "style-a", "scale": 0.5}], "named twice"),
+        ([{"name": "../style-a"}], "pattern"),
+        ([{"name": "style-a", "scale": 9}], "less than or equal"),
+    ):
+        status, _, payload = call(server, "/v1/generate", {**body, "loras": loras})
+        assert status == 422, payload
+        assert payload["detail"][0]["loc"][:2] == ["body", "loras"], payload
+        assert words in payload["detail"][0]["msg"], payload
+
+    # Nothing of the refused adapter stayed: the same replica still serves.
+    generate(server, prompt=PROMPT, seed=7, loras=[{"name": "style-a"}])
 
 
 # ---- building the graph (no Ray needed) ----------------------------------------------
