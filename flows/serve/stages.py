@@ -265,6 +265,7 @@ class DenoiserStage:
             "batch_sizes": dict(self.batch_sizes),
             "steps": self.num_steps,
             "stopped": self.num_stopped,
+            "replica": serve.get_replica_context().replica_id.unique_id,
             "adapters": self.denoiser.adapters,
             "adapter_loads": self.denoiser.adapter_loads,
         }
