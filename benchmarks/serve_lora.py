@@ -274,7 +274,8 @@ def report(s: dict[str, Any]) -> str:
             f"{w['graph_adapter_loads']} for {w['graph_requests_measured']}+ requests: "
             + ("met" if w["target_met"] else "not met")
         )
-    lines.append(f"(NOISY: other tenants took > {NOISY_OTHERS:.0%} of the cores)")
+    if any(r["noisy"] for w in s["workloads"].values() for r in w["contenders"].values()):
+        lines.append(f"(NOISY: other tenants took > {NOISY_OTHERS:.0%} of the cores)")
     return "\n".join(lines)
 
 
