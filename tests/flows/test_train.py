@@ -416,13 +416,14 @@ def test_dreambooth_lora_with_prior_preservation_loads_in_plain_diffusers(
     ray_local, tiny_bundles, prep_shards, uninterrupted, tmp_path
 ):
     """`adapter: lora` with `prior.data` (DreamBooth-LoRA; the same shards stand in for the
-    class images): only the LoRA trains; a class batch trains beside each instance batch,
-    which is drawn as without it; checkpoints hold the LoRA, its optimizer and the class
-    position; the output is diffusers' LoRA format, which `load_lora_weights` takes
-    unchanged; a resumed run continues it."""
+    class images), under FSDP (frozen base and trainable LoRA in the same sharded blocks):
+    only the LoRA trains; a class batch trains beside each instance batch, which is drawn as
+    without it; checkpoints hold the LoRA, its optimizer and the class position; the output
+    is diffusers' LoRA format, which `load_lora_weights` takes unchanged; a resumed run
+    continues it."""
     output = tmp_path / "lora"
     config = _config(
-        tiny_bundles, prep_shards, output, max_steps=4, sample_every=4,
+        tiny_bundles, prep_shards, output, max_steps=4, sample_every=4, parallelism="fsdp",
         **{"adapter.rank": 4, "optimizer.learning_rate": 1e-2, "prior.data": str(prep_shards)},
     )  # fmt: skip
     missing = config.model_copy(update={"prior": config.prior.model_copy(update={"data": "/no"})})
