@@ -13,7 +13,10 @@ background (schemas/shapes.py), not how the corpus writer draws.
 - Shape: nearest prototype of three features of the foreground mask, measured in its
   bounding box: how much of the box it fills (square 1, circle pi/4, triangle 1/2) and how
   wide its top and bottom quarters are against the box (a triangle: narrow top, wide
-  bottom; a circle: both about 0.6; a square: both 1).
+  bottom; a circle: both about 0.6; a square: both 1). A fringe is not measured: an outermost
+  row (column) less than half as wide as the full one beside it, as a decoder's ringing
+  leaves along a square's edge, would add a narrow row to the box and read the square as a
+  circle. A circle's or a triangle's narrow rows lie beside rows that are narrow too.
 - Direction (videos): the way the centroid travelled from the first frame with a shape to
   the last.
 """
@@ -81,10 +84,32 @@ def _foreground(image: np.ndarray) -> np.ndarray | None:
     return mask
 
 
-def _shape(mask: np.ndarray) -> str:
+# A row beside a full one (at least this share of the box) is a fringe below half of it.
+FULL_ROW, FRINGE = 0.75, 0.5
+
+
+def _box(mask: np.ndarray) -> np.ndarray:
+    """The mask in its bounding box (h, w)."""
     rows = np.flatnonzero(mask.any(axis=1))
     cols = np.flatnonzero(mask.any(axis=0))
-    box = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]  # (h, w)
+    return mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+
+
+def _without_fringe(box: np.ndarray) -> np.ndarray:
+    """``box`` without an outermost row or column that is a fringe of the full one beside it."""
+    for _ in range(2):  # rows, then columns (the box transposed)
+        if box.shape[0] > 2:
+            widths = box.sum(axis=1)  # (h,)
+            full = FULL_ROW * box.shape[1]
+            begin = int(widths[1] >= full and widths[0] < FRINGE * widths[1])
+            end = box.shape[0] - int(widths[-2] >= full and widths[-1] < FRINGE * widths[-2])
+            box = box[begin:end]
+        box = box.T
+    return _box(box)
+
+
+def _shape(mask: np.ndarray) -> str:
+    box = _without_fringe(_box(mask))  # (h, w)
     height, width = box.shape
     fill = box.mean()
     widths = box.sum(axis=1) / width  # (h,) each row's share of the box's width
