@@ -1,14 +1,18 @@
 """Model families: everything raygen knows about a kind of bundle, written once.
 
-A family (SD3 text-to-image, Wan text-to-video) is one ``Family`` entry in ``FAMILIES``,
+A family (SD3 and Flux text-to-image, Wan text-to-video) is one ``Family`` entry in ``FAMILIES``,
 keyed by the pipeline class a bundle's ``model_index.json`` names (``_class_name``). Its
 numbers are read from the bundle's component configs (VAE downscale, latent factors, patch
 size, text widths), so a published checkpoint and a tiny bundle of the same class are
 treated alike; its prompt encoding is the pipeline's own ``encode_prompt``. Prep's encoders,
 train's plan and objective, serve's stages and request checks and distillation all ask
-``family_of(bundle)``; no other module knows a family's facts.
+``family_of(bundle)``; no other module knows a family's facts. That includes how its
+transformer is called (``predict``: SD3's and Wan's take latents as they are, Flux packs
+2x2 latent patches into a sequence with position ids), which timesteps its pipeline samples
+(``timestep_kwargs``) and what its guidance is (``guidance``: classifier-free, or an input of
+a guidance-distilled transformer).
 
-Adding a family (SDXL, Flux, Wan i2v) is one more entry here, and its tests.
+Adding a family (SDXL, Wan i2v) is one more entry here, and its tests.
 """
 
 from __future__ import annotations
@@ -30,9 +34,13 @@ from schemas.errors import RaygenError
 # checks) starts without them.
 if TYPE_CHECKING:
     import torch
-    from diffusers import DiffusionPipeline, StableDiffusion3Pipeline, WanPipeline
+    from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline, WanPipeline
 
 Media = Literal["image", "video"]
+# How a family guides: "cfg", classifier-free (an unconditional pass, mixed by the scale);
+# "embedded", the scale is an input of a guidance-distilled transformer (Flux dev), one pass;
+# "none", neither (Flux schnell): the scale is ignored.
+Guidance = Literal["cfg", "embedded", "none"]
 Bundle = str | Path  # a bundle folder, local or s3://
 Config = Mapping[str, Any]  # a component's config: a dict, or a loaded component's .config
 GROUPS = ("text_encoders", "tokenizers", "denoisers", "vae")
@@ -180,6 +188,49 @@ class ChannelStats:
 
 Encode = Callable[[Any, list[str], int], "tuple[torch.Tensor, torch.Tensor | None]"]
 Tokenize = Callable[[Any, list[str], int], dict[str, np.ndarray]]
+# (transformer, latents, timestep, prompt_embeds, pooled or None, guidance or None) -> prediction
+Forward = Callable[..., "torch.Tensor"]
+# (scheduler config, transformer config, num_inference_steps, latent (h, w)) -> kwargs
+Timesteps = Callable[[Config, Config, int, tuple[int, int]], dict[str, Any]]
+
+
+def _mmdit_forward(
+    transformer: torch.nn.Module,
+    latents: torch.Tensor,
+    timestep: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    pooled: torch.Tensor | None,
+    guidance: torch.Tensor | None,
+) -> torch.Tensor:
+    """SD3's and Wan's call: latents (B, C, ...) in, the same shape out; the timestep in the
+    scheduler's units. Wan pools nothing; neither embeds guidance."""
+    conditioning = {} if pooled is None else {"pooled_projections": pooled}
+    return transformer(
+        hidden_states=latents,
+        timestep=timestep,
+        encoder_hidden_states=prompt_embeds,
+        return_dict=False,
+        **conditioning,
+    )[0]
+
+
+def _no_timestep_kwargs(
+    scheduler: Config, transformer: Config, num_inference_steps: int, latent_size: tuple[int, int]
+) -> dict[str, Any]:
+    return {}
+
+
+def _in_channels(transformer: Config) -> int:
+    return transformer["in_channels"]
+
+
+def _patch_size(transformer: Config) -> tuple[int, ...]:
+    patch = transformer["patch_size"]
+    return tuple(patch) if isinstance(patch, list | tuple) else (patch, patch)  # (t?, h, w)
+
+
+def _classifier_free(transformer: Config) -> Guidance:
+    return "cfg"
 
 
 @dataclass(frozen=True)
@@ -203,6 +254,11 @@ class Family:
     _encode: Encode
     _tokenize: Tokenize
     _multiples: Callable[[Config, Config], Multiples]
+    _forward: Forward = _mmdit_forward
+    _timestep_kwargs: Timesteps = _no_timestep_kwargs
+    _latent_channels: Callable[[Config], int] = _in_channels
+    _patch: Callable[[Config], tuple[int, ...]] = _patch_size
+    _guidance: Callable[[Config], Guidance] = _classifier_free
 
     @property
     def pipeline(self) -> type[DiffusionPipeline]:
@@ -276,6 +332,48 @@ class Family:
         does before decoding."""
         return self.latents.denormalize(latents, factors)
 
+    def predict(
+        self,
+        transformer: torch.nn.Module,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The transformer's prediction (B, C, ...) for normalised latents (B, C, ...), called
+        as the family's pipeline calls it: ``timestep`` (B,) in the scheduler's units
+        (sigma x num_train_timesteps), ``prompt_embeds`` (B, L, D), ``pooled`` (B, D_pooled)
+        for a family that pools, ``guidance`` (B,) for one that embeds it. Latents stay
+        (B, C, h, w) outside: a family that packs them does so here and undoes it."""
+        return self._forward(transformer, latents, timestep, prompt_embeds, pooled, guidance)
+
+    def guidance(self, transformer_config: Config) -> Guidance:
+        """How a transformer of this config is guided (see ``Guidance``)."""
+        return self._guidance(transformer_config)
+
+    def timestep_kwargs(
+        self,
+        scheduler_config: Config,
+        transformer_config: Config,
+        num_inference_steps: int,
+        latent_size: tuple[int, int],
+    ) -> dict[str, Any]:
+        """What the family's pipeline passes ``retrieve_timesteps`` besides the step count
+        (sigmas, the resolution-dependent shift ``mu``) for latents of ``latent_size`` (h, w)."""
+        return self._timestep_kwargs(
+            scheduler_config, transformer_config, num_inference_steps, latent_size
+        )
+
+    def latent_channels(self, transformer_config: Config) -> int:
+        """The latent channels (the VAE's) a transformer of this config denoises."""
+        return self._latent_channels(transformer_config)
+
+    def latent_patch(self, transformer_config: Config) -> tuple[int, ...]:
+        """What latent sides (frames first for video) must be multiples of: the transformer's
+        patch, or the pipeline's packing."""
+        return self._patch(transformer_config)
+
     def text_widths(self, transformer_config: Config) -> tuple[int, int | None]:
         """(sequence embedding width, pooled embedding width or None) the transformer reads."""
         sequence, pooled = self.text_width_keys
@@ -332,6 +430,28 @@ def _sd3_multiples(vae: Config, transformer: Config) -> Multiples:
     return Multiples(latent=latent, size=latent * transformer["patch_size"])
 
 
+def _sd3_timestep_kwargs(
+    scheduler: Config, transformer: Config, num_inference_steps: int, latent_size: tuple[int, int]
+) -> dict[str, Any]:
+    """As StableDiffusion3Pipeline.__call__: with dynamic shifting, the shift follows the image
+    token count, between the scheduler config's bounds; otherwise the config's own shift."""
+    if not scheduler.get("use_dynamic_shifting"):
+        return {}
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+    patch = transformer["patch_size"]
+    image_seq_len = (latent_size[0] // patch) * (latent_size[1] // patch)
+    return {
+        "mu": calculate_shift(
+            image_seq_len,
+            scheduler["base_image_seq_len"],
+            scheduler["max_image_seq_len"],
+            scheduler["base_shift"],
+            scheduler["max_shift"],
+        )
+    }
+
+
 SD3 = Family(
     name="sd3",
     class_name="StableDiffusion3Pipeline",
@@ -345,6 +465,129 @@ SD3 = Family(
     _encode=_sd3_encode,
     _tokenize=_sd3_tokenize,
     _multiples=_sd3_multiples,
+    _timestep_kwargs=_sd3_timestep_kwargs,
+)
+
+
+# ---- Flux: CLIP-L pooled + T5, AutoencoderKL, hybrid MMDiT on packed 2x2 latent patches ----
+
+
+def _flux_encode(
+    pipe: FluxPipeline, prompts: list[str], max_sequence_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    prompt_embeds, pooled, _ = pipe.encode_prompt(
+        prompt=prompts, prompt_2=None, max_sequence_length=max_sequence_length
+    )
+    return prompt_embeds, pooled  # (B, max_sequence_length, D) of T5, (B, D_pooled) of CLIP-L
+
+
+def _flux_tokenize(
+    pipe: FluxPipeline, prompts: list[str], max_sequence_length: int
+) -> dict[str, np.ndarray]:
+    # As the pipeline's _get_clip_prompt_embeds / _get_t5_prompt_embeds tokenize.
+    clip = {
+        "padding": "max_length",
+        "max_length": pipe.tokenizer_max_length,
+        "truncation": True,
+        "return_tensors": "np",
+    }
+    return {
+        "clip_l": pipe.tokenizer(prompts, **clip).input_ids,
+        "t5": pipe.tokenizer_2(prompts, **_t5_tokens(max_sequence_length)).input_ids,
+    }
+
+
+def _flux_multiples(vae: Config, transformer: Config) -> Multiples:
+    # As FluxPipeline: the VAE's downscale, and latent sides even for the 2x2 packing.
+    latent = 2 ** (len(vae["block_out_channels"]) - 1)
+    return Multiples(latent=latent, size=latent * 2)
+
+
+def _flux_forward(
+    transformer: torch.nn.Module,
+    latents: torch.Tensor,
+    timestep: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    pooled: torch.Tensor | None,
+    guidance: torch.Tensor | None,
+) -> torch.Tensor:
+    """FluxPipeline's call: (B, C, h, w) latents packed into (B, h/2 * w/2, 4C) tokens with
+    their (row, column) ids, text ids all zero, the timestep as a fraction (t / 1000)."""
+    from diffusers import FluxPipeline
+
+    b, c, h, w = latents.shape
+    packed = FluxPipeline._pack_latents(latents, b, c, h, w)  # (B, h/2 * w/2, 4C)
+    image_ids = FluxPipeline._prepare_latent_image_ids(
+        b, h // 2, w // 2, latents.device, latents.dtype
+    )  # (h/2 * w/2, 3)
+    text_ids = prompt_embeds.new_zeros(prompt_embeds.shape[1], 3)  # (L, 3)
+    prediction = transformer(
+        hidden_states=packed,
+        timestep=timestep.to(latents.dtype) / 1000,
+        guidance=guidance,
+        pooled_projections=pooled,
+        encoder_hidden_states=prompt_embeds,
+        txt_ids=text_ids,
+        img_ids=image_ids,
+        return_dict=False,
+    )[0]  # (B, h/2 * w/2, 4C)
+    # FluxPipeline._unpack_latents' view and permute, from latent sides.
+    prediction = prediction.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return prediction.reshape(b, c, h, w)
+
+
+def _flux_timestep_kwargs(
+    scheduler: Config, transformer: Config, num_inference_steps: int, latent_size: tuple[int, int]
+) -> dict[str, Any]:
+    """As FluxPipeline.__call__: sigmas spaced evenly from 1 to 1/N, and the shift ``mu`` from
+    the packed token count (a dynamic-shifting scheduler uses it, a fixed one ignores it)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+    if scheduler.get("use_flow_sigmas"):
+        sigmas = None
+    image_seq_len = (latent_size[0] // 2) * (latent_size[1] // 2)
+    mu = calculate_shift(
+        image_seq_len,
+        scheduler.get("base_image_seq_len", 256),
+        scheduler.get("max_image_seq_len", 4096),
+        scheduler.get("base_shift", 0.5),
+        scheduler.get("max_shift", 1.15),
+    )
+    return {"sigmas": sigmas, "mu": mu}
+
+
+def _flux_latent_channels(transformer: Config) -> int:
+    return transformer["in_channels"] // 4  # 2x2 patches packed into the channels
+
+
+def _flux_patch(transformer: Config) -> tuple[int, ...]:
+    return (2, 2)  # the pipeline's packing (the transformer's own patch_size is 1)
+
+
+def _flux_guidance(transformer: Config) -> Guidance:
+    # Dev is guidance-distilled: the scale is an input. Schnell takes none.
+    return "embedded" if transformer["guidance_embeds"] else "none"
+
+
+FLUX = Family(
+    name="flux",
+    class_name="FluxPipeline",
+    media="image",
+    text_encoders=("text_encoder", "text_encoder_2"),
+    tokenizers=("tokenizer", "tokenizer_2"),
+    denoisers=("transformer",),
+    vae="vae",
+    latents=ScaleShift(),
+    text_width_keys=("joint_attention_dim", "pooled_projection_dim"),
+    _encode=_flux_encode,
+    _tokenize=_flux_tokenize,
+    _multiples=_flux_multiples,
+    _forward=_flux_forward,
+    _timestep_kwargs=_flux_timestep_kwargs,
+    _latent_channels=_flux_latent_channels,
+    _patch=_flux_patch,
+    _guidance=_flux_guidance,
 )
 
 
@@ -398,4 +641,4 @@ WAN_T2V = Family(
 )
 
 # Keyed by the pipeline class model_index.json names.
-FAMILIES: dict[str, Family] = {family.class_name: family for family in (SD3, WAN_T2V)}
+FAMILIES: dict[str, Family] = {family.class_name: family for family in (SD3, FLUX, WAN_T2V)}

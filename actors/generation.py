@@ -2,9 +2,10 @@
 and x4 super-resolution, each a plain class that loads once from a bundle folder.
 
 Every stage computes exactly what diffusers' monolithic pipeline computes: the text encoders
-and the super-resolution stage call the pipeline's own code, the denoiser repeats
-``StableDiffusion3Pipeline.__call__``'s loop (same initial noise per seed, same guidance, the
-bundle's scheduler doing every step) and the decoder its tail. Splitting a generation into
+and the super-resolution stage call the pipeline's own code, the denoiser repeats the family
+pipeline's loop (``StableDiffusion3Pipeline.__call__``, ``FluxPipeline.__call__``: same
+initial noise per seed, same timesteps, same guidance, the bundle's scheduler doing every
+step) and the decoder its tail. Splitting a generation into
 stages therefore changes no pixel; ``tests/actors/test_generation.py`` checks it against the
 pipelines.
 
@@ -24,10 +25,7 @@ from typing import Literal
 import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusionUpscalePipeline
-from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
-    calculate_shift,
-    retrieve_timesteps,
-)
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 
 from actors.families import family_of
@@ -38,8 +36,9 @@ ImageType = Literal["uint8", "float32"]
 
 @dataclass(frozen=True)
 class PromptEmbeddings:
-    """One prompt's conditioning, as ``StableDiffusion3Pipeline.encode_prompt`` returns it for
-    a batch of one. L = the CLIP positions + ``max_sequence_length`` T5 positions."""
+    """One prompt's conditioning, as the family's ``encode_prompt`` returns it for a batch of
+    one. SD3: L = the CLIP positions + ``max_sequence_length`` T5 positions; Flux: L =
+    ``max_sequence_length`` T5 positions, pooled from CLIP-L."""
 
     prompt_embeds: torch.Tensor  # (L, D)
     pooled_prompt_embeds: torch.Tensor  # (D_pooled,)
@@ -108,7 +107,7 @@ class DenoiseRequest:
 
 
 class PromptEncoder:
-    """The bundle's text encoders (SD3: CLIP-L, CLIP-G, T5) through the family's
+    """The bundle's text encoders (SD3: CLIP-L, CLIP-G, T5; Flux: CLIP-L, T5) through the family's
     ``encode_prompt``, behind an LRU cache of per-text embeddings.
 
     A text is encoded once per (text, max_sequence_length) while it stays among the
@@ -195,12 +194,13 @@ class PromptEncoder:
 
 
 class Denoiser:
-    """The bundle's transformer (SD3's MMDiT) and flow-matching scheduler: the base model or
-    an SDXL-style refiner.
+    """The bundle's transformer (SD3's MMDiT, Flux's) and flow-matching scheduler: the base
+    model or an SDXL-style refiner.
 
     ``denoise`` runs a batch of requests that share ``DenoiseRequest.batch_key``; each step is
-    one transformer forward over [uncond of the guided requests..., cond of all...], and the
-    scheduler owns the step math. A call builds its own schedulers, so nothing carries over
+    one transformer forward over [uncond of the guided requests..., cond of all...] (the
+    family's ``predict``), and the scheduler owns the step math. Guidance is the family's: a
+    classifier-free pass for SD3, the scale as an input for Flux dev, none for Flux schnell. A call builds its own schedulers, so nothing carries over
     from one call to the next. A callback after each step sees every request's progress and
     can stop the call there, as diffusers' ``callback_on_step_end`` and ``interrupt`` do.
 
@@ -220,11 +220,12 @@ class Denoiser:
     ) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
-        family = family_of(bundle_dir, media="image")
+        self.family = family = family_of(bundle_dir, media="image")
         pipe = family.pipeline.from_pretrained(
             bundle_dir, dtype=dtype, **family.unloaded("denoisers")
         )
         self.transformer = pipe.transformer.to(self.device).eval()
+        self.guidance = family.guidance(self.transformer.config)
         # A template only: each call steps fresh copies of it.
         self.scheduler = pipe.scheduler
         self.multiples = family.multiples(bundle_dir)
@@ -346,7 +347,7 @@ class Denoiser:
         self.multiples.check_size(height, width)
         latent_shape = (
             1,
-            self.transformer.config.in_channels,
+            self.family.latent_channels(self.transformer.config),
             height // self.multiples.latent,
             width // self.multiples.latent,
         )
@@ -407,22 +408,30 @@ class Denoiser:
     ) -> dict[int, torch.Tensor]:
         """The guided prediction (C, h, w) of each active request at timestep ``t``, from one
         transformer forward over [uncond of the guided requests..., cond of all active...]."""
-        # The pipeline runs no unconditional pass at guidance_scale <= 1.
-        guided = [i for i in active if requests[i].guidance_scale > 1]
+        # The pipeline runs no unconditional pass at guidance_scale <= 1, nor for a family
+        # whose guidance is not classifier-free.
+        guided = [i for i in active if self.guidance == "cfg" and requests[i].guidance_scale > 1]
         rows = guided + active
-        noise_pred = self.transformer(
-            hidden_states=torch.stack([latents[i] for i in rows]),  # (G + A, C, h, w)
-            timestep=t.expand(len(rows)),
-            encoder_hidden_states=torch.stack(
+        guidance = None
+        if self.guidance == "embedded":
+            # FluxPipeline's float32 guidance tensor, a scale per row.
+            guidance = torch.tensor(
+                [requests[i].guidance_scale for i in rows], dtype=torch.float32, device=self.device
+            )  # (G + A,)
+        pooled = [embeddings[i].negative_pooled_prompt_embeds for i in guided] + [
+            embeddings[i].pooled_prompt_embeds for i in active
+        ]
+        noise_pred = self.family.predict(
+            self.transformer,
+            torch.stack([latents[i] for i in rows]),  # (G + A, C, h, w)
+            t.expand(len(rows)),
+            torch.stack(
                 [embeddings[i].negative_prompt_embeds for i in guided]
                 + [embeddings[i].prompt_embeds for i in active]
             ),  # (G + A, L, D)
-            pooled_projections=torch.stack(
-                [embeddings[i].negative_pooled_prompt_embeds for i in guided]
-                + [embeddings[i].pooled_prompt_embeds for i in active]
-            ),  # (G + A, D_pooled)
-            return_dict=False,
-        )[0]  # (G + A, C, h, w)
+            torch.stack(pooled),  # (G + A, D_pooled)
+            guidance,
+        )  # (G + A, C, h, w)
         uncond = dict(zip(guided, noise_pred[: len(guided)], strict=True))
         cond = dict(zip(active, noise_pred[len(guided) :], strict=True))
         for i in guided:
@@ -435,19 +444,9 @@ class Denoiser:
     ) -> FlowMatchEulerDiscreteScheduler:
         """A fresh scheduler with the pipeline's timesteps (the step index lives in it)."""
         scheduler = type(self.scheduler).from_config(self.scheduler.config)
-        kwargs = {}
-        if scheduler.config.use_dynamic_shifting:
-            # As StableDiffusion3Pipeline.__call__: the shift follows the image token count,
-            # between the scheduler config's bounds.
-            patch_size = self.transformer.config.patch_size
-            image_seq_len = (latent_shape[2] // patch_size) * (latent_shape[3] // patch_size)
-            kwargs["mu"] = calculate_shift(
-                image_seq_len,
-                scheduler.config.base_image_seq_len,
-                scheduler.config.max_image_seq_len,
-                scheduler.config.base_shift,
-                scheduler.config.max_shift,
-            )
+        kwargs = self.family.timestep_kwargs(
+            scheduler.config, self.transformer.config, num_inference_steps, latent_shape[2:]
+        )
         retrieve_timesteps(scheduler, num_inference_steps, self.device, **kwargs)
         return scheduler
 
@@ -469,7 +468,8 @@ class Denoiser:
                     f"{request.width}x{request.height}: expected {latent_shape[1:]}"
                 )
             return request.latents.to(self.device, self.dtype)  # (C, h, w)
-        # What StableDiffusion3Pipeline draws for one prompt given a seeded CPU generator.
+        # What the pipeline draws for one prompt given a seeded CPU generator (Flux draws
+        # (1, C, h, w) too, and packs it after).
         generator = torch.Generator("cpu").manual_seed(request.seed)
         noise = randn_tensor(
             latent_shape, generator=generator, device=self.device, dtype=self.dtype

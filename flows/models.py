@@ -30,6 +30,8 @@ from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionUpscalePipeline,
@@ -70,6 +72,8 @@ from transformers import (
 
 TINY_BUNDLES: tuple[str, ...] = (
     "t2i",
+    "flux",
+    "flux-schnell",
     "refiner",
     "upscaler",
     "t2v",
@@ -197,6 +201,14 @@ def _build_refiner(out: Path, seed: int) -> None:
     # Same text encoders and VAE as `t2i` (one shared text-encoder stage, one latent space
     # for the handoff); only the transformer's weights differ (seeded like t2i's at seed + 1).
     _sd3_pipeline(seed, transformer_seed=seed + 1).save_pretrained(out, safe_serialization=True)
+
+
+def _build_flux(out: Path, seed: int) -> None:
+    _flux_pipeline(seed, guidance_embeds=True).save_pretrained(out, safe_serialization=True)
+
+
+def _build_flux_schnell(out: Path, seed: int) -> None:
+    _flux_pipeline(seed, guidance_embeds=False).save_pretrained(out, safe_serialization=True)
 
 
 def _build_upscaler(out: Path, seed: int) -> None:
@@ -431,6 +443,8 @@ def _save_image_classifier(out: Path, seed: int, config: ViTConfig) -> None:
 
 _BUILDERS: dict[str, Callable[[Path, int], None]] = {
     "t2i": _build_t2i,
+    "flux": _build_flux,
+    "flux-schnell": _build_flux_schnell,
     "refiner": _build_refiner,
     "upscaler": _build_upscaler,
     "t2v": _build_t2v,
@@ -531,6 +545,87 @@ def _sd3_pipeline(
         tokenizer_2=clip_tokenizer,
         text_encoder_3=text_encoder_3,
         tokenizer_3=t5_tokenizer,
+    )
+
+
+def _flux_pipeline(seed: int, guidance_embeds: bool) -> FluxPipeline:
+    """Flux at toy width: FLUX.1-dev's layout (``guidance_embeds``: the guidance scale is an
+    input of the transformer) or FLUX.1-schnell's (no guidance, a fixed-shift scheduler)."""
+    clip_tokenizer = _clip_tokenizer()
+    t5_tokenizer = _t5_tokenizer(model_max_length=512)
+    with _seeded(seed):
+        # Flux reads CLIP-L's pooled output only (CLIPTextModel, no projection).
+        text_encoder = CLIPTextModel(
+            _clip_text_config(clip_tokenizer, hidden_size=32, hidden_act="quick_gelu")
+        )
+    with _seeded(seed):
+        text_encoder_2 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(t5_tokenizer),
+                d_model=48,
+                d_kv=12,
+                num_heads=4,
+                d_ff=96,
+                num_layers=2,
+                feed_forward_proj="gated-gelu",
+                pad_token_id=t5_tokenizer.pad_token_id,
+                eos_token_id=t5_tokenizer.eos_token_id,
+            )
+        )
+    with _seeded(seed):
+        # One double-stream and one single-stream block; 2x2 packed patches of 16 latent
+        # channels (in_channels 64, patch_size 1 as in the published configs). The RoPE axes
+        # (text/row, row, column) add up to the head dim, as Flux's 16 + 56 + 56 = 128 do.
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=64,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=text_encoder_2.config.d_model,
+            pooled_projection_dim=text_encoder.config.hidden_size,
+            guidance_embeds=guidance_embeds,
+            axes_dims_rope=(4, 6, 6),
+        )
+    with _seeded(seed):
+        # Flux's VAE: 8x downscale, 16 latent channels, no quant convs, its factors.
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 16, 32, 32),
+            layers_per_block=1,
+            latent_channels=16,
+            norm_num_groups=8,
+            sample_size=32,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+        )
+    # The schedulers the two checkpoints ship: dev shifts with the image's token count,
+    # schnell samples its few steps unshifted.
+    if guidance_embeds:
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        )
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=t5_tokenizer,
+        transformer=transformer,
     )
 
 

@@ -243,7 +243,7 @@ def plan_run(config: LoopConfig, bundle_uri: str, storage: Storage) -> RunPlan:
             f"data: {config.data} has no {media} shards (buckets: {sorted(manifest.buckets)}); "
             f"a {transformer_class} trains on {media} latents"
         )
-    _check_shapes(buckets, transformer_config, transformer_class)
+    _check_shapes(buckets, transformer_config, transformer_class, family)
 
     world = config.num_workers * config.gradient_accumulation_steps
     if config.batch_size < config.num_workers or config.batch_size % world:
@@ -304,11 +304,10 @@ def _prompt_embeddings(config: PrepConfig, prompts: list[str]) -> dict[str, np.n
 
 
 def _check_shapes(
-    buckets: dict[str, Bucket], model: dict[str, Any], transformer_class: str
+    buckets: dict[str, Bucket], model: dict[str, Any], transformer_class: str, family: Family
 ) -> None:
-    channels = model["in_channels"]
-    patch = model["patch_size"]
-    patch = tuple(patch) if isinstance(patch, list | tuple) else (patch, patch)  # (t?, h, w)
+    channels = family.latent_channels(model)
+    patch = family.latent_patch(model)  # (t?, h, w)
     for bucket in buckets.values():
         shape = bucket.latent_shape
         if shape[0] != channels:
@@ -319,7 +318,7 @@ def _check_shapes(
         if any(size % p for size, p in zip(shape[-len(patch) :], patch, strict=True)):
             raise ConfigError(
                 f"data: bucket {bucket.name} has latents {'x'.join(map(str, shape[1:]))} that "
-                f"{transformer_class}'s patch_size {model['patch_size']} does not divide; "
+                f"{transformer_class}'s patch {'x'.join(map(str, patch))} does not divide; "
                 f"re-run prep with buckets.step a multiple of patch x VAE factor"
             )
         max_size = model.get("pos_embed_max_size")
@@ -416,6 +415,8 @@ class RectifiedFlow(StatelessObjective):
         self.config, self.plan, self.device = config, plan, device
         # A copy: the plan's arrays arrive read-only from Ray's object store.
         self.empty = {k: torch.tensor(v, device=device) for k, v in plan.empty_prompt.items()}
+        # A guidance-distilled transformer (Flux dev) is told a guidance scale at every step.
+        self.embeds_guidance = plan.family.guidance(model.config) == "embedded"
 
     def loss(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator
@@ -436,21 +437,18 @@ class RectifiedFlow(StatelessObjective):
         noisy = (1 - sigma) * latents + sigma * noise
 
         drop = torch.rand(b, generator=generator, device=self.device) < self.config.cfg_dropout
-        conditioning = {
-            "encoder_hidden_states": _where_rows(
-                drop, self.empty["prompt_embeds"], batch["prompt_embeds"]
-            )
-        }
+        prompt_embeds = _where_rows(drop, self.empty["prompt_embeds"], batch["prompt_embeds"])
+        pooled = None
         if "pooled_prompt_embeds" in batch:
-            conditioning["pooled_projections"] = _where_rows(
+            pooled = _where_rows(
                 drop, self.empty["pooled_prompt_embeds"], batch["pooled_prompt_embeds"]
             )
-        prediction = model(
-            hidden_states=noisy,
-            timestep=sigmas * self.num_train_timesteps,
-            return_dict=False,
-            **conditioning,
-        )[0]
+        guidance = None
+        if self.embeds_guidance:
+            guidance = torch.full((b,), self.config.guidance_scale, device=self.device)
+        prediction = self.plan.family.predict(
+            model, noisy, sigmas * self.num_train_timesteps, prompt_embeds, pooled, guidance
+        )  # (B, C, ...)
         loss = torch.nn.functional.mse_loss(prediction.float(), (noise - latents).float())
         return loss, {"sigma_mean": sigmas.mean().item()}
 
@@ -460,8 +458,6 @@ class RectifiedFlow(StatelessObjective):
             export_lora(plan.family, plan.bundle_uri, adapter, state_dict, out_dir)
         else:
             export_bundle(self.plan.bundle_dir, self.model, state_dict, out_dir)
-
-
 
 
 def add_lora(model: torch.nn.Module, adapter: AdapterConfig) -> None:

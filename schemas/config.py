@@ -327,7 +327,7 @@ class PriorConfig(Config):
 class TrainConfig(LoopConfig):
     """`raygen train`: shards in, a diffusers bundle out.
 
-    The bundle gives the model family (SD3 MMDiT for images, Wan for video), the scheduler,
+    The bundle gives the model family (SD3 or Flux for images, Wan for video), the scheduler,
     VAE and text encoders the output bundle carries; ``init`` says whether its transformer
     weights are fine-tuned or the transformer is trained from scratch (with
     ``transformer_config`` overrides of the bundle's transformer config)."""
@@ -340,6 +340,12 @@ class TrainConfig(LoopConfig):
     cfg_dropout: float = Field(default=0.1, ge=0, le=1, description="empty-prompt probability")
     logit_mean: float = Field(default=0.0, description="logit-normal timestep sampling (SD3)")
     logit_std: float = Field(default=1.0, gt=0)
+    guidance_scale: float = Field(
+        default=3.5,
+        ge=0,
+        description="the guidance a guidance-embedding transformer (Flux dev) is given while "
+        "training, as diffusers' Flux training scripts do; other transformers take none",
+    )
     adapter: AdapterConfig | None = Field(
         default=None,
         description="train a LoRA on the bundle's transformer (written to <output>/adapter) "

@@ -35,7 +35,7 @@ def _edit_json(path: Path, **values) -> None:
 
 
 def test_each_family_is_found_by_its_pipeline_class(bundles):
-    assert set(FAMILIES) == {"StableDiffusion3Pipeline", "WanPipeline"}
+    assert set(FAMILIES) == {"StableDiffusion3Pipeline", "FluxPipeline", "WanPipeline"}
     assert family_of(bundles["t2i"]) is SD3 and SD3.pipeline is StableDiffusion3Pipeline
     assert family_of(bundles["t2v"]) is WAN_T2V and WAN_T2V.pipeline is WanPipeline
     assert (SD3.media, WAN_T2V.media) == ("image", "video")
@@ -118,7 +118,7 @@ def test_an_unknown_pipeline_class_names_the_supported_ones(bundles, tmp_path):
         family_of(bundle)
     assert isinstance(err.value, RaygenError)
     assert str(bundle) in str(err.value)
-    assert "StableDiffusion3Pipeline, WanPipeline" in str(err.value)
+    assert "StableDiffusion3Pipeline, FluxPipeline, WanPipeline" in str(err.value)
 
 
 def test_a_bundle_of_the_other_media_kind_is_refused(bundles):

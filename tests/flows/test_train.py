@@ -137,7 +137,7 @@ def test_warmup_cosine_schedule():
             "bundle",
             "takes 4 latent channels",
         ),
-        ({"init": "scratch", "transformer_config": {"patch_size": 3}}, "data", "patch_size 3"),
+        ({"init": "scratch", "transformer_config": {"patch_size": 3}}, "data", "patch 3x3"),
         ({"transformer_config": {"num_layers": 1}}, "transformer_config", "init: scratch"),
         (
             {"init": "scratch", "transformer_config": {"joint_attention_dim": 64}},
