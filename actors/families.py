@@ -264,6 +264,11 @@ class Family:
     def pipeline(self) -> type[DiffusionPipeline]:
         return _diffusers_class(self.class_name)
 
+    def denoiser_class(self, bundle: Bundle, storage: Storage | None = None) -> type:
+        """The diffusers class of the bundle's trained denoiser, as model_index.json names it."""
+        _, class_name = read_bundle_json(bundle, "model_index.json", storage)[self.denoisers[0]]
+        return _diffusers_class(class_name)
+
     def unloaded(self, *keep: str) -> dict[str, None]:
         """``from_pretrained`` arguments that leave every component outside the ``keep``
         groups (of ``GROUPS``) unloaded."""

@@ -1,4 +1,4 @@
-"""Few-step distillation of a rectified-flow (SD3-family) teacher into a consistency student.
+"""Few-step distillation of a rectified-flow teacher (SD3, Flux) into a consistency student.
 
 `LatentConsistencyDistillation` is the objective the Ray Train loop drives: it holds the frozen
 teacher and the EMA target network, computes the loss for one batch of latents and text
@@ -13,14 +13,16 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
-from actors.families import family_of
+from actors.families import Family, family_of
 from cluster.bundles import SAMPLING_FILE
 from flows.train import RunPlan, RunResult, plan_shards, run_loop
 from schemas.config import ConfigError, DistillConfig
@@ -64,7 +66,14 @@ class LatentConsistencyDistillation:
     uniformly in unshifted time, 31 intervals against 3).
 
     Sampling: FlowMatchEulerDiscreteScheduler at `student_steps`, deterministic. Its step from
-    edge e to e_next, x + (e_next - e) * v(x, e), is f(x, e): one step per phase.
+    edge e to e_next, x + (e_next - e) * v(x, e), is f(x, e): one step per phase. Both grids
+    are the sigmas the family's pipeline samples (its ``timestep_kwargs``): where those depend
+    on the image size (Flux dev's dynamic shift), each latent size gets its own grid, and the
+    student is exact at the sizes it was distilled on.
+
+    Families: the teacher's guidance is the family's. SD3's is classifier-free (the formula
+    above); a guidance-distilled teacher (Flux dev) is told w in one pass, and the student is
+    told the same w (what it folds in), which its bundle records as its guidance_scale.
 
     The student and target are float32 (optimizer master weights; an EMA with decay 0.95
     would round updates away in bf16). `dtype` applies to the frozen teacher only.
@@ -102,18 +111,16 @@ class LatentConsistencyDistillation:
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
             self.bundle_dir, subfolder="scheduler"
         )
-        if self.scheduler.config.use_dynamic_shifting:
-            # The sigmas would then depend on the image size, so no single grid fits.
-            raise ValueError("teacher schedulers with use_dynamic_shifting are not supported")
-        sigmas, edges = _skip_step_grid(self.scheduler, num_teacher_steps, student_steps)
-        self.sigmas = sigmas.to(device)  # (M,)
-        self.edges = edges.to(device)  # (M,)
-
-        self.teacher = SD3Transformer2DModel.from_pretrained(
+        self.family = family_of(self.bundle_dir, media="image")
+        self.transformer_class = self.family.denoiser_class(self.bundle_dir)
+        self.teacher = self.transformer_class.from_pretrained(
             self.bundle_dir, subfolder="transformer", dtype=dtype
         ).to(device)
         self.teacher.requires_grad_(False).eval()
-        student = SD3Transformer2DModel.from_pretrained(self.bundle_dir, subfolder="transformer")
+        self.guidance = self.family.guidance(self.teacher.config)
+        # (h, w) of the latents -> (sigmas (M,), edges (M,)): the skip-step grid at that size.
+        self._grids: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}
+        student = self.transformer_class.from_pretrained(self.bundle_dir, subfolder="transformer")
         self.target = copy.deepcopy(student).to(device)
         self.target.requires_grad_(False).eval()
         self.model: torch.nn.Module = student.to(device).train()
@@ -130,54 +137,36 @@ class LatentConsistencyDistillation:
         pooled = batch["pooled_prompt_embeds"]  # (B, D)
         batch_size = latents.shape[0]
 
+        sigmas, edges = self.grid(tuple(latents.shape[-2:]))  # (M,), (M,)
         # Grid index i of the noisier point; len(sigmas) - 1 points have a successor.
         index = torch.randint(
-            len(self.sigmas) - 1, (batch_size,), generator=generator, device=generator.device
+            len(sigmas) - 1, (batch_size,), generator=generator, device=generator.device
         ).to(self.device)  # (B,)
-        sigma = self.sigmas[index].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-        sigma_next = self.sigmas[index + 1].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-        edge = self.edges[index].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        sigma = sigmas[index].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        sigma_next = sigmas[index + 1].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        edge = edges[index].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
         noise = randn_tensor(
             latents.shape, generator=generator, device=self.device, dtype=latents.dtype
         )  # (B, C, h, w)
         noisy = (1.0 - sigma) * latents + sigma * noise  # (B, C, h, w)
+        # What the student (and its target) are told of guidance: the scale they fold in, for
+        # a transformer that takes one (Flux dev); nothing otherwise.
+        told = self._told(batch_size, self.guidance_scale)
 
         with torch.no_grad():
-            # Teacher: one Euler step with classifier-free guidance, the pipeline's batching.
-            teacher_dtype = self.teacher.dtype
-            v_teacher_both = self.teacher(
-                hidden_states=torch.cat([noisy, noisy]).to(teacher_dtype),
-                timestep=self._timestep(sigma).repeat(2),
-                encoder_hidden_states=torch.cat(
-                    [self.empty_prompt_embeds.expand_as(prompt_embeds), prompt_embeds]
-                ).to(teacher_dtype),
-                pooled_projections=torch.cat(
-                    [self.empty_pooled_prompt_embeds.expand_as(pooled), pooled]
-                ).to(teacher_dtype),
-                return_dict=False,
-            )[0]  # (2B, C, h, w)
-            v_uncond, v_cond = v_teacher_both.float().chunk(2)  # (B, C, h, w) each
-            v_teacher = v_uncond + self.guidance_scale * (v_cond - v_uncond)
+            v_teacher = self._teacher_velocity(noisy, sigma, prompt_embeds, pooled)
             teacher_next = noisy + (sigma_next - sigma) * v_teacher  # (B, C, h, w)
 
             # Where sigma_next is the edge this is teacher_next itself: the boundary condition.
-            v_target = self.target(
-                hidden_states=teacher_next,
-                timestep=self._timestep(sigma_next),
-                encoder_hidden_states=prompt_embeds,
-                pooled_projections=pooled,
-                return_dict=False,
-            )[0]  # (B, C, h, w)
+            v_target = self.family.predict(
+                self.target, teacher_next, self._timestep(sigma_next), prompt_embeds, pooled, told
+            )  # (B, C, h, w)
             target = teacher_next + (edge - sigma_next) * v_target  # (B, C, h, w)
 
         # Called through `model` (possibly DDP/FSDP-wrapped) so gradients are synchronized.
-        v_student = model(
-            hidden_states=noisy,
-            timestep=self._timestep(sigma),
-            encoder_hidden_states=prompt_embeds,
-            pooled_projections=pooled,
-            return_dict=False,
-        )[0]  # (B, C, h, w)
+        v_student = self.family.predict(
+            model, noisy, self._timestep(sigma), prompt_embeds, pooled, told
+        )  # (B, C, h, w)
         prediction = noisy + (edge - sigma) * v_student.float()  # (B, C, h, w)
 
         # MSE rather than LCM's pseudo-Huber: MSE is the distance the student is judged by
@@ -185,6 +174,61 @@ class LatentConsistencyDistillation:
         loss = F.mse_loss(prediction, target)
         metrics = {"loss": loss.item(), "sigma": sigma.mean().item()}
         return loss, metrics
+
+    def _teacher_velocity(
+        self, noisy: Tensor, sigma: Tensor, prompt_embeds: Tensor, pooled: Tensor
+    ) -> Tensor:
+        """The teacher's guided velocity (B, C, h, w), float32: classifier-free guidance with
+        the pipeline's batching, or one pass told the scale (guidance-distilled teachers)."""
+        dtype = self.teacher.dtype
+        timestep = self._timestep(sigma)  # (B,)
+        if self.guidance != "cfg":
+            told = self._told(len(noisy), self.guidance_scale)
+            v = self.family.predict(
+                self.teacher,
+                noisy.to(dtype),
+                timestep,
+                prompt_embeds.to(dtype),
+                pooled.to(dtype),
+                told,
+            )
+            return v.float()
+        v_both = self.family.predict(
+            self.teacher,
+            torch.cat([noisy, noisy]).to(dtype),
+            timestep.repeat(2),
+            torch.cat([self.empty_prompt_embeds.expand_as(prompt_embeds), prompt_embeds]).to(dtype),
+            torch.cat([self.empty_pooled_prompt_embeds.expand_as(pooled), pooled]).to(dtype),
+        )  # (2B, C, h, w)
+        v_uncond, v_cond = v_both.float().chunk(2)  # (B, C, h, w) each
+        return v_uncond + self.guidance_scale * (v_cond - v_uncond)
+
+    def _told(self, batch_size: int, scale: float) -> Tensor | None:
+        """(B,) guidance input of a guidance-embedding transformer; None for the others."""
+        if self.guidance != "embedded":
+            return None
+        return torch.full((batch_size,), scale, dtype=torch.float32, device=self.device)
+
+    def grid(self, latent_size: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        """The skip-step grid for latents of ``latent_size`` (h, w): (sigmas (M,), edges (M,))."""
+        if latent_size not in self._grids:
+            sigmas, edges = _skip_step_grid(
+                self.scheduler,
+                self.family,
+                self.teacher.config,
+                latent_size,
+                self.num_teacher_steps,
+                self.student_steps,
+            )
+            self._grids[latent_size] = sigmas.to(self.device), edges.to(self.device)
+        return self._grids[latent_size]
+
+    @property
+    def sampling(self) -> dict[str, float | int]:
+        """How the student samples: its steps, and guidance 1 (folded in) or, for a
+        guidance-embedding transformer, the scale it was told."""
+        guidance = self.guidance_scale if self.guidance == "embedded" else 1.0
+        return {"num_inference_steps": self.student_steps, "guidance_scale": guidance}
 
     @torch.no_grad()
     def after_optimizer_step(self, model_unwrapped: torch.nn.Module) -> None:
@@ -212,7 +256,7 @@ class LatentConsistencyDistillation:
         # Built on the meta device and given the state dict's own tensors: no random init and
         # no second copy of a multi-billion-parameter model.
         with torch.device("meta"):
-            student = SD3Transformer2DModel.from_config(self.teacher.config)
+            student = self.transformer_class.from_config(self.teacher.config)
         student.load_state_dict(student_state_dict, assign=True)
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(
             self.scheduler.config, stochastic_sampling=False
@@ -224,8 +268,7 @@ class LatentConsistencyDistillation:
             )
             student.save_pretrained(staged / "transformer", safe_serialization=True)
             scheduler.save_pretrained(staged / "scheduler")
-            sampling = {"num_inference_steps": self.student_steps, "guidance_scale": 1.0}
-            (staged / SAMPLING_FILE).write_text(json.dumps(sampling, indent=2) + "\n")
+            (staged / SAMPLING_FILE).write_text(json.dumps(self.sampling, indent=2) + "\n")
             if out_dir.exists():
                 # Move the old bundle into staging so the context manager deletes it.
                 out_dir.rename(Path(tmp) / "replaced")
@@ -237,17 +280,27 @@ class LatentConsistencyDistillation:
 
 
 def _skip_step_grid(
-    scheduler: FlowMatchEulerDiscreteScheduler, num_teacher_steps: int, student_steps: int
+    scheduler: FlowMatchEulerDiscreteScheduler,
+    family: Family,
+    transformer_config: Any,
+    latent_size: tuple[int, ...],
+    num_teacher_steps: int,
+    student_steps: int,
 ) -> tuple[Tensor, Tensor]:
-    """The teacher's sigmas merged with the student's, and each point's phase edge.
+    """The teacher's sigmas merged with the student's, each as the family's pipeline samples
+    them at ``latent_size`` (h, w), and each point's phase edge.
 
     Returns descending `sigmas` ending in 0 and `edges`, where edges[i] is the largest student
     sigma below sigmas[i] (0 for the last point, which is never a start point).
     """
-    scheduler.set_timesteps(num_teacher_steps)
-    teacher_sigmas = scheduler.sigmas.clone()  # (num_teacher_steps + 1,)
-    scheduler.set_timesteps(student_steps)
-    student_sigmas = scheduler.sigmas.clone()  # (student_steps + 1,)
+
+    def pipeline_sigmas(steps: int) -> Tensor:
+        kwargs = family.timestep_kwargs(scheduler.config, transformer_config, steps, latent_size)
+        retrieve_timesteps(scheduler, steps, "cpu", **kwargs)
+        return scheduler.sigmas.clone()  # (steps + 1,)
+
+    teacher_sigmas = pipeline_sigmas(num_teacher_steps)
+    student_sigmas = pipeline_sigmas(student_steps)
     sigmas = torch.cat([teacher_sigmas, student_sigmas]).sort(descending=True).values
     # Points both grids hold (1.0, the last nonzero sigma, 0, more where the spacings divide)
     # may differ in the last float bit; a near-zero teacher step between the two copies would

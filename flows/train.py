@@ -398,7 +398,7 @@ class RectifiedFlow(StatelessObjective):
     """
 
     def __init__(self, config: TrainConfig, plan: RunPlan, device: torch.device) -> None:
-        transformer_cls = _diffusers_class(plan.transformer_class)
+        transformer_cls = plan.family.denoiser_class(plan.bundle_dir)
         if config.init == "scratch":
             model_config = transformer_cls.load_config(plan.bundle_dir, subfolder="transformer")
             model = transformer_cls.from_config({**model_config, **config.transformer_config})
@@ -540,12 +540,6 @@ def _where_rows(
 ) -> torch.Tensor:
     """Per row: ``replacement`` where ``mask``, else ``values`` (B, ...)."""
     return torch.where(mask.view(-1, *([1] * (values.ndim - 1))), replacement, values)
-
-
-def _diffusers_class(name: str) -> type:
-    import diffusers
-
-    return getattr(diffusers, name)
 
 
 # ----------------------------------------------------------------------------------------

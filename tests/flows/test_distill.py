@@ -185,8 +185,9 @@ def test_export_is_a_bundle_that_samples_in_few_steps(
     assert scheduler.config.shift == teacher_scheduler.config.shift
     # The sigmas the bundle samples at: 1.0, then the phase edges the student was trained for.
     scheduler.set_timesteps(sampling["num_inference_steps"])
-    assert scheduler.sigmas[0] == objective.sigmas[0] == 1.0
-    edges = objective.edges.unique()  # (student_steps,)
+    sigmas, edges = objective.grid((4, 4))  # (M,), (M,): the 32 px training latents
+    assert scheduler.sigmas[0] == sigmas[0] == 1.0
+    edges = edges.unique()  # (student_steps,)
     assert len(edges) == STUDENT_STEPS
     for sigma in scheduler.sigmas[1:]:
         assert (edges - sigma).abs().min() <= 1e-6
@@ -239,7 +240,7 @@ def test_grid_holds_the_student_sigmas_as_phase_edges(
     teacher_dir: Path, embeddings: Embeddings
 ) -> None:
     objective = make_objective(teacher_dir, embeddings)
-    sigmas, edges = objective.sigmas, objective.edges  # (M,), (M,)
+    sigmas, edges = objective.grid((4, 4))  # (M,), (M,)
     assert sigmas[0] == 1.0 and sigmas[-1] == 0.0
     assert (sigmas[:-1] > sigmas[1:]).all()
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(teacher_dir, subfolder="scheduler")
