@@ -234,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--upscale", type=int, metavar="N", help="super-resolution stages")
     generate.add_argument(
+        "--model", metavar="NAME", help="one of the server's models (GET /v1/models)"
+    )
+    generate.add_argument(
         "--lora",
         dest="loras",
         action="append",
@@ -425,6 +428,7 @@ def _run_serve(config: ServeConfig) -> int:
 
 # `raygen generate` flags that are GenerateRequest fields.
 _GENERATE_FIELDS = (
+    "model",
     "negative_prompt",
     "num_inference_steps",
     "guidance_scale",

@@ -141,6 +141,20 @@ class LoraList(ApiModel):
     loras: list[LoraInfo]
 
 
+class ModelCard(ApiModel):
+    """One served model, as OpenAI's ``GET /v1/models`` lists it."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "raygen"
+
+
+class ModelList(ApiModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
 class VideoRequest(ApiModel):
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)

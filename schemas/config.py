@@ -667,6 +667,30 @@ class ServeVideoConfig(Config):
     deployments: VideoDeployments = Field(default_factory=VideoDeployments)
 
 
+class ModelDeployments(Config):
+    """The deployments of one more served model's own stages."""
+
+    graph: DeploymentSettings = Field(
+        default_factory=lambda: DeploymentSettings(max_ongoing_requests=32)
+    )
+    text_encoder: DeploymentSettings = Field(default_factory=DeploymentSettings)
+    base: DeploymentSettings = Field(default_factory=DeploymentSettings)
+    refiner: DeploymentSettings = Field(default_factory=DeploymentSettings)
+    vae_decode: DeploymentSettings = Field(default_factory=DeploymentSettings)
+
+
+class ServedModel(Config):
+    """One more image model behind the same API (``models:``), picked by the request's
+    ``model`` field: its own graph of text encoder, base, refiner (optional) and VAE stages;
+    super-resolution and safety are the server's. A text encoder stage is shared with an
+    earlier model whose bundle holds byte-identical text encoders and tokenizers."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", description="the API's `model` value")
+    bundle: ModelRef
+    refiner: ModelRef | None = None
+    deployments: ModelDeployments = Field(default_factory=ModelDeployments)
+
+
 class LoraServingConfig(Config):
     """Adapters a request may name (``loras`` on ``/v1/generate``): a registry folder of
     diffusers-format LoRAs, one subfolder each (``pytorch_lora_weights.safetensors``, as
@@ -723,10 +747,42 @@ class ServeConfig(Config):
         default=None, description="video jobs (/v1/videos); null: images only"
     )
     loras: LoraServingConfig | None = Field(
-        default=None, description="adapters requests may name (registry); null: none"
+        default=None,
+        description="adapters requests to the main model may name (registry); null: none",
+    )
+    models: list[ServedModel] = Field(
+        default_factory=list,
+        description="more image models beside the main one (model_name: bundle), each its own "
+        "graph; a request's `model` picks one",
     )
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _model_names_unique(self) -> ServeConfig:
+        names = [self.model_name] + [model.name for model in self.models]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"models: the name(s) {repeated} are given twice (model_name too)")
+        return self
+
+    @property
+    def served_models(self) -> list[ServedModel]:
+        """Every image model: the main one (``model_name``: ``bundle``, ``refiner`` and the
+        ``deployments`` of its stages) first, then ``models``."""
+        stages = self.deployments.model_dump(include=set(ModelDeployments.model_fields))
+        main = ServedModel.model_construct(
+            name=self.model_name,
+            bundle=self.bundle,
+            refiner=self.refiner,
+            deployments=ModelDeployments.model_validate(stages),
+        )
+        return [main, *self.models]
+
+    def served_model(self, name: str | None) -> ServedModel | None:
+        """The model a request's ``model`` names (None: the main one); None if none is."""
+        name = self.model_name if name is None else name
+        return next((model for model in self.served_models if model.name == name), None)
 
 
 C = TypeVar("C", bound=Config)

@@ -1,5 +1,5 @@
-"""Building the serving app from one ``ServeConfig``: one deployment per stage, the image
-graph, video jobs when configured, and the ingress in front.
+"""Building the serving app from one ``ServeConfig``: one deployment per stage, an image
+graph per served model, video jobs when configured, and the ingress in front.
 
 ``build_app`` is the one place the app is built: ``raygen serve`` runs it locally, and ``serve
 run flows.serve:app_builder config=serve.yaml`` or a Serve config file's ``import_path:
@@ -14,8 +14,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 from ray import serve
 
+from actors.families import family_of
 from cluster.ray_runtime import init_ray
-from cluster.storage import is_s3, local_path
+from cluster.storage import Storage, is_s3, local_path
 from flows.serve.graph import ImageGraph
 from flows.serve.ingress import Ingress
 from flows.serve.safety import SafetyStage
@@ -27,7 +28,14 @@ from flows.serve.stages import (
 )
 from flows.serve.video_jobs import VideoJobs
 from flows.serve.video_stages import VideoDecodeStage, VideoDenoiserStage, VideoTextEncoderStage
-from schemas.config import ConfigError, DeploymentSettings, ModelRef, ServeConfig, load_config
+from schemas.config import (
+    ConfigError,
+    DeploymentSettings,
+    ModelRef,
+    ServeConfig,
+    ServedModel,
+    load_config,
+)
 
 APP_NAME = "raygen"
 
@@ -75,35 +83,6 @@ def build_app(config: ServeConfig) -> serve.Application:
     def bind(cls: Any, name: str, settings: DeploymentSettings, *args: Any) -> Any:
         return cls.options(**deployment_options(name, settings, retry)).bind(*args)
 
-    text_encoder = bind(
-        TextEncoderStage,
-        "text_encoder",
-        deployments.text_encoder,
-        config.bundle,
-        storage,
-        deployments.text_encoder,
-        config.text_cache_size,
-    )
-    base = bind(
-        DenoiserStage,
-        "base",
-        deployments.base,
-        config.bundle,
-        storage,
-        deployments.base,
-        config.loras,
-    )
-    refiner = None
-    if config.refiner is not None:
-        refiner = bind(
-            DenoiserStage,
-            "refiner",
-            deployments.refiner,
-            config.refiner,
-            storage,
-            deployments.refiner,
-        )
-    vae_decode = bind(VaeDecodeStage, "vae_decode", deployments.vae_decode, config.bundle, storage)
     super_resolution = [
         bind(
             SuperResolutionDeployment, f"super_resolution_{index}", stage.deployment, stage, storage
@@ -144,21 +123,109 @@ def build_app(config: ServeConfig) -> serve.Application:
                 config.safety,
             ),
         )
-    graph = bind(
-        ImageGraph,
-        "graph",
-        deployments.graph,
-        config.max_sequence_length,
-        text_encoder,
-        base,
-        refiner,
-        vae_decode,
-        super_resolution,
-        safety,
-    )
+    # One graph per served model, sharing super-resolution and safety; a text encoder stage
+    # serves every model whose bundle holds the same text encoders.
+    graphs: dict[str, Any] = {}
+    text_encoders: dict[str, Any] = {}  # the first model's name of each text-encoder group
+    for model, shares in zip(config.served_models, shared_text_encoders(config), strict=True):
+        stages = model.deployments
+        main = model.name == config.model_name
+
+        def name(stage: str, model: ServedModel = model, main: bool = main) -> str:
+            return stage if main else f"{stage}_{model.name}"
+
+        if shares is None:
+            text_encoders[model.name] = bind(
+                TextEncoderStage,
+                name("text_encoder"),
+                stages.text_encoder,
+                model.bundle,
+                storage,
+                stages.text_encoder,
+                config.text_cache_size,
+            )
+        else:
+            text_encoders[model.name] = text_encoders[shares]
+        base = bind(
+            DenoiserStage,
+            name("base"),
+            stages.base,
+            model.bundle,
+            storage,
+            stages.base,
+            config.loras if main else None,  # adapters are made for the main model
+        )
+        refiner = None
+        if model.refiner is not None:
+            refiner = bind(
+                DenoiserStage,
+                name("refiner"),
+                stages.refiner,
+                model.refiner,
+                storage,
+                stages.refiner,
+            )
+        vae_decode = bind(
+            VaeDecodeStage, name("vae_decode"), stages.vae_decode, model.bundle, storage
+        )
+        graphs[model.name] = bind(
+            ImageGraph,
+            name("graph"),
+            stages.graph,
+            config.max_sequence_length,
+            text_encoders[model.name],
+            base,
+            refiner,
+            vae_decode,
+            super_resolution,
+            safety,
+        )
     return bind(
-        Ingress, "ingress", deployments.ingress, config, api_key_digests(config), graph, video_jobs
+        Ingress, "ingress", deployments.ingress, config, api_key_digests(config), graphs, video_jobs
     )
+
+
+def shared_text_encoders(config: ServeConfig) -> list[str | None]:
+    """Per served model (``served_models``' order), the earlier model whose text encoder stage
+    it uses, or None for one of its own: the same family, and byte-identical text encoders and
+    tokenizers (files compared by size, then by S3 ETag or a local file's SHA-256)."""
+    if len(config.served_models) == 1:
+        return [None]  # nothing to share: the bundle is not read here
+    storage = Storage(config.storage)
+    listings: list[tuple[str, tuple[tuple[str, int], ...]] | None] = []
+    shares: list[str | None] = []
+    for index, model in enumerate(config.served_models):
+        family = family_of(model.bundle.uri, storage, media="image")
+        uri = model.bundle.uri
+        listing = [
+            info
+            for component in (*family.text_encoders, *family.tokenizers)
+            for info in storage.list_info(Storage.join(uri, component))
+        ]
+        sized = (family.name, tuple((info.uri[len(uri) :], info.size) for info in listing))
+        listings.append(sized)
+        shares.append(None)
+        for earlier in range(index):
+            if shares[earlier] is None and listings[earlier] == sized:
+                other = config.served_models[earlier]
+                if _contents(other, family, storage) == _contents(model, family, storage):
+                    shares[index] = other.name
+                    break
+    return shares
+
+
+def _contents(model: ServedModel, family: Any, storage: Storage) -> list[str]:
+    """A content hash per text-encoder and tokenizer file of the model's bundle."""
+    uri = model.bundle.uri
+    hashes = []
+    for component in (*family.text_encoders, *family.tokenizers):
+        for info in storage.list_info(Storage.join(uri, component)):
+            if info.etag is not None:
+                hashes.append(info.etag)
+            else:
+                with open(local_path(info.uri), "rb") as file:
+                    hashes.append(hashlib.file_digest(file, "sha256").hexdigest())
+    return hashes
 
 
 class AppArgs(BaseModel):
@@ -220,5 +287,11 @@ def _absolute_local_paths(config: ServeConfig) -> ServeConfig:
             "video": None
             if config.video is None
             else config.video.model_copy(update={"bundle": model(config.video.bundle)}),
+            "models": [
+                served.model_copy(
+                    update={"bundle": model(served.bundle), "refiner": model(served.refiner)}
+                )
+                for served in config.models
+            ],
         }
     )

@@ -2,7 +2,7 @@
 
 from actors.families import Multiples
 from schemas.api import GenerateRequest, VideoRequest
-from schemas.config import ServeConfig
+from schemas.config import ServeConfig, ServedModel
 
 
 class InvalidInput(ValueError):
@@ -18,9 +18,9 @@ class InvalidInput(ValueError):
 def check_inputs(
     request: GenerateRequest | VideoRequest, config: ServeConfig, multiples: Multiples
 ) -> None:
-    """The checks that depend on this server (its sizes, stages, model name and limits);
-    the request's own field ranges are its schema's. ``multiples``: what the served bundle's
-    family fixes about shapes, asked once of the stage that holds it. Raises
+    """The checks that depend on this server (its sizes, stages, models and limits); the
+    request's own field ranges are its schema's. ``multiples``: what the requested model's
+    bundle family fixes about shapes, asked once of the stage that holds it. Raises
     ``InvalidInput``."""
     if isinstance(request, VideoRequest):
         video = config.video
@@ -38,10 +38,7 @@ def check_inputs(
                 "num_frames", request.num_frames, f"must be at most {video.max_num_frames}"
             )
         return
-    if request.model is not None and request.model != config.model_name:
-        raise InvalidInput(
-            "model", request.model, f"unknown model; this server serves {config.model_name!r}"
-        )
+    model = served_model(request, config)
     _check_sides(request, multiples.size, config.max_height, config.max_width)
     if request.num_images_per_prompt > config.max_images_per_request:
         raise InvalidInput(
@@ -49,8 +46,10 @@ def check_inputs(
             request.num_images_per_prompt,
             f"at most {config.max_images_per_request} images per request",
         )
-    if request.refiner and config.refiner is None:
-        raise InvalidInput("refiner", request.refiner, "this server has no refiner stage")
+    if request.refiner and model.refiner is None:
+        raise InvalidInput(
+            "refiner", request.refiner, f"model {model.name!r} has no refiner stage here"
+        )
     if request.upscale > len(config.super_resolution):
         raise InvalidInput(
             "upscale",
@@ -61,6 +60,12 @@ def check_inputs(
         raise InvalidInput(
             "loras", _names(request), "this server serves no adapters (config: loras)"
         )
+    if request.loras and model.name != config.model_name:
+        raise InvalidInput(
+            "loras",
+            _names(request),
+            f"adapters are served for the main model {config.model_name!r}, not {model.name!r}",
+        )
     if config.loras is not None and len(request.loras) > config.loras.max_per_request:
         raise InvalidInput(
             "loras", _names(request), f"at most {config.loras.max_per_request} adapters per request"
@@ -69,6 +74,16 @@ def check_inputs(
         raise InvalidInput(
             "timeout_s", request.timeout_s, f"must be at most {config.request_timeout_s:g}"
         )
+
+
+def served_model(request: GenerateRequest, config: ServeConfig) -> ServedModel:
+    """The served model the request's ``model`` names (none: the main one); ``InvalidInput``
+    naming the served ones for another name."""
+    model = config.served_model(request.model)
+    if model is None:
+        names = ", ".join(repr(served.name) for served in config.served_models)
+        raise InvalidInput("model", request.model, f"unknown model; this server serves {names}")
+    return model
 
 
 def _names(request: GenerateRequest) -> list[str]:

@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from actors.families import Multiples
 from actors.prompt_filter import PromptFilter
 from cluster.storage import Storage, is_s3
-from flows.serve.checks import InvalidInput, check_inputs
+from flows.serve.checks import InvalidInput, check_inputs, served_model
 from flows.serve.graph import ReplicaFailed, stage_names
 from flows.serve.loras import AdapterRegistry
 from flows.serve.messages import FinishedImages, Staged
@@ -41,6 +41,8 @@ from schemas.api import (
     ImageGenerationRequest,
     ImageGenerationResponse,
     LoraList,
+    ModelCard,
+    ModelList,
     VideoJob,
     VideoRequest,
 )
@@ -93,6 +95,11 @@ def build_api(ingress: "Ingress") -> FastAPI:
     ) -> GenerateResponse | StreamingResponse:
         """The images; with ``stream``, server-sent events (see ``Ingress.events``)."""
         return await ingress.generate(body, request)
+
+    @api.get("/v1/models", response_model=ModelList, dependencies=auth)
+    async def models() -> ModelList:
+        """The image models a request's ``model`` may name, in OpenAI's format."""
+        return ingress.models()
 
     @api.get("/v1/loras", response_model=LoraList, dependencies=auth)
     async def loras() -> LoraList:
@@ -238,12 +245,13 @@ class Ingress:
         self,
         config: ServeConfig,
         api_key_digests: list[bytes] | None,
-        graph: DeploymentHandle,
+        graphs: dict[str, DeploymentHandle],
         video_jobs: DeploymentHandle | None = None,
     ) -> None:
         self.config = config
         self.api_key_digests = api_key_digests
-        self.graph = graph
+        self.graphs = graphs  # per served model's name; the main one's is `graph`
+        self.graph = graphs[config.model_name]
         self.video_jobs = video_jobs
         self.prompt_filter = PromptFilter(config.safety.blocklist)
         self.storage = Storage(config.storage)
@@ -263,8 +271,8 @@ class Ingress:
             description="Requests the ingress answered, by route and HTTP status.",
             tag_keys=("route", "status"),
         )
-        # What the model fixes about shapes: asked of the stages once, then kept.
-        self._image_multiples: Multiples | None = None
+        # What each model fixes about shapes: asked of its stages once, then kept.
+        self._image_multiples: dict[str, Multiples] = {}
         self._video_multiples: Multiples | None = None
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -274,14 +282,32 @@ class Ingress:
         stages = stage_names(self.config)
         if self.video_jobs is not None:
             stages.append("video_jobs")
-        return {"status": "ok", "model": self.config.model_name, "stages": stages}
+        return {
+            "status": "ok",
+            "model": self.config.model_name,
+            "models": list(self.graphs),
+            "stages": stages,
+        }
 
     async def stats(self) -> dict[str, Any]:
-        image = self._call(self.graph.stats.remote())
-        if self.video_jobs is None:
-            return await image
-        image, video = await asyncio.gather(image, self._call(self.video_jobs.stats.remote()))
-        return {**image, "video_jobs": video}
+        """The main model's stages' stats, each other model's under ``models``, and the video
+        jobs'."""
+        names = list(self.graphs)
+        calls = [self._call(self.graphs[name].stats.remote()) for name in names]
+        if self.video_jobs is not None:
+            calls.append(self._call(self.video_jobs.stats.remote()))
+        answers = await asyncio.gather(*calls)
+        by_model = dict(zip(names, answers, strict=False))
+        stats = by_model.pop(self.config.model_name)
+        if by_model:
+            stats["models"] = by_model
+        if self.video_jobs is not None:
+            stats["video_jobs"] = answers[-1]
+        return stats
+
+    def models(self) -> ModelList:
+        """The served image models, as OpenAI's ``GET /v1/models`` lists them."""
+        return ModelList(data=[ModelCard(id=name) for name in self.graphs])
 
     # ---- images ---------------------------------------------------------------------
 
@@ -298,10 +324,11 @@ class Ingress:
         images, flagged, stage_seconds = await self._within_time_limit(
             body, lambda pending: self._images(body, seeds, request, pending)
         )
-        return self._generate_response(seeds, images, flagged, stage_seconds)
+        return self._generate_response(body, seeds, images, flagged, stage_seconds)
 
     def _generate_response(
         self,
+        body: GenerateRequest,
         seeds: list[int],
         images: list[GeneratedImage],
         flagged: list[bool],
@@ -311,7 +338,7 @@ class Ingress:
             images=images,
             seed=seeds[0],
             seeds=seeds,
-            model=self.config.model_name,
+            model=body.model or self.config.model_name,
             nsfw_content_detected=flagged,
             stage_seconds=stage_seconds,
         )
@@ -346,7 +373,7 @@ class Ingress:
                 status = 500
                 yield _sse("error", {"status": status, "detail": "Internal Server Error"})
                 return
-            response = self._generate_response(seeds, images, flagged, stage_seconds)
+            response = self._generate_response(body, seeds, images, flagged, stage_seconds)
             yield _sse("result", response.model_dump(mode="json"))
         finally:
             work.cancel()  # the client went away: the request's stage calls stop
@@ -405,10 +432,12 @@ class Ingress:
     async def _admit(self, body: GenerateRequest, fields: dict[str, str]) -> list[int]:
         """Check the request against this server and run the prompt filter, before any model
         runs; returns the seed of each image. ``fields`` renames fields in 422s."""
-        if self._image_multiples is None:
-            self._image_multiples = await self._call(self.graph.multiples.remote())
         try:
-            check_inputs(body, self.config, self._image_multiples)
+            model = served_model(body, self.config)
+            if model.name not in self._image_multiples:
+                graph = self.graphs[model.name]
+                self._image_multiples[model.name] = await self._call(graph.multiples.remote())
+            check_inputs(body, self.config, self._image_multiples[model.name])
         except InvalidInput as err:
             raise _invalid(err, fields) from None
         if body.loras:
@@ -444,11 +473,12 @@ class Ingress:
         """The graph's checked, watermarked PNGs, inline base64 or a stored image's URL, and
         which ones the safety check blacked out. A streaming request follows the graph's
         events."""
+        graph = self.graphs[body.model or self.config.model_name]
         if pending.events is None:
-            pending.call = self.graph.remote(body, seeds)
+            pending.call = graph.remote(body, seeds)
             staged: Staged = await pending.call
         else:
-            pending.call = self.graph.options(stream=True).events.remote(body, seeds)
+            pending.call = graph.options(stream=True).events.remote(body, seeds)
             async for event, data in pending.call:
                 if event == "result":
                     staged = data["staged"]

@@ -1,5 +1,5 @@
 """One Serve app for the image and the video tests: the image graph (base, refiner, a
-super-resolution stage, the safety checker) and the video jobs, on a real local Ray Serve with
+super-resolution stage, the safety checker), a second model's graph (Flux) and the video jobs, on a real local Ray Serve with
 tiny bundles, outputs on the S3 test server. Started once for the package: each app start is
 a dozen replica processes that import torch and diffusers and load their bundles, most of a
 minute on a 2-core machine.
@@ -85,7 +85,8 @@ def adapters(
 @pytest.fixture(scope="package")
 def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return build_tiny_bundles(
-        tmp_path_factory.mktemp("bundles"), names=["t2i", "refiner", "upscaler", "nsfw", "t2v"]
+        tmp_path_factory.mktemp("bundles"),
+        names=["t2i", "refiner", "upscaler", "nsfw", "t2v", "flux"],
     )
 
 
@@ -166,6 +167,16 @@ def serve_config(
                     "vae_decode": stage,
                 },
             },
+            # A second family beside the main model: its own graph, picked by `model`.
+            "models": [
+                {
+                    "name": "flux",
+                    "bundle": {"uri": str(bundles["flux"])},
+                    "deployments": {
+                        name: stage for name in ("graph", "text_encoder", "base", "vae_decode")
+                    },
+                }
+            ],
             "loras": None
             if loras_registry is None
             else {"registry": loras_registry, "max_per_replica": MAX_ADAPTER_SETS, "rescan_s": 60},

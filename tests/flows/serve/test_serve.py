@@ -15,6 +15,7 @@ size.
 import base64
 import io
 import json
+import shutil
 import time
 import urllib.error
 import urllib.request
@@ -27,7 +28,7 @@ import numpy as np
 import pytest
 import ray
 import torch
-from diffusers import StableDiffusion3Pipeline
+from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
@@ -37,7 +38,9 @@ from actors.watermark import detect_watermark
 from cluster.storage import Storage
 from flows.cli import main
 from flows.evaluate import run_evaluate
-from flows.serve import api_key_digests, app_builder, deployment_options
+from flows.models import build_tiny_bundles
+from flows.serve import APP_NAME, api_key_digests, app_builder, deployment_options
+from flows.serve.app import shared_text_encoders
 from flows.serve.checks import InvalidInput, check_inputs
 from schemas.api import GenerateRequest, VideoRequest
 from schemas.config import (
@@ -262,6 +265,67 @@ def test_base_then_refiner_equals_the_diffusers_handoff(server, bundles):
 
 
 # ---- routes ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_second_model_is_picked_by_model_and_equals_the_flux_pipeline(server, bundles):
+    status, _, listed = call(server, "/v1/models")
+    assert status == 200 and listed["object"] == "list"
+    assert [(m["id"], m["object"]) for m in listed["data"]] == [
+        ("raygen", "model"),
+        ("flux", "model"),
+    ]
+
+    # The flux graph, at the handle level: FluxPipeline's image (guidance embedded, no
+    # unconditional pass, its resolution-dependent shift), through the same stage classes.
+    request = GenerateRequest(
+        prompt=PROMPT,
+        guidance_scale=3.5,
+        height=HEIGHT,
+        width=WIDTH,
+        num_inference_steps=4,
+        seed=5,
+        model="flux",
+    )
+    graph = serve.get_deployment_handle("graph_flux", APP_NAME)
+    [image] = graph.remote(request, [5], "float32").result().value
+    pipe = FluxPipeline.from_pretrained(bundles["flux"])
+    pipe.set_progress_bar_config(disable=True)
+    reference = pipe(
+        prompt=PROMPT,
+        num_inference_steps=4,
+        guidance_scale=3.5,
+        height=HEIGHT,
+        width=WIDTH,
+        generator=torch.Generator().manual_seed(5),
+        max_sequence_length=MAX_SEQUENCE_LENGTH,
+        output_type="np",
+    ).images[0]
+    assert max_abs(image, reference) <= TOLERANCE
+
+    # Over HTTP: the model's name comes back, and its stages ran (the main model's did not).
+    before = stats(server)
+    payload = generate(server, prompt=PROMPT, guidance_scale=3.5, seed=5, model="flux")
+    assert payload["model"] == "flux" and len(payload["images"]) == 1
+    after = stats(server)
+    assert (
+        after["models"]["flux"]["base"]["requests"]
+        > before["models"]["flux"]["base"]["requests"]
+    )
+    assert after["base"]["requests"] == before["base"]["requests"]
+    assert generate(server, prompt=PROMPT, seed=5)["model"] == "raygen"
+
+    # What the flux model does not have here is a 422 naming the field.
+    for fields, field, message in (
+        ({"model": "flux", "refiner": True}, "refiner", "'flux' has no refiner"),
+        ({"model": "flux", "loras": [{"name": "style-a"}]}, "loras", "main model 'raygen'"),
+        ({"model": "sdxl"}, "model", "'raygen', 'flux'"),
+    ):
+        body = {"prompt": "a cat", "height": HEIGHT, "width": WIDTH, **fields}
+        status, _, payload = call(server, "/v1/generate", body)
+        assert status == 422, payload
+        [detail] = payload["detail"]
+        assert detail["loc"][-1] == field and message in detail["msg"], detail
 
 
 @pytest.mark.slow
@@ -774,6 +838,31 @@ def test_app_builder_takes_a_config_file_and_overrides(tmp_path):
     assert isinstance(app, serve.Application)
     with pytest.raises(ConfigError, match="unknown key 'max_heigth'"):
         app_builder({"max_heigth": "5"})
+
+
+def test_models_with_byte_identical_text_encoders_share_one_stage(tmp_path):
+    bundles = build_tiny_bundles(tmp_path / "bundles", names=["t2i", "refiner", "flux"])
+    # A copy of t2i whose T5 tokenizer differs in one byte, at the same size.
+    altered = tmp_path / "altered"
+    shutil.copytree(bundles["t2i"], altered)
+    vocabulary = altered / "tokenizer_3" / "tokenizer.json"
+    data = bytearray(vocabulary.read_bytes())
+    data[-2] ^= 1
+    vocabulary.write_bytes(bytes(data))
+    config = ServeConfig.model_validate(
+        {
+            "bundle": {"uri": str(bundles["t2i"])},
+            "models": [
+                {"name": "flux", "bundle": {"uri": str(bundles["flux"])}},
+                # The refiner's text encoders and tokenizers are t2i's, file for file.
+                {"name": "second", "bundle": {"uri": str(bundles["refiner"])}},
+                {"name": "altered", "bundle": {"uri": str(altered)}},
+            ],
+        }
+    )
+    assert shared_text_encoders(config) == [None, None, "raygen", None]
+    with pytest.raises(ValueError, match="given twice"):
+        ServeConfig.model_validate({"models": [{"name": "raygen", "bundle": {"uri": "x"}}]})
 
 
 def test_check_inputs_names_the_field_for_images_and_videos():
