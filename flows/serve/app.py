@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 from ray import serve
 
-from actors.families import family_of
+from actors.families import component_config, family_of
 from cluster.ray_runtime import init_ray
 from cluster.storage import Storage, is_s3, local_path
 from flows.serve.graph import ImageGraph
@@ -123,6 +123,7 @@ def build_app(config: ServeConfig) -> serve.Application:
                 config.safety,
             ),
         )
+    check_refiners(config)
     # One graph per served model, sharing super-resolution and safety; a text encoder stage
     # serves every model whose bundle holds the same text encoders.
     graphs: dict[str, Any] = {}
@@ -183,6 +184,37 @@ def build_app(config: ServeConfig) -> serve.Application:
     return bind(
         Ingress, "ingress", deployments.ingress, config, api_key_digests(config), graphs, video_jobs
     )
+
+
+def check_refiners(config: ServeConfig) -> None:
+    """A refiner continues its base's latents: the same family, latent channels, VAE downscale
+    and latent factors, or a ``ConfigError`` naming both bundles (their configs are read; no
+    weights)."""
+    storage = Storage(config.storage)
+    for model in config.served_models:
+        if model.refiner is None:
+            continue
+        spaces = [_latent_space(ref.uri, storage) for ref in (model.bundle, model.refiner)]
+        if spaces[0] != spaces[1]:
+            field = "refiner" if model.name == config.model_name else f"models.{model.name}.refiner"
+            base, refiner = (
+                ", ".join(f"{key} {value}" for key, value in space.items()) for space in spaces
+            )
+            raise ConfigError(
+                f"{field}: {model.refiner.uri} ({refiner}) does not share the latent space of "
+                f"its base {model.bundle.uri} ({base}); a refiner continues the base's latents"
+            )
+
+
+def _latent_space(uri: str, storage: Storage) -> dict[str, Any]:
+    family = family_of(uri, storage, media="image")
+    vae = component_config(uri, family.vae, storage)
+    return {
+        "family": family.name,
+        "latent channels": vae["latent_channels"],
+        "downscale": family.multiples(uri, storage).latent,
+        **family.latent_factors(vae),
+    }
 
 
 def shared_text_encoders(config: ServeConfig) -> list[str | None]:

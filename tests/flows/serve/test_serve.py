@@ -40,7 +40,7 @@ from flows.cli import main
 from flows.evaluate import run_evaluate
 from flows.models import build_tiny_bundles
 from flows.serve import APP_NAME, api_key_digests, app_builder, deployment_options
-from flows.serve.app import shared_text_encoders
+from flows.serve.app import check_refiners, shared_text_encoders
 from flows.serve.checks import InvalidInput, check_inputs
 from schemas.api import GenerateRequest, VideoRequest
 from schemas.config import (
@@ -309,8 +309,7 @@ def test_a_second_model_is_picked_by_model_and_equals_the_flux_pipeline(server, 
     assert payload["model"] == "flux" and len(payload["images"]) == 1
     after = stats(server)
     assert (
-        after["models"]["flux"]["base"]["requests"]
-        > before["models"]["flux"]["base"]["requests"]
+        after["models"]["flux"]["base"]["requests"] > before["models"]["flux"]["base"]["requests"]
     )
     assert after["base"]["requests"] == before["base"]["requests"]
     assert generate(server, prompt=PROMPT, seed=5)["model"] == "raygen"
@@ -832,8 +831,12 @@ def test_settings_and_keys_are_checked_up_front(monkeypatch):
 
 
 def test_app_builder_takes_a_config_file_and_overrides(tmp_path):
+    # The builder reads the configs of a base and its refiner (their latent spaces must match).
+    bundles = build_tiny_bundles(tmp_path / "bundles", names=["t2i", "refiner"])
     config = tmp_path / "serve.yaml"
-    config.write_text("max_height: 512\nrefiner:\n  uri: /models/refiner\n")
+    config.write_text(
+        f"max_height: 512\nbundle:\n  uri: {bundles['t2i']}\nrefiner:\n  uri: {bundles['refiner']}\n"
+    )
     app = app_builder({"config": str(config), "deployments.base.num_gpus": "1"})
     assert isinstance(app, serve.Application)
     with pytest.raises(ConfigError, match="unknown key 'max_heigth'"):
@@ -863,6 +866,22 @@ def test_models_with_byte_identical_text_encoders_share_one_stage(tmp_path):
     assert shared_text_encoders(config) == [None, None, "raygen", None]
     with pytest.raises(ValueError, match="given twice"):
         ServeConfig.model_validate({"models": [{"name": "raygen", "bundle": {"uri": "x"}}]})
+
+
+def test_a_refiner_of_another_latent_space_is_refused_at_start_up_naming_both(tmp_path):
+    bundles = build_tiny_bundles(tmp_path / "bundles", names=["t2i", "refiner", "flux"])
+    fine = {"bundle": {"uri": str(bundles["t2i"])}, "refiner": {"uri": str(bundles["refiner"])}}
+    check_refiners(ServeConfig.model_validate(fine))
+    # Flux's latents: 16 channels at 8x like SD3's, but another family and other factors.
+    mixed = {**fine, "refiner": {"uri": str(bundles["flux"])}}
+    with pytest.raises(ConfigError, match="^refiner: ") as caught:
+        check_refiners(ServeConfig.model_validate(mixed))
+    message = str(caught.value)
+    assert str(bundles["flux"]) in message and str(bundles["t2i"]) in message
+    assert "family flux" in message and "scaling_factor 0.3611" in message
+    second = {"models": [{"name": "two", **mixed}]}
+    with pytest.raises(ConfigError, match="^models.two.refiner: "):
+        check_refiners(ServeConfig.model_validate(second))
 
 
 def test_check_inputs_names_the_field_for_images_and_videos():
