@@ -1,6 +1,6 @@
 """Model families: everything raygen knows about a kind of bundle, written once.
 
-A family (SD3 and Flux text-to-image, Wan text-to-video) is one ``Family`` entry in ``FAMILIES``,
+A family (SD3, Flux and SDXL text-to-image, Wan text-to-video) is one ``Family`` entry in ``FAMILIES``,
 keyed by the pipeline class a bundle's ``model_index.json`` names (``_class_name``). Its
 numbers are read from the bundle's component configs (VAE downscale, latent factors, patch
 size, text widths), so a published checkpoint and a tiny bundle of the same class are
@@ -12,7 +12,7 @@ transformer is called (``predict``: SD3's and Wan's take latents as they are, Fl
 (``timestep_kwargs``) and what its guidance is (``guidance``: classifier-free, or an input of
 a guidance-distilled transformer).
 
-Adding a family (SDXL, Wan i2v) is one more entry here, and its tests.
+Adding a family (Wan i2v) is one more entry here, and its tests.
 """
 
 from __future__ import annotations
@@ -72,6 +72,19 @@ def family_of(
             f"{shown}: a {class_name} makes {family.media}s, but this needs one that makes {media}s"
         )
     return family
+
+
+def latent_space(bundle: Bundle, storage: Storage | None = None) -> dict[str, Any]:
+    """What a bundle's latents are (family, latent channels, VAE downscale, latent factors),
+    from its configs: two bundles whose latent spaces are equal can hand latents on."""
+    family = family_of(bundle, storage, media="image")
+    vae = component_config(bundle, family.vae, storage)
+    return {
+        "family": family.name,
+        "latent channels": vae["latent_channels"],
+        "downscale": family.multiples(bundle, storage).latent,
+        **family.latent_factors(vae),
+    }
 
 
 def component_config(
@@ -233,6 +246,14 @@ def _classifier_free(transformer: Config) -> Guidance:
     return "cfg"
 
 
+def _never(pipe: Any) -> bool:
+    return False
+
+
+def _mmdit_text_widths(transformer: Config) -> tuple[int, int | None]:
+    return transformer["joint_attention_dim"], transformer["pooled_projection_dim"]
+
+
 @dataclass(frozen=True)
 class Family:
     """One model family: its pipeline class and media kind, which components each stage
@@ -250,7 +271,7 @@ class Family:
     denoisers: tuple[str, ...]  # the first is the one raygen trains
     vae: str
     latents: ScaleShift | ChannelStats
-    text_width_keys: tuple[str, str | None]  # transformer config: sequence, pooled width
+    _text_widths: Callable[[Config], tuple[int, int | None]]  # sequence, pooled (or None)
     _encode: Encode
     _tokenize: Tokenize
     _multiples: Callable[[Config, Config], Multiples]
@@ -259,6 +280,11 @@ class Family:
     _latent_channels: Callable[[Config], int] = _in_channels
     _patch: Callable[[Config], tuple[int, ...]] = _patch_size
     _guidance: Callable[[Config], Guidance] = _classifier_free
+    # SDXL's micro-conditioning: the transformer also reads (original size, crop top-left,
+    # target size) as time ids.
+    size_conditioning: bool = False
+    # Whether the pipeline sends zeros, not the encoded "", as a missing negative prompt.
+    _zero_negative: Callable[[Any], bool] = _never
 
     @property
     def pipeline(self) -> type[DiffusionPipeline]:
@@ -345,12 +371,17 @@ class Family:
         prompt_embeds: torch.Tensor,
         pooled: torch.Tensor | None = None,
         guidance: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The transformer's prediction (B, C, ...) for normalised latents (B, C, ...), called
         as the family's pipeline calls it: ``timestep`` (B,) in the scheduler's units
         (sigma x num_train_timesteps), ``prompt_embeds`` (B, L, D), ``pooled`` (B, D_pooled)
-        for a family that pools, ``guidance`` (B,) for one that embeds it. Latents stay
-        (B, C, h, w) outside: a family that packs them does so here and undoes it."""
+        for a family that pools, ``guidance`` (B,) for one that embeds it, ``time_ids``
+        (B, 6) for one with size conditioning. Latents stay (B, C, h, w) outside: a family
+        that packs them does so here and undoes it."""
+        if self.size_conditioning:
+            assert time_ids is not None, f"{self.name}'s denoiser reads time ids"
+            return self._forward(transformer, latents, timestep, prompt_embeds, pooled, time_ids)
         return self._forward(transformer, latents, timestep, prompt_embeds, pooled, guidance)
 
     def guidance(self, transformer_config: Config) -> Guidance:
@@ -381,8 +412,22 @@ class Family:
 
     def text_widths(self, transformer_config: Config) -> tuple[int, int | None]:
         """(sequence embedding width, pooled embedding width or None) the transformer reads."""
-        sequence, pooled = self.text_width_keys
-        return transformer_config[sequence], None if pooled is None else transformer_config[pooled]
+        return self._text_widths(transformer_config)
+
+    def zero_negative(self, pipe: DiffusionPipeline) -> bool:
+        """Whether ``pipe`` stands in zeros for a missing negative prompt (SDXL's
+        ``force_zeros_for_empty_prompt``) rather than the encoded empty text."""
+        return self._zero_negative(pipe)
+
+    def time_ids(
+        self,
+        original_size: tuple[int, int],
+        crop_top_left: tuple[int, int],
+        target_size: tuple[int, int],
+    ) -> list[int]:
+        """SDXL's six time ids, as ``StableDiffusionXLPipeline._get_add_time_ids`` lists them."""
+        assert self.size_conditioning, f"{self.name} takes no size conditioning"
+        return [*original_size, *crop_top_left, *target_size]
 
 
 def _t5_tokens(max_sequence_length: int) -> dict[str, Any]:
@@ -466,7 +511,7 @@ SD3 = Family(
     denoisers=("transformer",),
     vae="vae",
     latents=ScaleShift(),
-    text_width_keys=("joint_attention_dim", "pooled_projection_dim"),
+    _text_widths=_mmdit_text_widths,
     _encode=_sd3_encode,
     _tokenize=_sd3_tokenize,
     _multiples=_sd3_multiples,
@@ -584,7 +629,7 @@ FLUX = Family(
     denoisers=("transformer",),
     vae="vae",
     latents=ScaleShift(),
-    text_width_keys=("joint_attention_dim", "pooled_projection_dim"),
+    _text_widths=_mmdit_text_widths,
     _encode=_flux_encode,
     _tokenize=_flux_tokenize,
     _multiples=_flux_multiples,
@@ -593,6 +638,93 @@ FLUX = Family(
     _latent_channels=_flux_latent_channels,
     _patch=_flux_patch,
     _guidance=_flux_guidance,
+)
+
+
+# ---- SDXL: CLIP-L + CLIP-G (pooled), AutoencoderKL, UNet with size conditioning ----------
+
+
+def _sdxl_encode(pipe: Any, prompts: list[str], max_sequence_length: int) -> tuple[Any, Any]:
+    # CLIP only: SDXL has no T5, so max_sequence_length does not apply.
+    prompt_embeds, _, pooled, _ = pipe.encode_prompt(
+        prompt=prompts, prompt_2=None, do_classifier_free_guidance=False
+    )
+    return prompt_embeds, pooled  # (B, 77, D_l + D_g), (B, D_g projected)
+
+
+def _sdxl_tokenize(
+    pipe: Any, prompts: list[str], max_sequence_length: int
+) -> dict[str, np.ndarray]:
+    # As the pipeline's encode_prompt tokenizes for each CLIP encoder.
+    def clip(tokenizer: Any) -> np.ndarray:
+        return tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="np",
+        ).input_ids
+
+    return {"clip_l": clip(pipe.tokenizer), "clip_g": clip(pipe.tokenizer_2)}
+
+
+def _sdxl_multiples(vae: Config, unet: Config) -> Multiples:
+    # As StableDiffusionXLPipeline: the VAE's downscale (the UNet pads nothing; it resizes
+    # its skip connections to any latent size).
+    latent = 2 ** (len(vae["block_out_channels"]) - 1)
+    return Multiples(latent=latent, size=latent)
+
+
+def _sdxl_forward(
+    unet: torch.nn.Module,
+    latents: torch.Tensor,
+    timestep: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    pooled: torch.Tensor | None,
+    time_ids: torch.Tensor | None,
+) -> torch.Tensor:
+    """StableDiffusionXLPipeline's UNet call: the pooled CLIP-G embedding and the six time ids
+    as added conditioning."""
+    return unet(
+        latents,
+        timestep,
+        encoder_hidden_states=prompt_embeds,
+        added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+        return_dict=False,
+    )[0]
+
+
+def _sdxl_text_widths(unet: Config) -> tuple[int, int | None]:
+    # The added embedding reads pooled text then six sinusoidal time ids.
+    pooled = unet["projection_class_embeddings_input_dim"] - 6 * unet["addition_time_embed_dim"]
+    return unet["cross_attention_dim"], pooled
+
+
+def _unpatched(unet: Config) -> tuple[int, ...]:
+    return (1, 1)
+
+
+def _sdxl_zero_negative(pipe: Any) -> bool:
+    return bool(pipe.config.get("force_zeros_for_empty_prompt", False))
+
+
+SDXL = Family(
+    name="sdxl",
+    class_name="StableDiffusionXLPipeline",
+    media="image",
+    text_encoders=("text_encoder", "text_encoder_2"),
+    tokenizers=("tokenizer", "tokenizer_2"),
+    denoisers=("unet",),
+    vae="vae",
+    latents=ScaleShift(),
+    _text_widths=_sdxl_text_widths,
+    _encode=_sdxl_encode,
+    _tokenize=_sdxl_tokenize,
+    _multiples=_sdxl_multiples,
+    _forward=_sdxl_forward,
+    _patch=_unpatched,
+    size_conditioning=True,
+    _zero_negative=_sdxl_zero_negative,
 )
 
 
@@ -621,6 +753,10 @@ def _wan_tokenize(
     return {"t5": pipe.tokenizer(cleaned, **_t5_tokens(max_sequence_length)).input_ids}
 
 
+def _wan_text_widths(transformer: Config) -> tuple[int, int | None]:
+    return transformer["text_dim"], None  # Wan pools nothing
+
+
 def _wan_multiples(vae: Config, transformer: Config) -> Multiples:
     _, patch_height, patch_width = transformer["patch_size"]  # (t, h, w)
     assert patch_height == patch_width, "Wan patches are square"
@@ -639,11 +775,11 @@ WAN_T2V = Family(
     denoisers=("transformer", "transformer_2"),
     vae="vae",
     latents=ChannelStats(),
-    text_width_keys=("text_dim", None),
+    _text_widths=_wan_text_widths,
     _encode=_wan_encode,
     _tokenize=_wan_tokenize,
     _multiples=_wan_multiples,
 )
 
 # Keyed by the pipeline class model_index.json names.
-FAMILIES: dict[str, Family] = {family.class_name: family for family in (SD3, FLUX, WAN_T2V)}
+FAMILIES: dict[str, Family] = {family.class_name: family for family in (SD3, FLUX, SDXL, WAN_T2V)}

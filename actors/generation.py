@@ -20,11 +20,11 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusionUpscalePipeline
+from diffusers import SchedulerMixin, StableDiffusionUpscalePipeline
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -130,6 +130,7 @@ class PromptEncoder:
         self.pipe = self.family.pipeline.from_pretrained(
             bundle_dir, dtype=dtype, **self.family.unloaded("text_encoders", "tokenizers")
         ).to(device)
+        self.zero_negative = self.family.zero_negative(self.pipe)
         self.cache_size = cache_size
         # (text, max_sequence_length) -> ((L, D), (D_pooled,)), least recently used first.
         self._cache: OrderedDict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
@@ -166,9 +167,15 @@ class PromptEncoder:
                 self._cache.popitem(last=False)
 
         embeddings = []
-        for prompt, negative in zip(prompts, negatives, strict=True):
+        for prompt, negative, given in zip(prompts, negatives, negative_prompts, strict=True):
             prompt_embeds, pooled = found[(prompt, max_sequence_length)]
             negative_embeds, negative_pooled = found[(negative, max_sequence_length)]
+            if given is None and self.zero_negative:
+                # SDXL's pipeline sends zeros for a missing negative prompt, not "" encoded.
+                negative_embeds, negative_pooled = (
+                    torch.zeros_like(prompt_embeds),
+                    torch.zeros_like(pooled),
+                )
             embeddings.append(
                 PromptEmbeddings(prompt_embeds, pooled, negative_embeds, negative_pooled)
             )
@@ -224,7 +231,8 @@ class Denoiser:
         pipe = family.pipeline.from_pretrained(
             bundle_dir, dtype=dtype, **family.unloaded("denoisers")
         )
-        self.transformer = pipe.transformer.to(self.device).eval()
+        # The family's denoiser: a transformer (SD3, Flux) or SDXL's UNet.
+        self.transformer = getattr(pipe, family.denoisers[0]).to(self.device).eval()
         self.guidance = family.guidance(self.transformer.config)
         # A template only: each call steps fresh copies of it.
         self.scheduler = pipe.scheduler
@@ -351,7 +359,8 @@ class Denoiser:
             height // self.multiples.latent,
             width // self.multiples.latent,
         )
-        timesteps = self._scheduler(num_inference_steps, latent_shape).timesteps  # (N,)
+        reference = self._scheduler(num_inference_steps, latent_shape)
+        timesteps = reference.timesteps  # (N,)
 
         # Each request runs the steps [begin, end) of the shared schedule; one scheduler per
         # distinct range, started at its first step as SDXL's img2img does at a handoff.
@@ -366,7 +375,7 @@ class Denoiser:
         for begin, end in dict.fromkeys(spans):
             schedulers[begin, end] = self._scheduler(num_inference_steps, latent_shape)
             schedulers[begin, end].set_begin_index(begin)
-        latents = [self._initial_latents(request, latent_shape) for request in requests]
+        latents = [self._initial_latents(r, latent_shape, reference) for r in requests]
         embeddings = [request.embeddings.to(self.device, self.dtype) for request in requests]
 
         num_steps = [end - begin for begin, end in spans]
@@ -376,7 +385,9 @@ class Denoiser:
             for step in range(first_step, last_step):
                 t = timesteps[step]
                 active = [i for i, (begin, end) in enumerate(spans) if begin <= step < end]
-                predictions = self._predict(t, active, requests, embeddings, latents)
+                # What the transformer reads at t: the scheduler's scaling of each sample.
+                inputs = {i: _scaled(schedulers[spans[i]], latents[i], t) for i in active}
+                predictions = self._predict(t, active, requests, embeddings, inputs)
                 for span, scheduler in schedulers.items():
                     members = [i for i in active if spans[i] == span]
                     if not members:
@@ -404,7 +415,7 @@ class Denoiser:
         active: list[int],
         requests: Sequence[DenoiseRequest],
         embeddings: list[PromptEmbeddings],
-        latents: list[torch.Tensor],
+        latents: dict[int, torch.Tensor],
     ) -> dict[int, torch.Tensor]:
         """The guided prediction (C, h, w) of each active request at timestep ``t``, from one
         transformer forward over [uncond of the guided requests..., cond of all active...]."""
@@ -421,6 +432,15 @@ class Denoiser:
         pooled = [embeddings[i].negative_pooled_prompt_embeds for i in guided] + [
             embeddings[i].pooled_prompt_embeds for i in active
         ]
+        time_ids = None
+        if self.family.size_conditioning:
+            # The pipeline's default: made at (height, width), uncropped, in both branches.
+            ids = [
+                self.family.time_ids((r.height, r.width), (0, 0), (r.height, r.width))
+                for r in (requests[i] for i in rows)
+            ]
+            dtype = embeddings[rows[0]].prompt_embeds.dtype
+            time_ids = torch.tensor(ids, dtype=dtype, device=self.device)  # (G + A, 6)
         noise_pred = self.family.predict(
             self.transformer,
             torch.stack([latents[i] for i in rows]),  # (G + A, C, h, w)
@@ -431,6 +451,7 @@ class Denoiser:
             ),  # (G + A, L, D)
             torch.stack(pooled),  # (G + A, D_pooled)
             guidance,
+            time_ids,
         )  # (G + A, C, h, w)
         uncond = dict(zip(guided, noise_pred[: len(guided)], strict=True))
         cond = dict(zip(active, noise_pred[len(guided) :], strict=True))
@@ -439,9 +460,7 @@ class Denoiser:
             cond[i] = uncond[i] + requests[i].guidance_scale * (cond[i] - uncond[i])
         return cond
 
-    def _scheduler(
-        self, num_inference_steps: int, latent_shape: tuple[int, ...]
-    ) -> FlowMatchEulerDiscreteScheduler:
+    def _scheduler(self, num_inference_steps: int, latent_shape: tuple[int, ...]) -> SchedulerMixin:
         """A fresh scheduler with the pipeline's timesteps (the step index lives in it)."""
         scheduler = type(self.scheduler).from_config(self.scheduler.config)
         kwargs = self.family.timestep_kwargs(
@@ -459,7 +478,7 @@ class Denoiser:
         return int((timesteps >= cutoff).sum())
 
     def _initial_latents(
-        self, request: DenoiseRequest, latent_shape: tuple[int, ...]
+        self, request: DenoiseRequest, latent_shape: tuple[int, ...], scheduler: Any
     ) -> torch.Tensor:
         if request.latents is not None:
             if request.latents.shape != latent_shape[1:]:
@@ -474,6 +493,9 @@ class Denoiser:
         noise = randn_tensor(
             latent_shape, generator=generator, device=self.device, dtype=self.dtype
         )
+        if hasattr(scheduler, "init_noise_sigma"):
+            # SDXL's Euler starts at its largest sigma (a flow-matching scheduler has none).
+            noise = noise * scheduler.init_noise_sigma
         return noise[0]  # (C, h, w)
 
 
@@ -564,6 +586,14 @@ class Upscaler:
             output_type="np",
         ).images  # (B, 4H, 4W, 3) in [0, 1]
         return list(_as_type(upscaled, output_type))
+
+
+def _scaled(scheduler: Any, sample: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The scheduler's ``scale_model_input`` where it has one (SDXL's Euler divides by
+    sqrt(sigma^2 + 1)); flow-matching schedulers feed the latents as they are."""
+    if hasattr(scheduler, "scale_model_input"):
+        return scheduler.scale_model_input(sample, t)
+    return sample
 
 
 def _as_type(images: np.ndarray, output_type: ImageType) -> np.ndarray:

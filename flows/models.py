@@ -29,12 +29,14 @@ from diffusers import (
     AutoencoderKLWan,
     DDIMScheduler,
     DDPMScheduler,
+    EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionUpscalePipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
     UniPCMultistepScheduler,
     WanPipeline,
@@ -74,6 +76,7 @@ TINY_BUNDLES: tuple[str, ...] = (
     "t2i",
     "flux",
     "flux-schnell",
+    "sdxl",
     "refiner",
     "upscaler",
     "t2v",
@@ -209,6 +212,74 @@ def _build_flux(out: Path, seed: int) -> None:
 
 def _build_flux_schnell(out: Path, seed: int) -> None:
     _flux_pipeline(seed, guidance_embeds=False).save_pretrained(out, safe_serialization=True)
+
+
+def _build_sdxl(out: Path, seed: int) -> None:
+    """SDXL base at toy width: CLIP-L and CLIP-G (with projection; its pooled output and the
+    six size/crop time ids are the UNet's added conditioning), a two-level UNet, SDXL's VAE
+    factor and its Euler scheduler."""
+    tokenizer = _clip_tokenizer()
+    with _seeded(seed):
+        text_encoder = CLIPTextModel(
+            _clip_text_config(tokenizer, hidden_size=32, hidden_act="quick_gelu")
+        )
+    with _seeded(seed):
+        text_encoder_2 = CLIPTextModelWithProjection(
+            _clip_text_config(tokenizer, hidden_size=48, hidden_act="gelu")
+        )
+    time_dim = 8  # SDXL's addition_time_embed_dim is 256
+    with _seeded(seed):
+        unet = UNet2DConditionModel(
+            sample_size=4,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            norm_num_groups=8,
+            attention_head_dim=(2, 4),
+            transformer_layers_per_block=(1, 2),
+            use_linear_projection=True,
+            # Both CLIPs' penultimate states side by side, as SDXL's 768 + 1280 = 2048.
+            cross_attention_dim=text_encoder.config.hidden_size + text_encoder_2.config.hidden_size,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_dim,
+            projection_class_embeddings_input_dim=text_encoder_2.config.projection_dim
+            + 6 * time_dim,
+        )
+    with _seeded(seed):
+        # SDXL's VAE: four levels (8x), 4 latent channels, its scaling factor, no shift.
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 16, 32, 32),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=32,
+            scaling_factor=0.13025,
+        )
+    # stabilityai/stable-diffusion-xl-base-1.0's scheduler config.
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
+    StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+    ).save_pretrained(out, safe_serialization=True)
 
 
 def _build_upscaler(out: Path, seed: int) -> None:
@@ -445,6 +516,7 @@ _BUILDERS: dict[str, Callable[[Path, int], None]] = {
     "t2i": _build_t2i,
     "flux": _build_flux,
     "flux-schnell": _build_flux_schnell,
+    "sdxl": _build_sdxl,
     "refiner": _build_refiner,
     "upscaler": _build_upscaler,
     "t2v": _build_t2v,

@@ -14,9 +14,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 from ray import serve
 
-from actors.families import component_config, family_of
+from actors.families import family_of
 from cluster.ray_runtime import init_ray
 from cluster.storage import Storage, is_s3, local_path
+from flows.serve.checks import check_refiner
 from flows.serve.graph import ImageGraph
 from flows.serve.ingress import Ingress
 from flows.serve.safety import SafetyStage
@@ -123,7 +124,6 @@ def build_app(config: ServeConfig) -> serve.Application:
                 config.safety,
             ),
         )
-    check_refiners(config)
     # One graph per served model, sharing super-resolution and safety; a text encoder stage
     # serves every model whose bundle holds the same text encoders.
     graphs: dict[str, Any] = {}
@@ -165,6 +165,8 @@ def build_app(config: ServeConfig) -> serve.Application:
                 model.refiner,
                 storage,
                 stages.refiner,
+                None,
+                (model.bundle, refiner_field(config, model)),  # checked at its start
             )
         vae_decode = bind(
             VaeDecodeStage, name("vae_decode"), stages.vae_decode, model.bundle, storage
@@ -187,34 +189,15 @@ def build_app(config: ServeConfig) -> serve.Application:
 
 
 def check_refiners(config: ServeConfig) -> None:
-    """A refiner continues its base's latents: the same family, latent channels, VAE downscale
-    and latent factors, or a ``ConfigError`` naming both bundles (their configs are read; no
-    weights)."""
+    """Every served model's refiner shares its base's latent space (``check_refiner``)."""
     storage = Storage(config.storage)
     for model in config.served_models:
-        if model.refiner is None:
-            continue
-        spaces = [_latent_space(ref.uri, storage) for ref in (model.bundle, model.refiner)]
-        if spaces[0] != spaces[1]:
-            field = "refiner" if model.name == config.model_name else f"models.{model.name}.refiner"
-            base, refiner = (
-                ", ".join(f"{key} {value}" for key, value in space.items()) for space in spaces
-            )
-            raise ConfigError(
-                f"{field}: {model.refiner.uri} ({refiner}) does not share the latent space of "
-                f"its base {model.bundle.uri} ({base}); a refiner continues the base's latents"
-            )
+        if model.refiner is not None:
+            check_refiner(model.bundle, model.refiner, storage, refiner_field(config, model))
 
 
-def _latent_space(uri: str, storage: Storage) -> dict[str, Any]:
-    family = family_of(uri, storage, media="image")
-    vae = component_config(uri, family.vae, storage)
-    return {
-        "family": family.name,
-        "latent channels": vae["latent_channels"],
-        "downscale": family.multiples(uri, storage).latent,
-        **family.latent_factors(vae),
-    }
+def refiner_field(config: ServeConfig, model: ServedModel) -> str:
+    return "refiner" if model.name == config.model_name else f"models.{model.name}.refiner"
 
 
 def shared_text_encoders(config: ServeConfig) -> list[str | None]:
@@ -281,6 +264,7 @@ def app_builder(args: AppArgs) -> serve.Application:
 def run_serve(config: ServeConfig) -> None:
     """`raygen serve`: start the graph on Ray (local unless configured) and serve until
     interrupted."""
+    check_refiners(config)  # before anything starts
     init_ray(config.ray)
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(build_app(config), name=APP_NAME, route_prefix="/")

@@ -1,8 +1,9 @@
 """What a request may ask of this server, checked in one place before any model runs."""
 
-from actors.families import Multiples
+from actors.families import Multiples, latent_space
+from cluster.storage import Storage
 from schemas.api import GenerateRequest, VideoRequest
-from schemas.config import ServeConfig, ServedModel
+from schemas.config import ConfigError, ModelRef, ServeConfig, ServedModel
 
 
 class InvalidInput(ValueError):
@@ -84,6 +85,19 @@ def served_model(request: GenerateRequest, config: ServeConfig) -> ServedModel:
         names = ", ".join(repr(served.name) for served in config.served_models)
         raise InvalidInput("model", request.model, f"unknown model; this server serves {names}")
     return model
+
+
+def check_refiner(base: ModelRef, refiner: ModelRef, storage: Storage, field: str) -> None:
+    """A refiner continues its base's latents: the same family, latent channels, VAE downscale
+    and latent factors, or a ``ConfigError`` naming ``field`` and both bundles (their configs
+    are read; no weights)."""
+    spaces = [latent_space(ref.uri, storage) for ref in (base, refiner)]
+    if spaces[0] != spaces[1]:
+        described = [", ".join(f"{key} {value}" for key, value in s.items()) for s in spaces]
+        raise ConfigError(
+            f"{field}: {refiner.uri} ({described[1]}) does not share the latent space of its "
+            f"base {base.uri} ({described[0]}); a refiner continues the base's latents"
+        )
 
 
 def _names(request: GenerateRequest) -> list[str]:

@@ -19,6 +19,7 @@ from ray import serve
 from actors.families import Multiples
 from actors.generation import Denoiser, DenoiseRequest, PromptEncoder, Upscaler, VaeDecoder
 from cluster.storage import Storage
+from flows.serve.checks import check_refiner
 from flows.serve.loras import AdapterRegistry, adapter_set_key, adapter_set_names
 from flows.serve.messages import DenoiseSpec, EncodeItem, Staged
 from flows.serve.replica import deployment_name, local_bundle, torch_dtype
@@ -137,8 +138,13 @@ class DenoiserStage:
         storage: StorageConfig,
         settings: DeploymentSettings,
         loras: LoraServingConfig | None = None,
+        base: tuple[ModelRef, str] | None = None,
     ) -> None:
         self.name = deployment_name()
+        if base is not None:
+            # A refiner: refused before loading unless it continues its base's latent space
+            # (the config field names it). `raygen serve` checked it before starting too.
+            check_refiner(base[0], model, Storage(storage), base[1])
         self.denoiser = Denoiser(
             local_bundle(model, storage), device=model.device, dtype=torch_dtype(model)
         )

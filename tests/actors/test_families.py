@@ -35,7 +35,12 @@ def _edit_json(path: Path, **values) -> None:
 
 
 def test_each_family_is_found_by_its_pipeline_class(bundles):
-    assert set(FAMILIES) == {"StableDiffusion3Pipeline", "FluxPipeline", "WanPipeline"}
+    assert set(FAMILIES) == {
+        "StableDiffusion3Pipeline",
+        "FluxPipeline",
+        "StableDiffusionXLPipeline",
+        "WanPipeline",
+    }
     assert family_of(bundles["t2i"]) is SD3 and SD3.pipeline is StableDiffusion3Pipeline
     assert family_of(bundles["t2v"]) is WAN_T2V and WAN_T2V.pipeline is WanPipeline
     assert (SD3.media, WAN_T2V.media) == ("image", "video")
@@ -112,13 +117,14 @@ def test_encode_prompt_is_the_pipelines_own(bundles):
 
 
 def test_an_unknown_pipeline_class_names_the_supported_ones(bundles, tmp_path):
-    bundle = shutil.copytree(bundles["t2i"], tmp_path / "sdxl")
-    _edit_json(bundle / "model_index.json", _class_name="StableDiffusionXLPipeline")
-    with pytest.raises(FamilyError, match="StableDiffusionXLPipeline") as err:
+    bundle = shutil.copytree(bundles["t2i"], tmp_path / "pixart")
+    _edit_json(bundle / "model_index.json", _class_name="PixArtSigmaPipeline")
+    with pytest.raises(FamilyError, match="PixArtSigmaPipeline") as err:
         family_of(bundle)
     assert isinstance(err.value, RaygenError)
     assert str(bundle) in str(err.value)
-    assert "StableDiffusion3Pipeline, FluxPipeline, WanPipeline" in str(err.value)
+    supported = "StableDiffusion3Pipeline, FluxPipeline, StableDiffusionXLPipeline, WanPipeline"
+    assert supported in str(err.value)
 
 
 def test_a_bundle_of_the_other_media_kind_is_refused(bundles):
