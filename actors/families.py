@@ -283,6 +283,9 @@ class Family:
     # SDXL's micro-conditioning: the transformer also reads (original size, crop top-left,
     # target size) as time ids.
     size_conditioning: bool = False
+    # Trained and sampled as a flow (SD3, Flux, Wan), or as DDPM-family noise prediction
+    # (SDXL: epsilon or v from its scheduler config).
+    flow_matching: bool = True
     # Whether the pipeline sends zeros, not the encoded "", as a missing negative prompt.
     _zero_negative: Callable[[Any], bool] = _never
 
@@ -724,6 +727,7 @@ SDXL = Family(
     _forward=_sdxl_forward,
     _patch=_unpatched,
     size_conditioning=True,
+    flow_matching=False,
     _zero_negative=_sdxl_zero_negative,
 )
 

@@ -396,6 +396,11 @@ def run_distill(config: DistillConfig) -> RunResult:
             f"{config.student_steps}: the student learns to jump over teacher steps"
         )
     plan = plan_shards(config, config.teacher.uri, "distill", media=("image",))
+    if not plan.family.flow_matching:
+        raise ConfigError(
+            f"teacher: {config.teacher.uri} is a {plan.pipeline_class}, a noise-prediction "
+            "family; raygen distill distills flow-matching teachers (SD3, Flux)"
+        )
     result = run_loop(config, plan, distillation, "distill")
     print(
         f"[raygen distill] {result.steps} steps; student bundle ({config.student_steps} steps, "

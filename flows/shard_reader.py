@@ -30,7 +30,10 @@ import ray
 from cluster.storage import Storage, join
 from schemas.config import ConfigError
 from schemas.shards import (
+    CROP_BOX,
     LATENT_MEAN,
+    ORIGINAL_HEIGHT,
+    ORIGINAL_WIDTH,
     POOLED_PROMPT_EMBEDS,
     PROMPT_EMBEDS,
     SHARDS_DIR,
@@ -117,8 +120,21 @@ def tensor_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
 def embeddings_and_latents(table: pa.Table) -> dict[str, np.ndarray]:
     """What training reads of shard rows: ``latents`` (N, C, (f,) h, w), per caption kind
     ``prompt_embeds_{kind}`` (N, L, D), ``pooled_prompt_embeds_{kind}`` (N, D) where the
-    family has them, and ``has_{kind}`` (N,) bool."""
+    family has them, and ``has_{kind}`` (N,) bool; ``size_crop`` (N, 6) int32: the original
+    (height, width) and the crop box (top, left, height, width) in original pixels, which
+    SDXL conditions on."""
     batch = {"latents": tensor_column(table, LATENT_MEAN)[0]}
+    crop = table.column(CROP_BOX).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    batch["size_crop"] = np.concatenate(
+        [
+            np.stack(
+                [table.column(name).to_numpy() for name in (ORIGINAL_HEIGHT, ORIGINAL_WIDTH)],
+                axis=1,
+            ),
+            crop.reshape(len(table), 4),
+        ],
+        axis=1,
+    ).astype(np.int32)
     for kind, embeds in PROMPT_EMBEDS.items():
         batch[embeds], batch[f"has_{kind}"] = tensor_column(table, embeds)
         if POOLED_PROMPT_EMBEDS[kind] in table.column_names:

@@ -104,6 +104,7 @@ class RunPlan:
     batch_per_worker: int
     vae: dict[str, Any]  # the manifest's factors for this media kind
     empty_prompt: dict[str, np.ndarray]  # "prompt_embeds" (L, D), "pooled_prompt_embeds" (D,)
+    latent_downscale: int = 8  # pixels per latent position along a side (the VAE's)
     samples: dict[str, np.ndarray] = field(default_factory=dict)  # fixed rows for sample grids
     sample_bucket: str = ""
     # eval_every: the shapes held-out prompts and their embeddings, "prompt_embeds" (P, L, D)
@@ -277,6 +278,7 @@ def plan_run(config: LoopConfig, bundle_uri: str, storage: Storage) -> RunPlan:
         buckets=usable,
         batch_per_worker=batch_per_worker,
         vae=manifest.vae[media],
+        latent_downscale=family.multiples(bundle_dir).latent,
         empty_prompt={
             k.removeprefix(f"{media}_"): v for k, v in empty.items() if k.startswith(media)
         },
@@ -388,35 +390,81 @@ class StatelessObjective:
         pass
 
 
-class RectifiedFlow(StatelessObjective):
-    """SD3's training objective (Esser et al. 2024, "Scaling Rectified Flow Transformers").
-
-    x_sigma = (1 - sigma) x0 + sigma noise, the model predicts the velocity noise - x0;
-    sigma comes from logit-normal u shifted by the scheduler's shift (SD3's time shift, as
-    the bundle's scheduler samples). Classifier-free-guidance dropout swaps in the empty
-    prompt's embeddings with probability ``cfg_dropout``.
-    """
+class DenoisingObjective(StatelessObjective):
+    """What the training objectives share: the bundle's denoiser (its weights, a fresh one
+    from its config with ``init: scratch``, or frozen with a LoRA), classifier-free-guidance
+    dropout to the empty prompt's embeddings (probability ``cfg_dropout``), the call as the
+    family's pipeline makes it, and the export (the bundle with the new denoiser, or the
+    LoRA)."""
 
     def __init__(self, config: TrainConfig, plan: RunPlan, device: torch.device) -> None:
-        transformer_cls = plan.family.denoiser_class(plan.bundle_dir)
+        component = plan.family.denoisers[0]  # "transformer", or SDXL's "unet"
+        model_cls = plan.family.denoiser_class(plan.bundle_dir)
         if config.init == "scratch":
-            model_config = transformer_cls.load_config(plan.bundle_dir, subfolder="transformer")
-            model = transformer_cls.from_config({**model_config, **config.transformer_config})
+            model_config = model_cls.load_config(plan.bundle_dir, subfolder=component)
+            model = model_cls.from_config({**model_config, **config.transformer_config})
         else:
-            model = transformer_cls.from_pretrained(plan.bundle_dir, subfolder="transformer")
+            model = model_cls.from_pretrained(plan.bundle_dir, subfolder=component)
         if config.adapter is not None:
             add_lora(model, config.adapter)
             self.output_name = "adapter"
         self.model = model.to(device).train()
-        scheduler = component_config(plan.bundle_dir, "scheduler")
-        # FlowMatchEulerDiscreteScheduler calls it shift, Wan's UniPC flow_shift.
-        self.shift = float(scheduler["shift"] if "shift" in scheduler else scheduler["flow_shift"])
-        self.num_train_timesteps = int(scheduler["num_train_timesteps"])
+        self.scheduler_config = component_config(plan.bundle_dir, "scheduler")
+        self.num_train_timesteps = int(self.scheduler_config["num_train_timesteps"])
         self.config, self.plan, self.device = config, plan, device
         # A copy: the plan's arrays arrive read-only from Ray's object store.
         self.empty = {k: torch.tensor(v, device=device) for k, v in plan.empty_prompt.items()}
         # A guidance-distilled transformer (Flux dev) is told a guidance scale at every step.
         self.embeds_guidance = plan.family.guidance(model.config) == "embedded"
+
+    def predict(
+        self,
+        model: torch.nn.Module,
+        noisy: torch.Tensor,
+        timestep: torch.Tensor,
+        batch: dict[str, torch.Tensor],
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """The model's prediction (B, C, ...) for ``noisy`` at ``timestep`` (B,), in the
+        scheduler's units, with the batch's conditioning after CFG dropout."""
+        b = noisy.shape[0]
+        drop = torch.rand(b, generator=generator, device=self.device) < self.config.cfg_dropout
+        prompt_embeds = _where_rows(drop, self.empty["prompt_embeds"], batch["prompt_embeds"])
+        pooled = None
+        if "pooled_prompt_embeds" in batch:
+            pooled = _where_rows(
+                drop, self.empty["pooled_prompt_embeds"], batch["pooled_prompt_embeds"]
+            )
+        guidance = None
+        if self.embeds_guidance:
+            guidance = torch.full((b,), self.config.guidance_scale, device=self.device)
+        return self.plan.family.predict(
+            model, noisy, timestep, prompt_embeds, pooled, guidance, batch.get("time_ids")
+        )
+
+    def export(self, state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> None:
+        plan = self.plan
+        if self.config.adapter is not None:
+            export_lora(plan.family, plan.bundle_uri, self.config.adapter, state_dict, out_dir)
+        else:
+            component = plan.family.denoisers[0]
+            export_bundle(plan.bundle_dir, self.model, state_dict, out_dir, component)
+
+
+class RectifiedFlow(DenoisingObjective):
+    """SD3's training objective (Esser et al. 2024, "Scaling Rectified Flow Transformers"),
+    for the flow-matching families (SD3, Flux, Wan).
+
+    x_sigma = (1 - sigma) x0 + sigma noise, the model predicts the velocity noise - x0;
+    sigma comes from logit-normal u shifted by the scheduler's shift (SD3's time shift, as
+    the bundle's scheduler samples).
+    """
+
+    def __init__(self, config: TrainConfig, plan: RunPlan, device: torch.device) -> None:
+        super().__init__(config, plan, device)
+        scheduler = self.scheduler_config
+        # FlowMatchEulerDiscreteScheduler calls it shift, Wan's UniPC flow_shift.
+        self.shift = float(scheduler["shift"] if "shift" in scheduler else scheduler["flow_shift"])
 
     def loss(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator
@@ -435,29 +483,67 @@ class RectifiedFlow(StatelessObjective):
         sigmas = self.shift * u / (1 + (self.shift - 1) * u)  # (B,)
         sigma = sigmas.view(b, *([1] * (latents.ndim - 1)))
         noisy = (1 - sigma) * latents + sigma * noise
-
-        drop = torch.rand(b, generator=generator, device=self.device) < self.config.cfg_dropout
-        prompt_embeds = _where_rows(drop, self.empty["prompt_embeds"], batch["prompt_embeds"])
-        pooled = None
-        if "pooled_prompt_embeds" in batch:
-            pooled = _where_rows(
-                drop, self.empty["pooled_prompt_embeds"], batch["pooled_prompt_embeds"]
-            )
-        guidance = None
-        if self.embeds_guidance:
-            guidance = torch.full((b,), self.config.guidance_scale, device=self.device)
-        prediction = self.plan.family.predict(
-            model, noisy, sigmas * self.num_train_timesteps, prompt_embeds, pooled, guidance
+        prediction = self.predict(
+            model, noisy, sigmas * self.num_train_timesteps, batch, generator
         )  # (B, C, ...)
         loss = torch.nn.functional.mse_loss(prediction.float(), (noise - latents).float())
         return loss, {"sigma_mean": sigmas.mean().item()}
 
-    def export(self, state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> None:
-        if self.config.adapter is not None:
-            plan, adapter = self.plan, self.config.adapter
-            export_lora(plan.family, plan.bundle_uri, adapter, state_dict, out_dir)
+
+class NoisePrediction(DenoisingObjective):
+    """The DDPM-family objective SDXL trains with, as diffusers' train_text_to_image_sdxl:
+    timesteps uniform over the bundle scheduler's training steps, its ``add_noise``, and the
+    target its ``prediction_type`` names (epsilon: the noise; v_prediction: its
+    ``get_velocity``). With ``snr_gamma``, min-SNR weighting (Hang et al. 2023,
+    arXiv:2303.09556) as diffusers computes it.
+    """
+
+    def __init__(self, config: TrainConfig, plan: RunPlan, device: torch.device) -> None:
+        from diffusers import DDPMScheduler
+
+        super().__init__(config, plan, device)
+        # The training noise schedule of the bundle's scheduler config, as diffusers' scripts
+        # build it (the sampler class does not matter: the betas do).
+        self.noise_scheduler = DDPMScheduler.from_config(self.scheduler_config)
+        self.prediction_type = self.noise_scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ConfigError(
+                f"bundle: scheduler prediction_type {self.prediction_type!r}; training takes "
+                "epsilon or v_prediction"
+            )
+
+    def loss(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        from diffusers.training_utils import compute_snr
+
+        latents = batch["latents"]  # (B, C, h, w), scaled
+        b = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=generator, device=self.device)
+        timesteps = torch.randint(
+            self.num_train_timesteps, (b,), generator=generator, device=self.device
+        )  # (B,)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.prediction_type == "epsilon":
+            target = noise
         else:
-            export_bundle(self.plan.bundle_dir, self.model, state_dict, out_dir)
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        prediction = self.predict(model, noisy, timesteps, batch, generator).float()
+        if self.config.snr_gamma is None:
+            loss = torch.nn.functional.mse_loss(prediction, target.float())
+        else:
+            snr = compute_snr(self.noise_scheduler, timesteps)  # (B,)
+            weights = torch.clamp(snr, max=self.config.snr_gamma) / snr
+            if self.prediction_type == "v_prediction":
+                weights = torch.clamp(snr, max=self.config.snr_gamma) / (snr + 1)
+            per_row = torch.nn.functional.mse_loss(prediction, target.float(), reduction="none")
+            loss = (per_row.mean(dim=tuple(range(1, per_row.ndim))) * weights).mean()
+        return loss, {"timestep_mean": timesteps.float().mean().item()}
+
+
+def training_objective(family: Family) -> type[DenoisingObjective]:
+    """The objective a family trains with: rectified flow, or noise prediction (SDXL)."""
+    return RectifiedFlow if family.flow_matching else NoisePrediction
 
 
 def add_lora(model: torch.nn.Module, adapter: AdapterConfig) -> None:
@@ -501,9 +587,9 @@ def export_lora(
     """``pytorch_lora_weights.safetensors`` written by the family pipeline's own
     ``save_lora_weights`` (``pipe.load_lora_weights(dir)`` loads it unchanged), and beside it
     the base bundle it was trained on."""
-    family.pipeline.save_lora_weights(
-        out_dir, transformer_lora_layers=lora_layers(state_dict), safe_serialization=True
-    )
+    # transformer_lora_layers, or SDXL's unet_lora_layers.
+    layers = {f"{family.denoisers[0]}_lora_layers": lora_layers(state_dict)}
+    family.pipeline.save_lora_weights(out_dir, **layers, safe_serialization=True)
     recorded = {"base": base, **adapter.model_dump(mode="json")}
     (Path(out_dir) / ADAPTER_FILE).write_text(json.dumps(recorded, indent=1) + "\n")
 
@@ -513,15 +599,15 @@ def export_bundle(
     model: torch.nn.Module,
     state_dict: dict[str, torch.Tensor],
     out_dir: str | Path,
+    component: str = "transformer",
 ) -> None:
-    """The source bundle with its transformer replaced: what diffusers and `raygen serve` load."""
+    """The source bundle with its denoiser (``component``) replaced: what diffusers and
+    `raygen serve` load."""
     out = Path(out_dir)
-    shutil.copytree(
-        bundle_dir, out, ignore=shutil.ignore_patterns("transformer"), dirs_exist_ok=True
-    )
+    shutil.copytree(bundle_dir, out, ignore=shutil.ignore_patterns(component), dirs_exist_ok=True)
     weights = unwrapped_copy(model)
     weights.load_state_dict(state_dict)
-    weights.save_pretrained(out / "transformer", safe_serialization=True)
+    weights.save_pretrained(out / component, safe_serialization=True)
 
 
 def unwrapped_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -903,6 +989,8 @@ def _to_model_inputs(
     else:
         use_synthetic = ~has_original & has_synthetic
     batch = {"latents": latents}
+    if plan.family.size_conditioning:
+        batch["time_ids"] = _time_ids(arrays["size_crop"], latents.shape, plan, device)
     for key in ("prompt_embeds", "pooled_prompt_embeds"):
         if f"{key}_original" in arrays:
             batch[key] = _where_rows(
@@ -911,6 +999,23 @@ def _to_model_inputs(
                 torch.as_tensor(arrays[f"{key}_original"], device=device),
             )
     return batch
+
+
+def _time_ids(
+    size_crop: np.ndarray, latent_shape: torch.Size, plan: RunPlan, device: torch.device
+) -> torch.Tensor:
+    """SDXL's six time ids (B, 6) per row, as diffusers' SDXL training script computes them:
+    the original (height, width), the crop's top-left in the resized image, and the target
+    (the bucket's size). ``size_crop`` (B, 6): original (height, width) and the crop box
+    (top, left, height, width) in original pixels, which prep resized to the bucket."""
+    target_h, target_w = (side * plan.latent_downscale for side in latent_shape[-2:])
+    rows = []
+    for original_h, original_w, top, left, crop_h, crop_w in size_crop.tolist():
+        crop_top_left = (round(top * target_h / crop_h), round(left * target_w / crop_w))
+        rows.append(
+            plan.family.time_ids((original_h, original_w), crop_top_left, (target_h, target_w))
+        )
+    return torch.tensor(rows, dtype=torch.float32, device=device)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1240,7 +1345,7 @@ def run_train(config: TrainConfig) -> RunResult:
     if config.prior is not None:
         plan.prior = plan_prior(config, plan)
         plan.prior_loss_weight = config.prior.loss_weight
-    result = run_loop(config, plan, RectifiedFlow, "train")
+    result = run_loop(config, plan, training_objective(plan.family), "train")
     if config.adapter is not None:
         result = dataclasses.replace(result, bundle=join(config.output, "adapter"))
         print(

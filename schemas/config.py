@@ -346,6 +346,12 @@ class TrainConfig(LoopConfig):
         description="the guidance a guidance-embedding transformer (Flux dev) is given while "
         "training, as diffusers' Flux training scripts do; other transformers take none",
     )
+    snr_gamma: float | None = Field(
+        default=None,
+        gt=0,
+        description="min-SNR loss weighting for noise-prediction families (SDXL; 5.0 is the "
+        "paper's); null: plain MSE",
+    )
     adapter: AdapterConfig | None = Field(
         default=None,
         description="train a LoRA on the bundle's transformer (written to <output>/adapter) "

@@ -1,22 +1,39 @@
 """The SDXL family: a tiny StableDiffusionXLPipeline bundle (two CLIP encoders, a UNet with
-size conditioning, Euler) that loads in plain diffusers, and the staged text encoders ->
+size conditioning, Euler) that loads in plain diffusers; the staged text encoders ->
 denoiser -> VAE decode giving the pipeline's images (zeros for a missing negative prompt,
-Euler's input scaling and initial sigma, the six time ids)."""
+Euler's input scaling and initial sigma, the six time ids); prep with SDXL's encoders, and
+train with its noise-prediction objective (min-SNR, the time ids from prep's sizes and crops)
+to a bundle, or a LoRA, that the pipeline loads."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
 from actors.families import SDXL, family_of
 from actors.generation import Denoiser, DenoiseRequest, PromptEncoder, VaeDecoder
+from flows.distill import run_distill
 from flows.models import build_tiny_bundles
+from flows.prep import run_prep
+from flows.shapes import build_shapes_corpus
+from flows.shard_reader import embeddings_and_latents
+from flows.train import add_lora, export_lora, run_train
+from schemas.config import (
+    AdapterConfig,
+    ConfigError,
+    DistillConfig,
+    PrepConfig,
+    TrainConfig,
+    load_config,
+)
 
 HEIGHT, WIDTH = 32, 48
+PROMPT = "a red circle on the left"
 NUM_STEPS = 5
 TOLERANCE = 1e-4  # max abs difference of float32 pixels in [0, 1]
 # (prompt, negative prompt, seed, guidance): a missing negative prompt is zeros in SDXL.
@@ -94,3 +111,90 @@ def test_staged_generation_equals_the_sdxl_pipeline(bundle):
         ).images[0]
         assert max_abs(image, expected) <= TOLERANCE
     assert max_abs(images[0], images[1]) > 0.01
+
+
+@pytest.mark.slow
+def test_prep_then_train_with_noise_prediction_exports_a_bundle_the_pipeline_samples(
+    ray_local, bundle, tmp_path
+):
+    build_shapes_corpus(tmp_path / "shapes", count=8, size=32)
+    prep = load_config(
+        PrepConfig,
+        values={
+            "input": str(tmp_path / "shapes" / "train"),
+            "output": str(tmp_path / "shards"),
+            "bundle.uri": str(bundle),
+            "buckets.resolution": 32,
+        },
+        overrides=["video_bundle=null", "caption.model=null", "filters.scorer=null"],
+    )
+    assert run_prep(prep).num_written == 8
+    # Prep stored the pipeline's own conditioning: both CLIPs' states and CLIP-G's pooled one.
+    table = pq.read_table(next((tmp_path / "shards").rglob("*.parquet"))).slice(0, 2)
+    stored = embeddings_and_latents(table)
+    pipe = sdxl_pipeline(bundle)
+    captions = [str(c) for c in table.column("caption_original").to_pylist()]
+    with torch.no_grad():
+        prompt_embeds, _, pooled, _ = pipe.encode_prompt(
+            captions, do_classifier_free_guidance=False
+        )
+    assert max_abs(stored["prompt_embeds_original"], prompt_embeds) <= 1e-5
+    assert max_abs(stored["pooled_prompt_embeds_original"], pooled) <= 1e-5
+    # The shapes corpus is drawn at 32 px: uncropped, its time ids are (32, 32, 0, 0, 32, 32).
+    assert stored["size_crop"].tolist()[0] == [32, 32, 0, 0, 32, 32]
+
+    def train(output: str, **values) -> Path:
+        config = load_config(
+            TrainConfig,
+            values={
+                "data": str(tmp_path / "shards"),
+                "output": str(tmp_path / output),
+                "bundle.uri": str(bundle),
+                "num_workers": 1,
+                "cpus_per_worker": 0.5,
+                "batch_size": 4,
+                "max_steps": 2,
+                "checkpoint_every": 2,
+                **values,
+            },
+        )
+        return Path(run_train(config).bundle)
+
+    trained = sdxl_pipeline(train("run", snr_gamma=5.0))
+    before = UNet2DConditionModel.from_pretrained(bundle, subfolder="unet")
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(
+            trained.unet.state_dict().values(), before.state_dict().values(), strict=True
+        )
+    )
+    image = trained(
+        prompt=PROMPT,
+        height=32,
+        width=32,
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images[0]
+    assert image.shape == (32, 32, 3) and np.isfinite(image).all()
+
+    # A LoRA on the UNet is written as SDXL's own loader reads it.
+    unet = UNet2DConditionModel.from_pretrained(bundle, subfolder="unet")
+    add_lora(unet, AdapterConfig(rank=4))
+    export_lora(SDXL, str(bundle), AdapterConfig(rank=4), unet.state_dict(), tmp_path / "lora")
+    pipe.load_lora_weights(tmp_path / "lora")
+    assert pipe.get_list_adapters() == {"unet": ["default_0"]}
+
+    # Distillation is for flow-matching teachers: refused, naming the teacher.
+    distill = load_config(
+        DistillConfig,
+        values={
+            "data": str(tmp_path / "shards"),
+            "output": str(tmp_path / "distill"),
+            "teacher.uri": str(bundle),
+            "num_workers": 1,
+            "batch_size": 4,
+        },
+    )
+    with pytest.raises(ConfigError, match="teacher: .*StableDiffusionXLPipeline"):
+        run_distill(distill)
