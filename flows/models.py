@@ -249,19 +249,8 @@ def _build_sdxl(out: Path, seed: int) -> None:
             + 6 * time_dim,
         )
     with _seeded(seed):
-        # SDXL's VAE: four levels (8x), 4 latent channels, its scaling factor, no shift.
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 16, 32, 32),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=32,
-            scaling_factor=0.13025,
-        )
+        # SDXL's VAE: 4 latent channels, quant convs, its scaling factor, no shift.
+        vae = _vae_8x(latent_channels=4, scaling_factor=0.13025)
     # stabilityai/stable-diffusion-xl-base-1.0's scheduler config.
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
@@ -560,19 +549,7 @@ def _sd3_pipeline(
     with _seeded(seed):
         # T5 v1.1 style (gated-gelu). d_model 96 exceeds the 80 concatenated CLIP channels, so
         # the pipeline's zero-padding of CLIP embeddings to the joint width is exercised.
-        text_encoder_3 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(t5_tokenizer),
-                d_model=96,
-                d_kv=16,
-                num_heads=4,
-                d_ff=128,
-                num_layers=2,
-                feed_forward_proj="gated-gelu",
-                pad_token_id=t5_tokenizer.pad_token_id,
-                eos_token_id=t5_tokenizer.eos_token_id,
-            )
-        )
+        text_encoder_3 = _t5_encoder(t5_tokenizer, d_model=96, d_kv=16, d_ff=128)
     with _seeded(transformer_seed):
         # MMDiT with SD3's patch size 2 over 16 latent channels. sample_size 4 (latent) makes
         # the default output 32x32 px; pos_embed_max_size 32 allows latents up to 64x64.
@@ -590,22 +567,9 @@ def _sd3_pipeline(
             pos_embed_max_size=32,
         )
     with _seeded(seed):
-        # SD3's VAE: four levels (8x downscale), 16 latent channels, no quant convs, and its
-        # scaling/shift factors; widths 8..32 with groups of 8.
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 16, 32, 32),
-            layers_per_block=1,
-            latent_channels=16,
-            norm_num_groups=8,
-            sample_size=32,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            scaling_factor=1.5305,
-            shift_factor=0.0609,
+        # SD3's VAE: 16 latent channels, no quant convs, its scaling/shift factors.
+        vae = _vae_8x(
+            latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, quant_convs=False
         )
     return StableDiffusion3Pipeline(
         transformer=transformer,
@@ -631,19 +595,7 @@ def _flux_pipeline(seed: int, guidance_embeds: bool) -> FluxPipeline:
             _clip_text_config(clip_tokenizer, hidden_size=32, hidden_act="quick_gelu")
         )
     with _seeded(seed):
-        text_encoder_2 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(t5_tokenizer),
-                d_model=48,
-                d_kv=12,
-                num_heads=4,
-                d_ff=96,
-                num_layers=2,
-                feed_forward_proj="gated-gelu",
-                pad_token_id=t5_tokenizer.pad_token_id,
-                eos_token_id=t5_tokenizer.eos_token_id,
-            )
-        )
+        text_encoder_2 = _t5_encoder(t5_tokenizer, d_model=48, d_kv=12, d_ff=96)
     with _seeded(seed):
         # One double-stream and one single-stream block; 2x2 packed patches of 16 latent
         # channels (in_channels 64, patch_size 1 as in the published configs). The RoPE axes
@@ -661,21 +613,9 @@ def _flux_pipeline(seed: int, guidance_embeds: bool) -> FluxPipeline:
             axes_dims_rope=(4, 6, 6),
         )
     with _seeded(seed):
-        # Flux's VAE: 8x downscale, 16 latent channels, no quant convs, its factors.
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 16, 32, 32),
-            layers_per_block=1,
-            latent_channels=16,
-            norm_num_groups=8,
-            sample_size=32,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            scaling_factor=0.3611,
-            shift_factor=0.1159,
+        # Flux's VAE: 16 latent channels, no quant convs, its factors.
+        vae = _vae_8x(
+            latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, quant_convs=False
         )
     # The schedulers the two checkpoints ship: dev shifts with the image's token count,
     # schnell samples its few steps unshifted.
@@ -698,6 +638,49 @@ def _flux_pipeline(seed: int, guidance_embeds: bool) -> FluxPipeline:
         text_encoder_2=text_encoder_2,
         tokenizer_2=t5_tokenizer,
         transformer=transformer,
+    )
+
+
+def _vae_8x(
+    latent_channels: int,
+    scaling_factor: float,
+    shift_factor: float | None = None,
+    quant_convs: bool = True,
+) -> AutoencoderKL:
+    """The image families' AutoencoderKL at toy width: four levels (8x downscale, as SD3's,
+    Flux's and SDXL's), widths 8..32 in groups of 8, with the family's latent channels,
+    factors and quant convs (SD3 and Flux dropped them)."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=8,
+        sample_size=32,
+        use_quant_conv=quant_convs,
+        use_post_quant_conv=quant_convs,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+    )
+
+
+def _t5_encoder(tokenizer: T5Tokenizer, d_model: int, d_kv: int, d_ff: int) -> T5EncoderModel:
+    """A T5 v1.1-style encoder (gated-gelu, two layers, four heads) at toy width."""
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=d_model,
+            d_kv=d_kv,
+            num_heads=4,
+            d_ff=d_ff,
+            num_layers=2,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
     )
 
 

@@ -586,12 +586,9 @@ class DeploymentSettings(Config):
         return value
 
 
-class ServeDeployments(Config):
-    """One deployment per stage of the serving graph."""
+class ModelDeployments(Config):
+    """The deployments of one served model's own stages."""
 
-    ingress: DeploymentSettings = Field(
-        default_factory=lambda: DeploymentSettings(max_ongoing_requests=32)
-    )
     # Drives each image request through the stages; it holds no model, only their calls.
     graph: DeploymentSettings = Field(
         default_factory=lambda: DeploymentSettings(max_ongoing_requests=32)
@@ -600,6 +597,15 @@ class ServeDeployments(Config):
     base: DeploymentSettings = Field(default_factory=DeploymentSettings)
     refiner: DeploymentSettings = Field(default_factory=DeploymentSettings)
     vae_decode: DeploymentSettings = Field(default_factory=DeploymentSettings)
+
+
+class ServeDeployments(ModelDeployments):
+    """One deployment per stage of the serving graph: the main model's stages, and the
+    server's own (ingress, safety)."""
+
+    ingress: DeploymentSettings = Field(
+        default_factory=lambda: DeploymentSettings(max_ongoing_requests=32)
+    )
     safety: DeploymentSettings = Field(default_factory=DeploymentSettings)
 
 
@@ -671,18 +677,6 @@ class ServeVideoConfig(Config):
         "stays in storage, under output/video_jobs/, and is read back from there",
     )
     deployments: VideoDeployments = Field(default_factory=VideoDeployments)
-
-
-class ModelDeployments(Config):
-    """The deployments of one more served model's own stages."""
-
-    graph: DeploymentSettings = Field(
-        default_factory=lambda: DeploymentSettings(max_ongoing_requests=32)
-    )
-    text_encoder: DeploymentSettings = Field(default_factory=DeploymentSettings)
-    base: DeploymentSettings = Field(default_factory=DeploymentSettings)
-    refiner: DeploymentSettings = Field(default_factory=DeploymentSettings)
-    vae_decode: DeploymentSettings = Field(default_factory=DeploymentSettings)
 
 
 class ServedModel(Config):

@@ -251,6 +251,6 @@ def test_different_seed_gives_different_weights(bundles: dict[str, Path], tmp_pa
 
 
 def test_unknown_bundle_name_is_rejected(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="sdxl"):
-        build_tiny_bundles(tmp_path, names=["t2i", "sdxl"])
+    with pytest.raises(ValueError, match="pixart"):
+        build_tiny_bundles(tmp_path, names=["t2i", "pixart"])
     assert not any(tmp_path.iterdir())
