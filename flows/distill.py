@@ -22,7 +22,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import r
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
-from actors.families import Family, family_of
+from actors.families import Family, component_config, family_of
 from cluster.bundles import SAMPLING_FILE
 from flows.train import RunPlan, RunResult, plan_shards, run_loop
 from schemas.config import ConfigError, DistillConfig
@@ -385,6 +385,17 @@ def distillation(
     )
 
 
+def student_sampling(config: DistillConfig, plan: RunPlan) -> DistillConfig:
+    """The config with the loop's grids and scores drawn as the student will be sampled: a
+    student that is told its guidance (Flux dev) is told ``guidance_scale``, the scale it
+    folds in, unless ``sample_guidance_scale`` was set; others sample at 1 (the default)."""
+    transformer_config = component_config(plan.bundle_dir, plan.family.denoisers[0])
+    embedded = plan.family.guidance(transformer_config) == "embedded"
+    if embedded and "sample_guidance_scale" not in config.model_fields_set:
+        return config.model_copy(update={"sample_guidance_scale": config.guidance_scale})
+    return config
+
+
 def run_distill(config: DistillConfig) -> RunResult:
     """`raygen distill`: the training loop of flows/train.py with this objective."""
     if config.parallelism == "fsdp":
@@ -401,6 +412,7 @@ def run_distill(config: DistillConfig) -> RunResult:
             f"teacher: {config.teacher.uri} is a {plan.pipeline_class}, a noise-prediction "
             "family; raygen distill distills flow-matching teachers (SD3, Flux)"
         )
+    config = student_sampling(config, plan)
     result = run_loop(config, plan, distillation, "distill")
     print(
         f"[raygen distill] {result.steps} steps; student bundle ({config.student_steps} steps, "

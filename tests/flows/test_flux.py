@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -19,13 +20,13 @@ from diffusers import FluxPipeline, FluxTransformer2DModel
 
 from actors.families import FLUX, family_of
 from actors.generation import Denoiser, DenoiseRequest, PromptEncoder, VaeDecoder
-from flows.distill import LatentConsistencyDistillation
+from flows.distill import LatentConsistencyDistillation, student_sampling
 from flows.models import build_tiny_bundles
 from flows.prep import run_prep
 from flows.shapes import build_shapes_corpus
 from flows.shard_reader import embeddings_and_latents
 from flows.train import run_train
-from schemas.config import PrepConfig, TrainConfig, load_config
+from schemas.config import DistillConfig, PrepConfig, TrainConfig, load_config
 
 HEIGHT, WIDTH = 32, 48  # not square, so height and width cannot be swapped unnoticed
 NUM_STEPS = 4
@@ -187,6 +188,13 @@ def test_distillation_grids_are_the_pipelines_sigmas_at_each_size(bundles, tmp_p
     loss, _ = objective.loss(objective.model, batch, torch.Generator().manual_seed(1))
     loss.backward()
     assert torch.isfinite(loss) and loss > 0
+
+    # The loop draws its grids as the student will sample: told the scale it folds in.
+    plan = SimpleNamespace(bundle_dir=str(bundle), family=FLUX)
+    config = DistillConfig(guidance_scale=3.5)
+    assert student_sampling(config, plan).sample_guidance_scale == 3.5
+    chosen = DistillConfig(guidance_scale=3.5, sample_guidance_scale=2.0)
+    assert student_sampling(chosen, plan).sample_guidance_scale == 2.0
 
     # The exported student is a Flux bundle that samples with what it records (`raygen
     # distill` runs the same objective in the Ray Train loop: tests/flows/test_distill.py).
