@@ -127,7 +127,7 @@ def build_app(config: ServeConfig) -> serve.Application:
     # One graph per served model, sharing super-resolution and safety; a text encoder stage
     # serves every model whose bundle holds the same text encoders.
     graphs: dict[str, Any] = {}
-    text_encoders: dict[str, Any] = {}  # the first model's name of each text-encoder group
+    text_encoders: dict[str, Any] = {}  # model name -> its text encoder stage (maybe shared)
     for model, shares in zip(config.served_models, shared_text_encoders(config), strict=True):
         stages = model.deployments
         main = model.name == config.model_name
