@@ -149,8 +149,11 @@ class PromptEncoder:
             negative_prompts = [None] * len(prompts)
         if len(negative_prompts) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(negative_prompts)} negative prompts")
-        negatives = [negative or "" for negative in negative_prompts]
-        texts = [*prompts, *negatives]
+        # A missing negative prompt is the empty text, or zeros (SDXL's pipeline): None here,
+        # encoded by nothing.
+        zeros = self.zero_negative
+        negatives = [None if n is None and zeros else n or "" for n in negative_prompts]
+        texts = [*prompts, *(negative for negative in negatives if negative is not None)]
         keys = [(text, max_sequence_length) for text in texts]
         missing = [key for key in dict.fromkeys(keys) if key not in self._cache]
         self.misses += len(missing)
@@ -167,15 +170,15 @@ class PromptEncoder:
                 self._cache.popitem(last=False)
 
         embeddings = []
-        for prompt, negative, given in zip(prompts, negatives, negative_prompts, strict=True):
+        for prompt, negative in zip(prompts, negatives, strict=True):
             prompt_embeds, pooled = found[(prompt, max_sequence_length)]
-            negative_embeds, negative_pooled = found[(negative, max_sequence_length)]
-            if given is None and self.zero_negative:
-                # SDXL's pipeline sends zeros for a missing negative prompt, not "" encoded.
+            if negative is None:
                 negative_embeds, negative_pooled = (
                     torch.zeros_like(prompt_embeds),
                     torch.zeros_like(pooled),
                 )
+            else:
+                negative_embeds, negative_pooled = found[(negative, max_sequence_length)]
             embeddings.append(
                 PromptEmbeddings(prompt_embeds, pooled, negative_embeds, negative_pooled)
             )

@@ -48,6 +48,21 @@ def flux_pipeline(bundle_dir: Path) -> FluxPipeline:
     return pipe
 
 
+def pipeline_image(
+    pipe: FluxPipeline, prompt: str, seed: int, height: int, width: int, **kwargs
+) -> np.ndarray:
+    """FluxPipeline's (H, W, 3) float32 image for one prompt, its noise seeded by ``seed``."""
+    return pipe(
+        prompt=prompt,
+        height=height,
+        width=width,
+        generator=torch.Generator().manual_seed(seed),
+        max_sequence_length=MAX_SEQUENCE_LENGTH,
+        output_type="np",
+        **kwargs,
+    ).images[0]
+
+
 def max_abs(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
     return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
 
@@ -91,16 +106,15 @@ def test_staged_generation_equals_the_flux_pipeline(bundles, name):
 
     pipe = flux_pipeline(bundle)
     for prompt, seed, guidance, image in zip(PROMPTS, SEEDS, GUIDANCE, images, strict=True):
-        expected = pipe(
-            prompt=prompt,
-            height=HEIGHT,
-            width=WIDTH,
+        expected = pipeline_image(
+            pipe,
+            prompt,
+            seed,
+            HEIGHT,
+            WIDTH,
             num_inference_steps=NUM_STEPS,
             guidance_scale=guidance,
-            generator=torch.Generator().manual_seed(seed),
-            max_sequence_length=MAX_SEQUENCE_LENGTH,
-            output_type="np",
-        ).images[0]
+        )
         assert max_abs(image, expected) <= TOLERANCE
     assert max_abs(images[0], images[1]) > 0.01
 
@@ -133,16 +147,15 @@ def test_a_larger_image_takes_the_pipelines_larger_shift(bundles):
         ]
     )
     [image] = VaeDecoder(bundle).decode([latents], output_type="float32")
-    expected = flux_pipeline(bundle)(
-        prompt=PROMPTS[0],
-        height=64,
-        width=64,
+    expected = pipeline_image(
+        flux_pipeline(bundle),
+        PROMPTS[0],
+        3,
+        64,
+        64,
         num_inference_steps=NUM_STEPS,
         guidance_scale=3.5,
-        generator=torch.Generator().manual_seed(3),
-        max_sequence_length=MAX_SEQUENCE_LENGTH,
-        output_type="np",
-    ).images[0]
+    )
     assert max_abs(image, expected) <= TOLERANCE
 
 
@@ -201,15 +214,7 @@ def test_distillation_grids_are_the_pipelines_sigmas_at_each_size(bundles, tmp_p
     objective.export(objective.model.state_dict(), tmp_path / "student")
     sampling = json.loads((tmp_path / "student" / "raygen_sampling.json").read_text())
     assert sampling == {"num_inference_steps": NUM_STEPS, "guidance_scale": 3.5}
-    image = flux_pipeline(tmp_path / "student")(
-        prompt=PROMPTS[0],
-        height=32,
-        width=32,
-        **sampling,
-        generator=torch.Generator().manual_seed(0),
-        max_sequence_length=MAX_SEQUENCE_LENGTH,
-        output_type="np",
-    ).images[0]
+    image = pipeline_image(flux_pipeline(tmp_path / "student"), PROMPTS[0], 0, 32, 32, **sampling)
     assert image.shape == (32, 32, 3) and np.isfinite(image).all()
 
 
@@ -278,13 +283,5 @@ def test_prep_then_train_then_the_exported_bundle_samples_in_the_flux_pipeline(
             trained.transformer.state_dict().values(), before.state_dict().values(), strict=True
         )
     )
-    image = trained(
-        prompt=PROMPTS[0],
-        height=32,
-        width=32,
-        num_inference_steps=2,
-        generator=torch.Generator().manual_seed(0),
-        max_sequence_length=MAX_SEQUENCE_LENGTH,
-        output_type="np",
-    ).images[0]
+    image = pipeline_image(trained, PROMPTS[0], 0, 32, 32, num_inference_steps=2)
     assert image.shape == (32, 32, 3) and np.isfinite(image).all()
