@@ -33,11 +33,12 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
+from actors.evaluation import BundleImages, ImageScores
 from actors.families import Multiples
 from actors.watermark import detect_watermark
 from cluster.storage import Storage
 from flows.cli import main
-from flows.evaluate import run_evaluate
+from flows.evaluate import prompt_rows, run_evaluate, sampling_kwargs, summarize
 from flows.models import build_tiny_bundles
 from flows.serve import APP_NAME, api_key_digests, app_builder, deployment_options
 from flows.serve.app import check_refiners, shared_text_encoders
@@ -47,6 +48,7 @@ from schemas.config import (
     ConfigError,
     DeploymentSettings,
     EvaluateConfig,
+    ModelRef,
     ServeConfig,
     load_config,
 )
@@ -923,32 +925,38 @@ def test_evaluate_through_the_server_scores_each_image_as_from_the_bundle(
     server, bundles, monkeypatch, tmp_path
 ):
     """`raygen evaluate --url`: the same (prompt, seed) rows through POST /v1/generate give
-    the bundle's own images (plus the watermark) and so the same scores."""
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red circle on the left\na blue square at the top\na lighthouse\n")
+    the bundle's own images (plus the watermark) and so the same scores. The bundle's side is
+    `raygen evaluate`'s two stages called here, in this process: their Ray Data run is
+    test_evaluate's, and a second one would only add a pipeline's start to the suite."""
+    prompts = ["a red circle on the left", "a blue square at the top", "a lighthouse"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
     monkeypatch.setenv("RAYGEN_API_KEY", API_KEY)
     values = {
-        "prompts": str(prompts), "seeds": 2, "height": 32, "width": 32,
+        "prompts": str(tmp_path / "prompts.txt"), "seeds": 2, "height": 32, "width": 32,
         "num_inference_steps": 2, "guidance_scale": 3.5,
         "max_sequence_length": MAX_SEQUENCE_LENGTH, "metrics": ["prompt_following"],
         # The server's dozen replicas hold most of the 2 CPUs.
         "generate.batch_size": 3, "generate.num_cpus": 0.2,
+        "url": server.url, "output": str(tmp_path / "served"),
     }  # fmt: skip
-    results = {}
-    for source, value in (("bundle.uri", str(bundles["t2i"])), ("url", server.url)):
-        config = load_config(
-            EvaluateConfig, values={**values, source: value, "output": str(tmp_path / source)}
-        )
-        results[source] = run_evaluate(config)
-    from_bundle, served = results["bundle.uri"], results["url"]
-    assert served["url"] == server.url and served["metrics"] == from_bundle["metrics"]
-    for ours, theirs in zip(from_bundle["images"], served["images"], strict=True):
+    config = load_config(EvaluateConfig, values=values)
+    served = run_evaluate(config)
+
+    rows = prompt_rows(prompts, config.seeds)
+    batch = {key: np.array([row[key] for row in rows]) for key in rows[0]}
+    images = BundleImages(
+        ModelRef(uri=str(bundles["t2i"])), config.storage, **sampling_kwargs(config),
+        max_sequence_length=config.max_sequence_length,
+    )(batch)  # fmt: skip
+    scores = ImageScores(clip=None, storage=config.storage)(images)
+    from_bundle = [{key: value[i] for key, value in scores.items()} for i in range(len(rows))]
+    assert served["url"] == server.url and served["metrics"] == summarize(from_bundle)
+    for ours, theirs in zip(from_bundle, served["images"], strict=True):
         assert (ours["prompt"], ours["seed"]) == (theirs["prompt"], theirs["seed"])
-        assert {k: v for k, v in ours.items() if k != "file"} == {
-            k: v for k, v in theirs.items() if k != "file"
-        }
-        plain = np.asarray(Image.open(tmp_path / "bundle.uri" / ours["file"])).astype(float)
-        marked = np.asarray(Image.open(tmp_path / "url" / theirs["file"])).astype(float)
+        assert all(theirs[c] == ours[c] for c in ImageScores.CATEGORIES if c in theirs)
+        assert all(theirs[f"seen_{c}"] == ours[f"seen_{c}"] for c in ImageScores.CATEGORIES)
+        plain = np.asarray(Image.open(io.BytesIO(ours["image"]))).astype(float)
+        marked = np.asarray(Image.open(tmp_path / "served" / theirs["file"])).astype(float)
         assert 10 * np.log10(255**2 / np.mean((marked - plain) ** 2)) > 40  # PSNR in dB
         assert detect_watermark(marked.astype(np.uint8), server.config.safety.watermark_key).present
 
