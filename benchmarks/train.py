@@ -49,9 +49,9 @@ from safetensors.numpy import save_file
 from cluster.storage import Storage
 from flows.distill import distance_to_teacher, run_distill
 from flows.models import CAPTION_WORDS, build_tiny_bundles
+from flows.objectives import RectifiedFlow
 from flows.shard_reader import embeddings_and_latents
 from flows.train import (
-    RectifiedFlow,
     _to_model_inputs,
     plan_run,
     run_train,
@@ -220,9 +220,7 @@ def steady(values: list[float]) -> float:
     return statistics.median(values[WARMUP_STEPS:])
 
 
-def run_distill_benchmark(
-    work: Path, teacher: Path, steps: int, **values: Any
-) -> dict[str, Any]:
+def run_distill_benchmark(work: Path, teacher: Path, steps: int, **values: Any) -> dict[str, Any]:
     """`raygen distill` of the tiny SD3 teacher, then the distance of student and teacher
     few-step samples to the teacher's 32-step samples (same held-out prompts and noise).
 

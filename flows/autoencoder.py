@@ -36,8 +36,9 @@ from actors.families import Family, component_config, family_of
 from actors.sources import FetchMedia, list_inputs
 from cluster.bundles import resolve_bundle
 from cluster.storage import Storage, join
+from flows.objectives import StatelessObjective
 from flows.prep import map_tasks
-from flows.train import RunResult, StatelessObjective, TrainingError, run_loop
+from flows.train import RunResult, TrainingError, run_loop
 from flows.train_log import png_bytes
 from schemas.config import AutoencoderConfig, BucketConfig, ConfigError, LoopConfig, PrepConfig
 

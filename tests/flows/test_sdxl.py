@@ -19,10 +19,11 @@ from actors.families import SDXL, family_of
 from actors.generation import Denoiser, DenoiseRequest, PromptEncoder, VaeDecoder
 from flows.distill import run_distill
 from flows.models import build_tiny_bundles
+from flows.objectives import add_lora, export_lora
 from flows.prep import run_prep
 from flows.shapes import build_shapes_corpus
 from flows.shard_reader import embeddings_and_latents
-from flows.train import add_lora, export_lora, run_train
+from flows.train import run_train
 from schemas.config import (
     AdapterConfig,
     ConfigError,

@@ -25,12 +25,10 @@ from actors.families import family_of
 from cluster.storage import Storage
 from flows.evaluate import run_evaluate
 from flows.models import build_tiny_bundles
+from flows.objectives import RectifiedFlow, add_lora, export_lora
 from flows.shard_reader import bucket_datasets, embeddings_and_latents
 from flows.train import (
-    RectifiedFlow,
     TrainingError,
-    add_lora,
-    export_lora,
     held_out_images,
     plan_run,
     run_train,
