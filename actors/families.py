@@ -1,16 +1,16 @@
 """Model families: everything raygen knows about a kind of bundle, written once.
 
-A family (SD3, Flux and SDXL text-to-image, Wan text-to-video) is one ``Family`` entry in ``FAMILIES``,
-keyed by the pipeline class a bundle's ``model_index.json`` names (``_class_name``). Its
-numbers are read from the bundle's component configs (VAE downscale, latent factors, patch
-size, text widths), so a published checkpoint and a tiny bundle of the same class are
-treated alike; its prompt encoding is the pipeline's own ``encode_prompt``. Prep's encoders,
-train's plan and objective, serve's stages and request checks and distillation all ask
-``family_of(bundle)``; no other module knows a family's facts. That includes how its
-transformer is called (``predict``: SD3's and Wan's take latents as they are, Flux packs
-2x2 latent patches into a sequence with position ids), which timesteps its pipeline samples
-(``timestep_kwargs``) and what its guidance is (``guidance``: classifier-free, or an input of
-a guidance-distilled transformer).
+A family (SD3, Flux, SDXL and its refiner for images, Wan text-to-video) is one ``Family``
+entry in ``FAMILIES``, keyed by the pipeline class a bundle's ``model_index.json`` names
+(``_class_name``). Its numbers are read from the bundle's component configs (VAE downscale,
+latent factors, patch size, text widths), so a published checkpoint and a tiny bundle of the
+same class are treated alike; its prompt encoding is the pipeline's own ``encode_prompt``.
+Prep's encoders, train's plan and objective, serve's stages and request checks and
+distillation all ask ``family_of(bundle)``; no other module knows a family's facts. That
+includes how its transformer is called (``predict``: SD3's and Wan's take latents as they
+are, Flux packs 2x2 latent patches into a sequence with position ids), which timesteps its
+pipeline samples (``timestep_kwargs``) and what its guidance is (``guidance``:
+classifier-free, or an input of a guidance-distilled transformer).
 
 Adding a family (Wan i2v) is one more entry here, and its tests.
 """
@@ -80,7 +80,7 @@ def latent_space(bundle: Bundle, storage: Storage | None = None) -> dict[str, An
     family = family_of(bundle, storage, media="image")
     vae = component_config(bundle, family.vae, storage)
     return {
-        "family": family.name,
+        "family": family.latents_of or family.name,
         "latent channels": vae["latent_channels"],
         "downscale": family.multiples(bundle, storage).latent,
         **family.latent_factors(vae),
@@ -250,6 +250,10 @@ def _never(pipe: Any) -> bool:
     return False
 
 
+def _no_aesthetic(pipe: Any) -> tuple[float, float] | None:
+    return None
+
+
 def _mmdit_text_widths(transformer: Config) -> tuple[int, int | None]:
     return transformer["joint_attention_dim"], transformer["pooled_projection_dim"]
 
@@ -288,6 +292,11 @@ class Family:
     flow_matching: bool = True
     # Whether the pipeline sends zeros, not the encoded "", as a missing negative prompt.
     _zero_negative: Callable[[Any], bool] = _never
+    # SDXL's refiner: the (positive, negative) aesthetic scores its time ids end with, where
+    # the pipeline's config asks for them; None for a family without.
+    _aesthetic: Callable[[Any], tuple[float, float] | None] = _no_aesthetic
+    # Whose latents these are, where another family's (SDXL's refiner continues SDXL's).
+    latents_of: str | None = None
 
     @property
     def pipeline(self) -> type[DiffusionPipeline]:
@@ -422,14 +431,24 @@ class Family:
         ``force_zeros_for_empty_prompt``) rather than the encoded empty text."""
         return self._zero_negative(pipe)
 
+    def aesthetic_scores(self, pipe: DiffusionPipeline) -> tuple[float, float] | None:
+        """The (positive, negative) aesthetic scores ``pipe`` ends its time ids with (SDXL's
+        refiner, ``requires_aesthetics_score``: the pipeline's defaults 6.0 and 2.5), or None."""
+        return self._aesthetic(pipe)
+
     def time_ids(
         self,
         original_size: tuple[int, int],
         crop_top_left: tuple[int, int],
         target_size: tuple[int, int],
-    ) -> list[int]:
-        """SDXL's six time ids, as ``StableDiffusionXLPipeline._get_add_time_ids`` lists them."""
+        aesthetic_score: float | None = None,
+    ) -> list[float]:
+        """SDXL's time ids, as the pipelines' ``_get_add_time_ids`` list them: six (sizes and
+        crop), or five for a refiner that reads an ``aesthetic_score`` in place of the target
+        size."""
         assert self.size_conditioning, f"{self.name} takes no size conditioning"
+        if aesthetic_score is not None:
+            return [*original_size, *crop_top_left, aesthetic_score]
         return [*original_size, *crop_top_left, *target_size]
 
 
@@ -658,17 +677,21 @@ def _sdxl_encode(pipe: Any, prompts: list[str], max_sequence_length: int) -> tup
 def _sdxl_tokenize(
     pipe: Any, prompts: list[str], max_sequence_length: int
 ) -> dict[str, np.ndarray]:
-    # As the pipeline's encode_prompt tokenizes for each CLIP encoder.
-    def clip(tokenizer: Any) -> np.ndarray:
-        return tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="np",
-        ).input_ids
+    return {
+        "clip_l": _sdxl_tokenize_one(pipe.tokenizer, prompts),
+        "clip_g": _sdxl_tokenize_one(pipe.tokenizer_2, prompts),
+    }
 
-    return {"clip_l": clip(pipe.tokenizer), "clip_g": clip(pipe.tokenizer_2)}
+
+def _sdxl_tokenize_one(tokenizer: Any, prompts: list[str]) -> np.ndarray:
+    # As the pipelines' encode_prompt tokenizes for each CLIP encoder.
+    return tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="np",
+    ).input_ids
 
 
 def _sdxl_multiples(vae: Config, unet: Config) -> Multiples:
@@ -732,6 +755,50 @@ SDXL = Family(
 )
 
 
+# ---- SDXL's refiner: CLIP-G alone, SDXL's latents, aesthetic-score conditioning ---------
+
+
+def _sdxl_refiner_tokenize(
+    pipe: Any, prompts: list[str], max_sequence_length: int
+) -> dict[str, np.ndarray]:
+    return {"clip_g": _sdxl_tokenize_one(pipe.tokenizer_2, prompts)}
+
+
+def _sdxl_refiner_text_widths(unet: Config) -> tuple[int, int | None]:
+    # The added embedding reads pooled text then five ids: sizes, crop, aesthetic score.
+    pooled = unet["projection_class_embeddings_input_dim"] - 5 * unet["addition_time_embed_dim"]
+    return unet["cross_attention_dim"], pooled
+
+
+def _sdxl_refiner_aesthetic(pipe: Any) -> tuple[float, float] | None:
+    # StableDiffusionXLImg2ImgPipeline.__call__'s defaults.
+    return (6.0, 2.5) if pipe.config.get("requires_aesthetics_score", False) else None
+
+
+SDXL_REFINER = Family(
+    name="sdxl-refiner",
+    class_name="StableDiffusionXLImg2ImgPipeline",
+    media="image",
+    text_encoders=("text_encoder_2",),
+    tokenizers=("tokenizer_2",),
+    denoisers=("unet",),
+    vae="vae",
+    latents=ScaleShift(),
+    _text_widths=_sdxl_refiner_text_widths,
+    # The img2img pipeline's encode_prompt: CLIP-G alone where text_encoder is None.
+    _encode=_sdxl_encode,
+    _tokenize=_sdxl_refiner_tokenize,
+    _multiples=_sdxl_multiples,
+    _forward=_sdxl_forward,
+    _patch=_unpatched,
+    size_conditioning=True,
+    flow_matching=False,
+    _zero_negative=_sdxl_zero_negative,
+    _aesthetic=_sdxl_refiner_aesthetic,
+    latents_of="sdxl",
+)
+
+
 # ---- Wan text-to-video: UMT5, AutoencoderKLWan, spacetime-patch DiT --------------------
 
 
@@ -786,4 +853,6 @@ WAN_T2V = Family(
 )
 
 # Keyed by the pipeline class model_index.json names.
-FAMILIES: dict[str, Family] = {family.class_name: family for family in (SD3, FLUX, SDXL, WAN_T2V)}
+FAMILIES: dict[str, Family] = {
+    family.class_name: family for family in (SD3, FLUX, SDXL, SDXL_REFINER, WAN_T2V)
+}

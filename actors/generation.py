@@ -237,6 +237,7 @@ class Denoiser:
         # The family's denoiser: a transformer (SD3, Flux) or SDXL's UNet.
         self.transformer = getattr(pipe, family.denoisers[0]).to(self.device).eval()
         self.guidance = family.guidance(self.transformer.config)
+        self.aesthetic_scores = family.aesthetic_scores(pipe)  # SDXL's refiner: (6.0, 2.5)
         # A template only: each call steps fresh copies of it.
         self.scheduler = pipe.scheduler
         self.multiples = family.multiples(bundle_dir)
@@ -437,13 +438,17 @@ class Denoiser:
         ]
         time_ids = None
         if self.family.size_conditioning:
-            # The pipeline's default: made at (height, width), uncropped, in both branches.
+            # The pipeline's default: made at (height, width), uncropped, in both branches; a
+            # refiner's end with the positive or the negative aesthetic score.
+            scores = self.aesthetic_scores or (None, None)
             ids = [
-                self.family.time_ids((r.height, r.width), (0, 0), (r.height, r.width))
-                for r in (requests[i] for i in rows)
+                self.family.time_ids(
+                    (r.height, r.width), (0, 0), (r.height, r.width), scores[row < len(guided)]
+                )
+                for row, r in enumerate(requests[i] for i in rows)
             ]
             dtype = embeddings[rows[0]].prompt_embeds.dtype
-            time_ids = torch.tensor(ids, dtype=dtype, device=self.device)  # (G + A, 6)
+            time_ids = torch.tensor(ids, dtype=dtype, device=self.device)  # (G + A, 6 or 5)
         noise_pred = self.family.predict(
             self.transformer,
             torch.stack([latents[i] for i in rows]),  # (G + A, C, h, w)

@@ -36,6 +36,7 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionUpscalePipeline,
+    StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
     UniPCMultistepScheduler,
@@ -77,6 +78,7 @@ TINY_BUNDLES: tuple[str, ...] = (
     "flux",
     "flux-schnell",
     "sdxl",
+    "sdxl-refiner",
     "refiner",
     "upscaler",
     "t2v",
@@ -223,13 +225,59 @@ def _build_sdxl(out: Path, seed: int) -> None:
         text_encoder = CLIPTextModel(
             _clip_text_config(tokenizer, hidden_size=32, hidden_act="quick_gelu")
         )
+    text_encoder_2 = _sdxl_clip_g(tokenizer, seed)
+    # Both CLIPs' penultimate states side by side, as SDXL's 768 + 1280 = 2048.
+    width = text_encoder.config.hidden_size + text_encoder_2.config.hidden_size
+    StableDiffusionXLPipeline(
+        vae=_sdxl_vae(seed),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=_sdxl_unet(seed, width, text_encoder_2.config.projection_dim, time_ids=6),
+        scheduler=_sdxl_scheduler(),
+    ).save_pretrained(out, safe_serialization=True)
+
+
+def _build_sdxl_refiner(out: Path, seed: int) -> None:
+    """SDXL's refiner at the toy width of `sdxl`: CLIP-G alone (the base's, file for file, as
+    the published refiner's is), the base's VAE (one latent space for the handoff), a UNet of
+    its own weights reading five time ids (sizes, crop and an aesthetic score)."""
+    tokenizer = _clip_tokenizer()
+    text_encoder_2 = _sdxl_clip_g(tokenizer, seed)
+    unet = _sdxl_unet(
+        seed + 1,
+        text_encoder_2.config.hidden_size,
+        text_encoder_2.config.projection_dim,
+        time_ids=5,
+    )
+    StableDiffusionXLImg2ImgPipeline(
+        vae=_sdxl_vae(seed),
+        text_encoder=None,
+        text_encoder_2=text_encoder_2,
+        tokenizer=None,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=_sdxl_scheduler(),
+        # stabilityai/stable-diffusion-xl-refiner-1.0's pipeline config.
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+    ).save_pretrained(out, safe_serialization=True)
+
+
+def _sdxl_clip_g(tokenizer: CLIPTokenizer, seed: int) -> CLIPTextModelWithProjection:
     with _seeded(seed):
-        text_encoder_2 = CLIPTextModelWithProjection(
+        return CLIPTextModelWithProjection(
             _clip_text_config(tokenizer, hidden_size=48, hidden_act="gelu")
         )
+
+
+def _sdxl_unet(
+    seed: int, cross_attention_dim: int, pooled_dim: int, time_ids: int
+) -> UNet2DConditionModel:
     time_dim = 8  # SDXL's addition_time_embed_dim is 256
     with _seeded(seed):
-        unet = UNet2DConditionModel(
+        return UNet2DConditionModel(
             sample_size=4,
             in_channels=4,
             out_channels=4,
@@ -241,18 +289,23 @@ def _build_sdxl(out: Path, seed: int) -> None:
             attention_head_dim=(2, 4),
             transformer_layers_per_block=(1, 2),
             use_linear_projection=True,
-            # Both CLIPs' penultimate states side by side, as SDXL's 768 + 1280 = 2048.
-            cross_attention_dim=text_encoder.config.hidden_size + text_encoder_2.config.hidden_size,
+            cross_attention_dim=cross_attention_dim,
+            # The added conditioning: pooled CLIP-G then the sinusoidal time ids.
             addition_embed_type="text_time",
             addition_time_embed_dim=time_dim,
-            projection_class_embeddings_input_dim=text_encoder_2.config.projection_dim
-            + 6 * time_dim,
+            projection_class_embeddings_input_dim=pooled_dim + time_ids * time_dim,
         )
+
+
+def _sdxl_vae(seed: int) -> AutoencoderKL:
     with _seeded(seed):
         # SDXL's VAE: 4 latent channels, quant convs, its scaling factor, no shift.
-        vae = _vae_8x(latent_channels=4, scaling_factor=0.13025)
-    # stabilityai/stable-diffusion-xl-base-1.0's scheduler config.
-    scheduler = EulerDiscreteScheduler(
+        return _vae_8x(latent_channels=4, scaling_factor=0.13025)
+
+
+def _sdxl_scheduler() -> EulerDiscreteScheduler:
+    # stabilityai/stable-diffusion-xl-base-1.0's scheduler config (the refiner's is the same).
+    return EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -260,15 +313,6 @@ def _build_sdxl(out: Path, seed: int) -> None:
         timestep_spacing="leading",
         prediction_type="epsilon",
     )
-    StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-    ).save_pretrained(out, safe_serialization=True)
 
 
 def _build_upscaler(out: Path, seed: int) -> None:
@@ -506,6 +550,7 @@ _BUILDERS: dict[str, Callable[[Path, int], None]] = {
     "flux": _build_flux,
     "flux-schnell": _build_flux_schnell,
     "sdxl": _build_sdxl,
+    "sdxl-refiner": _build_sdxl_refiner,
     "refiner": _build_refiner,
     "upscaler": _build_upscaler,
     "t2v": _build_t2v,

@@ -14,10 +14,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 from ray import serve
 
-from actors.families import family_of
 from cluster.ray_runtime import init_ray
 from cluster.storage import Storage, is_s3, local_path
-from flows.serve.checks import check_refiner
+from flows.serve.checks import check_refiner, same_text_encoders
 from flows.serve.graph import ImageGraph
 from flows.serve.ingress import Ingress
 from flows.serve.safety import SafetyStage
@@ -167,6 +166,7 @@ def build_app(config: ServeConfig) -> serve.Application:
                 stages.refiner,
                 None,
                 (model.bundle, refiner_field(config, model)),  # checked at its start
+                config.text_cache_size,  # for a refiner with text encoders of its own
             )
         vae_decode = bind(
             VaeDecodeStage, name("vae_decode"), stages.vae_decode, model.bundle, storage
@@ -203,44 +203,20 @@ def refiner_field(config: ServeConfig, model: ServedModel) -> str:
 def shared_text_encoders(config: ServeConfig) -> list[str | None]:
     """Per served model (``served_models``' order), the earlier model whose text encoder stage
     it uses, or None for one of its own: the same family, and byte-identical text encoders and
-    tokenizers (files compared by size, then by S3 ETag or a local file's SHA-256)."""
+    tokenizers (``same_text_encoders``)."""
     if len(config.served_models) == 1:
         return [None]  # nothing to share: the bundle is not read here
     storage = Storage(config.storage)
-    listings: list[tuple[str, tuple[tuple[str, int], ...]] | None] = []
     shares: list[str | None] = []
     for index, model in enumerate(config.served_models):
-        family = family_of(model.bundle.uri, storage, media="image")
-        uri = model.bundle.uri
-        listing = [
-            info
-            for component in (*family.text_encoders, *family.tokenizers)
-            for info in storage.list_info(Storage.join(uri, component))
-        ]
-        sized = (family.name, tuple((info.uri[len(uri) :], info.size) for info in listing))
-        listings.append(sized)
-        shares.append(None)
-        for earlier in range(index):
-            if shares[earlier] is None and listings[earlier] == sized:
-                other = config.served_models[earlier]
-                if _contents(other, family, storage) == _contents(model, family, storage):
-                    shares[index] = other.name
-                    break
+        owners = [config.served_models[i] for i in range(index) if shares[i] is None]
+        shares.append(
+            next(
+                (o.name for o in owners if same_text_encoders(o.bundle, model.bundle, storage)),
+                None,
+            )
+        )
     return shares
-
-
-def _contents(model: ServedModel, family: Any, storage: Storage) -> list[str]:
-    """A content hash per text-encoder and tokenizer file of the model's bundle."""
-    uri = model.bundle.uri
-    hashes = []
-    for component in (*family.text_encoders, *family.tokenizers):
-        for info in storage.list_info(Storage.join(uri, component)):
-            if info.etag is not None:
-                hashes.append(info.etag)
-            else:
-                with open(local_path(info.uri), "rb") as file:
-                    hashes.append(hashlib.file_digest(file, "sha256").hexdigest())
-    return hashes
 
 
 class AppArgs(BaseModel):

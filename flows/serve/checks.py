@@ -1,7 +1,10 @@
 """What a request may ask of this server, checked in one place before any model runs."""
 
-from actors.families import Multiples, latent_space
-from cluster.storage import Storage
+import hashlib
+from typing import Any
+
+from actors.families import Multiples, family_of, latent_space
+from cluster.storage import Storage, local_path
 from schemas.api import GenerateRequest, VideoRequest
 from schemas.config import ConfigError, ModelRef, ServeConfig, ServedModel
 
@@ -85,6 +88,41 @@ def served_model(request: GenerateRequest, config: ServeConfig) -> ServedModel:
         names = ", ".join(repr(served.name) for served in config.served_models)
         raise InvalidInput("model", request.model, f"unknown model; this server serves {names}")
     return model
+
+
+def same_text_encoders(a: ModelRef, b: ModelRef, storage: Storage) -> bool:
+    """Whether two bundles encode prompts alike: the same family, and byte-identical text
+    encoder and tokenizer files (compared by size, then by S3 ETag or a local SHA-256)."""
+    families = [family_of(ref.uri, storage, media="image") for ref in (a, b)]
+    if families[0] is not families[1]:
+        return False
+    family = families[0]
+    listings = [_listing(ref, family, storage) for ref in (a, b)]
+    sizes = [[(path, info.size) for path, info in listing] for listing in listings]
+    # By size first: files of other sizes are not read.
+    return sizes[0] == sizes[1] and _contents(listings[0]) == _contents(listings[1])
+
+
+def _listing(ref: ModelRef, family: Any, storage: Storage) -> list[tuple[str, Any]]:
+    """(path inside the bundle, object info) of each text-encoder and tokenizer file."""
+    uri = ref.uri
+    return [
+        (info.uri[len(uri) :], info)
+        for component in (*family.text_encoders, *family.tokenizers)
+        for info in storage.list_info(Storage.join(uri, component))
+    ]
+
+
+def _contents(listing: list[tuple[str, Any]]) -> list[str]:
+    """A content hash per listed file: its S3 ETag, or a local file's SHA-256."""
+    hashes = []
+    for _, info in listing:
+        if info.etag is not None:
+            hashes.append(info.etag)
+        else:
+            with open(local_path(info.uri), "rb") as file:
+                hashes.append(hashlib.file_digest(file, "sha256").hexdigest())
+    return hashes
 
 
 def check_refiner(base: ModelRef, refiner: ModelRef, storage: Storage, field: str) -> None:

@@ -80,7 +80,8 @@ class _Calls:
             return response
         self.emit("stage", stage=name, status="started")
         staged = await self._awaited(name, response)
-        self.emit("stage", stage=name, status="finished", seconds=staged.seconds[name])
+        # The replica's own name for it: another model's stages are `<stage>_<model>`.
+        self.emit("stage", stage=name, status="finished", seconds=staged.seconds[staged.stage])
         return staged
 
     async def denoise(
@@ -119,7 +120,7 @@ class _Calls:
         staged = await self._awaited(
             name, asyncio.gather(*(follow(i, s) for i, s in enumerate(streams)))
         )
-        seconds = max(sample.seconds[name] for sample in staged)
+        seconds = max(sample.seconds[sample.stage] for sample in staged)
         self.emit("stage", stage=name, status="finished", seconds=seconds)
         return staged
 
@@ -181,6 +182,7 @@ class ImageGraph:
         self.super_resolution = super_resolution
         self.safety = safety
         self._multiples: Multiples | None = None
+        self._refiner_encodes: bool | None = None
 
     async def __call__(
         self, body: GenerateRequest, seeds: list[int], output_type: str = "uint8"
@@ -226,12 +228,14 @@ class ImageGraph:
     ) -> Staged:
         if output_type != "uint8" and body.upscale:
             raise ValueError("float32 output is the VAE's: upscale must be 0")
-        embeddings = await calls.stage(
-            "text_encoder",
-            self.text_encoder.encode.remote(
-                EncodeItem(body.prompt, body.negative_prompt, self.max_sequence_length)
-            ),
-        )
+        texts = EncodeItem(body.prompt, body.negative_prompt, self.max_sequence_length)
+        embeddings = await calls.stage("text_encoder", self.text_encoder.encode.remote(texts))
+        refiner_embeddings = embeddings
+        if body.refiner and await self._refiner_encodes_prompts():
+            # Its own embeddings (SDXL's refiner: CLIP-G's alone), encoded while the base runs.
+            refiner_embeddings = await calls.stage(
+                "refiner_text_encoder", self.refiner.encode.remote(texts)
+            )
         handoff = body.denoising_end if body.refiner else None
         # The adapters adapt the base: a refiner is another model, which they were not made for.
         adapters = tuple(sorted((lora.name, lora.scale) for lora in body.loras))
@@ -258,7 +262,9 @@ class ImageGraph:
                 replace(spec, denoising_start=handoff, denoising_end=None, adapters=())
                 for spec in specs
             ]
-            latents = await calls.denoise("refiner", self.refiner, specs, embeddings, latents)
+            latents = await calls.denoise(
+                "refiner", self.refiner, specs, refiner_embeddings, latents
+            )
         images = await calls.stage(
             "vae_decode", self.vae_decode.decode.remote(output_type, *latents)
         )
@@ -276,6 +282,12 @@ class ImageGraph:
         if self._multiples is None:
             self._multiples = await _named("base", self.base.multiples.remote())
         return self._multiples
+
+    async def _refiner_encodes_prompts(self) -> bool:
+        """Whether the refiner encodes the texts itself (asked once, then kept)."""
+        if self._refiner_encodes is None:
+            self._refiner_encodes = await _named("refiner", self.refiner.encodes_prompts.remote())
+        return self._refiner_encodes
 
     async def stats(self) -> dict[str, Any]:
         """Per stage (the replica that answered): requests served, encoder cache hits and

@@ -27,6 +27,7 @@ class Staged:
 
     value: Any
     seconds: dict[str, float]
+    stage: str  # the stage that made it, as ``seconds`` names it
 
     @classmethod
     def after(cls, value: Any, inputs: tuple[Staged, ...], stage: str, start: float) -> Staged:
@@ -35,7 +36,7 @@ class Staged:
             for name, spent in item.seconds.items():
                 seconds[name] = max(spent, seconds.get(name, 0.0))
         seconds[stage] = time.perf_counter() - start
-        return cls(value, seconds)
+        return cls(value, seconds, stage)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from ray import serve
 from actors.families import Multiples
 from actors.generation import Denoiser, DenoiseRequest, PromptEncoder, Upscaler, VaeDecoder
 from cluster.storage import Storage
-from flows.serve.checks import check_refiner
+from flows.serve.checks import check_refiner, same_text_encoders
 from flows.serve.loras import AdapterRegistry, adapter_set_key, adapter_set_names
 from flows.serve.messages import DenoiseSpec, EncodeItem, Staged
 from flows.serve.replica import deployment_name, local_bundle, torch_dtype
@@ -139,15 +139,22 @@ class DenoiserStage:
         settings: DeploymentSettings,
         loras: LoraServingConfig | None = None,
         base: tuple[ModelRef, str] | None = None,
+        text_cache_size: int = 1024,
     ) -> None:
         self.name = deployment_name()
+        bundle_dir = local_bundle(model, storage)
+        self.encoder: PromptEncoder | None = None
         if base is not None:
             # A refiner: refused before loading unless it continues its base's latent space
             # (the config field names it). `raygen serve` checked it before starting too.
             check_refiner(base[0], model, Storage(storage), base[1])
-        self.denoiser = Denoiser(
-            local_bundle(model, storage), device=model.device, dtype=torch_dtype(model)
-        )
+            if not same_text_encoders(base[0], model, Storage(storage)):
+                # It reads other embeddings than its base's (SDXL's refiner: CLIP-G's alone):
+                # it holds its own text encoders beside its denoiser, as its pipeline does.
+                self.encoder = PromptEncoder(
+                    bundle_dir, model.device, torch_dtype(model), text_cache_size
+                )
+        self.denoiser = Denoiser(bundle_dir, device=model.device, dtype=torch_dtype(model))
         self.registry = None if loras is None else AdapterRegistry(loras, Storage(storage))
         self._held = None
         if loras is not None:
@@ -160,6 +167,7 @@ class DenoiserStage:
         self._denoise_batch.set_max_batch_size(settings.max_batch_size)
         self._denoise_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         self.num_requests = 0
+        self.num_encoded = 0  # texts encoded by a refiner's own text encoders
         self.batch_sizes: Counter[int] = Counter()  # requests per call -> calls
         self.num_steps = 0  # steps run, one per step of a call whatever its batch size
         self.num_stopped = 0  # calls stopped early: every request in them was cancelled
@@ -167,6 +175,23 @@ class DenoiserStage:
     async def multiples(self) -> Multiples:
         """What the bundle fixes about image sizes (its family's multiples)."""
         return self.denoiser.multiples
+
+    async def encodes_prompts(self) -> bool:
+        """Whether this stage encodes its requests' texts (``encode``) instead of reading the
+        base's embeddings: a refiner with text encoders of its own."""
+        return self.encoder is not None
+
+    async def encode(self, item: EncodeItem) -> Staged:
+        """The item's ``PromptEmbeddings`` from this refiner's own text encoders."""
+        assert self.encoder is not None, f"{self.name} reads its base's embeddings"
+        start = time.perf_counter()
+        self.num_encoded += 1
+        [embeddings] = await asyncio.to_thread(
+            self.encoder.encode, [item.prompt], [item.negative_prompt], item.max_sequence_length
+        )
+        # Its seconds as a stage of their own: refiner_text_encoder[_<model>].
+        name = self.name.replace("refiner", "refiner_text_encoder", 1)
+        return Staged.after(embeddings, (), name, start)
 
     async def _hold(self, key: str) -> _HeldAdapters:
         assert self.registry is not None
@@ -274,6 +299,7 @@ class DenoiserStage:
             "replica": serve.get_replica_context().replica_id.unique_id,
             "adapters": self.denoiser.adapters,
             "adapter_loads": self.denoiser.adapter_loads,
+            **({"encoded": self.num_encoded} if self.encoder is not None else {}),
         }
 
 

@@ -3,7 +3,9 @@ size conditioning, Euler) that loads in plain diffusers; the staged text encoder
 denoiser -> VAE decode giving the pipeline's images (zeros for a missing negative prompt,
 Euler's input scaling and initial sigma, the six time ids); prep with SDXL's encoders, and
 train with its noise-prediction objective (min-SNR, the time ids from prep's sizes and crops)
-to a bundle, or a LoRA, that the pipeline loads."""
+to a bundle, or a LoRA, that the pipeline loads. SDXL's refiner (StableDiffusionXLImg2ImgPipeline:
+CLIP-G alone, aesthetic-score time ids) continues the base's latents as diffusers' two-pipeline
+recipe does."""
 
 from __future__ import annotations
 
@@ -13,9 +15,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import (
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 
-from actors.families import SDXL, family_of
+from actors.families import SDXL, SDXL_REFINER, family_of, latent_space
 from actors.generation import Denoiser, DenoiseRequest, PromptEncoder, VaeDecoder
 from flows.distill import run_distill
 from flows.models import build_tiny_bundles
@@ -46,8 +52,13 @@ CASES = (
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_bundles(tmp_path_factory.mktemp("bundles"), names=["sdxl"])["sdxl"]
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_tiny_bundles(tmp_path_factory.mktemp("bundles"), names=["sdxl", "sdxl-refiner"])
+
+
+@pytest.fixture(scope="module")
+def bundle(bundles: dict[str, Path]) -> Path:
+    return bundles["sdxl"]
 
 
 def sdxl_pipeline(bundle_dir: Path) -> StableDiffusionXLPipeline:
@@ -112,6 +123,75 @@ def test_staged_generation_equals_the_sdxl_pipeline(bundle):
         ).images[0]
         assert max_abs(image, expected) <= TOLERANCE
     assert max_abs(images[0], images[1]) > 0.01
+
+
+def test_the_tiny_refiner_is_sdxls_refiner_in_its_latent_space(bundles):
+    refiner = bundles["sdxl-refiner"]
+    assert family_of(refiner) is SDXL_REFINER
+    assert latent_space(refiner) == latent_space(bundles["sdxl"])
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(refiner)
+    assert pipe.text_encoder is None and pipe.tokenizer is None
+    unet = pipe.unet.config
+    # CLIP-G's penultimate states alone; pooled CLIP-G then five ids as the added input.
+    assert SDXL_REFINER.text_widths(unet) == (48, pipe.text_encoder_2.config.projection_dim)
+    assert not SDXL_REFINER.zero_negative(pipe)
+    positive, negative = SDXL_REFINER.aesthetic_scores(pipe)
+    ids, negative_ids = pipe._get_add_time_ids(
+        (32, 48), (0, 0), (32, 48), positive, negative, (32, 48), (0, 0), (32, 48),
+        torch.float32, pipe.text_encoder_2.config.projection_dim,
+    )  # fmt: skip
+    assert ids.tolist() == [SDXL_REFINER.time_ids((32, 48), (0, 0), (32, 48), positive)]
+    assert negative_ids.tolist() == [SDXL_REFINER.time_ids((32, 48), (0, 0), (32, 48), negative)]
+    assert set(SDXL_REFINER.tokenize(pipe, ["a cat"], 0)) == {"clip_g"}
+
+
+def test_staged_base_then_refiner_equals_the_two_pipeline_recipe(bundles):
+    """diffusers' documented ensemble of expert denoisers: the base runs the first 80% of the
+    schedule (``denoising_end``) and hands its latents to the refiner, which runs the rest
+    (``denoising_start``) with its own text encoder and aesthetic-score time ids."""
+    base_dir, refiner_dir = bundles["sdxl"], bundles["sdxl-refiner"]
+    cases = CASES[:2]
+    steps, handoff = 10, 0.8
+    base_embeddings = PromptEncoder(base_dir).encode([c[0] for c in cases], [c[1] for c in cases])
+    refiner_embeddings = PromptEncoder(refiner_dir).encode(
+        [c[0] for c in cases], [c[1] for c in cases]
+    )
+    # The refiner encodes a missing negative prompt as "" (force_zeros_for_empty_prompt off).
+    assert refiner_embeddings[0].negative_prompt_embeds.abs().sum() > 0
+
+    def requests(embeddings, latents=(None, None), **span):
+        return [
+            DenoiseRequest(
+                e, seed=seed, guidance_scale=g, height=HEIGHT, width=WIDTH,
+                num_inference_steps=steps, latents=sample, **span,
+            )
+            for e, sample, (_, _, seed, g) in zip(embeddings, latents, cases, strict=True)
+        ]  # fmt: skip
+
+    handed = Denoiser(base_dir).denoise(requests(base_embeddings, denoising_end=handoff))
+    refined = Denoiser(refiner_dir).denoise(
+        requests(refiner_embeddings, handed, denoising_start=handoff)
+    )
+    images = VaeDecoder(base_dir).decode(refined, output_type="float32")
+
+    base = sdxl_pipeline(base_dir)
+    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(refiner_dir)
+    refiner.set_progress_bar_config(disable=True)
+    for (prompt, negative, seed, guidance), sample, image in zip(
+        cases, handed, images, strict=True
+    ):
+        settings = {"prompt": prompt, "negative_prompt": negative, "guidance_scale": guidance}
+        latents = base(
+            **settings, height=HEIGHT, width=WIDTH, num_inference_steps=steps,
+            denoising_end=handoff, output_type="latent",
+            generator=torch.Generator().manual_seed(seed),
+        ).images  # fmt: skip
+        assert max_abs(sample, latents[0]) <= TOLERANCE  # latents of magnitude ~10
+        expected = refiner(
+            **settings, image=latents, num_inference_steps=steps, denoising_start=handoff,
+            output_type="np", generator=torch.Generator().manual_seed(seed),
+        ).images[0]  # fmt: skip
+        assert max_abs(image, expected) <= TOLERANCE
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """One Serve app for the image and the video tests: the image graph (base, refiner, a
-super-resolution stage, the safety checker), a second model's graph (Flux) and the video jobs, on a real local Ray Serve with
-tiny bundles, outputs on the S3 test server. Started once for the package: each app start is
-a dozen replica processes that import torch and diffusers and load their bundles, most of a
+super-resolution stage, the safety checker), two more models' graphs (Flux; SDXL with its
+refiner) and the video jobs, on a real local Ray Serve with tiny bundles, outputs on the S3
+test server. Started once for the package: each app start is two dozen replica processes that import torch and diffusers and load their bundles, most of a
 minute on a 2-core machine.
 """
 
@@ -86,7 +86,7 @@ def adapters(
 def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return build_tiny_bundles(
         tmp_path_factory.mktemp("bundles"),
-        names=["t2i", "refiner", "upscaler", "nsfw", "t2v", "flux"],
+        names=["t2i", "refiner", "upscaler", "nsfw", "t2v", "flux", "sdxl", "sdxl-refiner"],
     )
 
 
@@ -104,8 +104,9 @@ def serve_config(
     api_keys_env: str | None,
     loras_registry: str | None = None,
 ) -> ServeConfig:
-    # Every stage at a tenth of a CPU: a dozen replicas fit the 2-CPU local Ray.
-    stage = {"num_cpus": 0.1}
+    # Every stage at a twentieth of a CPU: two dozen replicas fit the 2-CPU local Ray, with
+    # room left for the jobs some tests run beside them.
+    stage = {"num_cpus": 0.05}
     return ServeConfig.model_validate(
         {
             "bundle": {"uri": str(bundles["t2i"])},
@@ -167,7 +168,8 @@ def serve_config(
                     "vae_decode": stage,
                 },
             },
-            # A second family beside the main model: its own graph, picked by `model`.
+            # Other families beside the main model: a graph each, picked by `model`. SDXL's
+            # refiner reads CLIP-G alone: it holds that text encoder itself.
             "models": [
                 {
                     "name": "flux",
@@ -175,7 +177,16 @@ def serve_config(
                     "deployments": {
                         name: stage for name in ("graph", "text_encoder", "base", "vae_decode")
                     },
-                }
+                },
+                {
+                    "name": "sdxl",
+                    "bundle": {"uri": str(bundles["sdxl"])},
+                    "refiner": {"uri": str(bundles["sdxl-refiner"])},
+                    "deployments": {
+                        name: stage
+                        for name in ("graph", "text_encoder", "base", "refiner", "vae_decode")
+                    },
+                },
             ],
             "loras": None
             if loras_registry is None

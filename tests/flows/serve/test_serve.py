@@ -28,7 +28,12 @@ import numpy as np
 import pytest
 import ray
 import torch
-from diffusers import FluxPipeline, StableDiffusion3Pipeline
+from diffusers import (
+    FluxPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+)
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
@@ -42,7 +47,7 @@ from flows.evaluate import prompt_rows, run_evaluate, sampling_kwargs, summarize
 from flows.models import build_tiny_bundles
 from flows.serve import APP_NAME, api_key_digests, app_builder, deployment_options
 from flows.serve.app import check_refiners, shared_text_encoders
-from flows.serve.checks import InvalidInput, check_inputs
+from flows.serve.checks import InvalidInput, check_inputs, same_text_encoders
 from schemas.api import GenerateRequest, VideoRequest
 from schemas.config import (
     ConfigError,
@@ -276,6 +281,7 @@ def test_a_second_model_is_picked_by_model_and_equals_the_flux_pipeline(server, 
     assert [(m["id"], m["object"]) for m in listed["data"]] == [
         ("raygen", "model"),
         ("flux", "model"),
+        ("sdxl", "model"),
     ]
 
     # The flux graph, at the handle level: FluxPipeline's image (guidance embedded, no
@@ -320,13 +326,60 @@ def test_a_second_model_is_picked_by_model_and_equals_the_flux_pipeline(server, 
     for fields, field, message in (
         ({"model": "flux", "refiner": True}, "refiner", "'flux' has no refiner"),
         ({"model": "flux", "loras": [{"name": "style-a"}]}, "loras", "main model 'raygen'"),
-        ({"model": "sdxl"}, "model", "'raygen', 'flux'"),
+        ({"model": "sd15"}, "model", "'raygen', 'flux', 'sdxl'"),
     ):
         body = {"prompt": "a cat", "height": HEIGHT, "width": WIDTH, **fields}
         status, _, payload = call(server, "/v1/generate", body)
         assert status == 422, payload
         [detail] = payload["detail"]
         assert detail["loc"][-1] == field and message in detail["msg"], detail
+
+
+@pytest.mark.slow
+def test_sdxl_base_then_its_refiner_equal_the_two_pipeline_recipe(server, bundles):
+    """SDXL's ensemble of expert denoisers at the handle level: the base runs the schedule up
+    to ``denoising_end`` and its refiner the rest, with its own text encoder stage (CLIP-G
+    alone) and aesthetic-score time ids, as diffusers' two pipelines do."""
+    handoff = 0.8
+    request = GenerateRequest(
+        prompt=PROMPT, negative_prompt="blurry", guidance_scale=5.0, height=HEIGHT,
+        width=WIDTH, num_inference_steps=NUM_STEPS, seed=3, model="sdxl", refiner=True,
+        denoising_end=handoff,
+    )  # fmt: skip
+    before = stats(server)["models"]["sdxl"]
+    graph = serve.get_deployment_handle("graph_sdxl", APP_NAME)
+    [image] = graph.remote(request, [3], "float32").result().value
+    after = stats(server)["models"]["sdxl"]
+    for stage in ("text_encoder", "base", "refiner"):
+        assert after[stage]["requests"] > before[stage]["requests"], stage
+    assert after["refiner"]["encoded"] == before["refiner"]["encoded"] + 1
+
+    base = StableDiffusionXLPipeline.from_pretrained(bundles["sdxl"])
+    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(bundles["sdxl-refiner"])
+    settings = {"prompt": PROMPT, "negative_prompt": "blurry", "guidance_scale": 5.0}
+    for pipe in (base, refiner):
+        pipe.set_progress_bar_config(disable=True)
+    latents = base(
+        **settings, height=HEIGHT, width=WIDTH, num_inference_steps=NUM_STEPS,
+        denoising_end=handoff, output_type="latent", generator=torch.Generator().manual_seed(3),
+    ).images  # fmt: skip
+    reference = refiner(
+        **settings, image=latents, num_inference_steps=NUM_STEPS, denoising_start=handoff,
+        output_type="np", generator=torch.Generator().manual_seed(3),
+    ).images[0]  # fmt: skip
+    diff = max_abs(image, reference)
+    print(f"SDXL base+refiner over Serve: max abs float32 pixel diff {diff:.3g}")
+    assert diff <= TOLERANCE
+
+    # Streamed over HTTP: the refiner's own encoding is a stage of the stream.
+    fields = {"prompt": PROMPT, "seed": 3, "model": "sdxl", "refiner": True}
+    status, events = stream(server, **fields)
+    assert status == 200, events
+    finished = [data["stage"] for event, data in events if data.get("status") == "finished"]
+    assert finished == [
+        "text_encoder", "refiner_text_encoder", "base", "refiner", "vae_decode", "safety"
+    ]  # fmt: skip
+    assert events[-1][1]["images"] == generate(server, **fields)["images"]
 
 
 @pytest.mark.slow
@@ -842,7 +895,8 @@ def test_app_builder_takes_a_config_file_and_overrides(tmp_path):
 
 
 def test_models_with_byte_identical_text_encoders_share_one_stage(tmp_path):
-    bundles = build_tiny_bundles(tmp_path / "bundles", names=["t2i", "refiner", "flux"])
+    names = ["t2i", "refiner", "flux", "sdxl", "sdxl-refiner"]
+    bundles = build_tiny_bundles(tmp_path / "bundles", names=names)
     # A copy of t2i whose T5 tokenizer differs in one byte, at the same size.
     altered = tmp_path / "altered"
     shutil.copytree(bundles["t2i"], altered)
@@ -862,6 +916,15 @@ def test_models_with_byte_identical_text_encoders_share_one_stage(tmp_path):
         }
     )
     assert shared_text_encoders(config) == [None, None, "raygen", None]
+    # A refiner reads its base's embeddings where its text encoders are its base's (SD3's
+    # tiny refiner); SDXL's refiner encodes with CLIP-G alone, so it holds CLIP-G itself.
+    storage = Storage()
+    assert same_text_encoders(
+        ModelRef(uri=str(bundles["t2i"])), ModelRef(uri=str(bundles["refiner"])), storage
+    )
+    assert not same_text_encoders(
+        ModelRef(uri=str(bundles["sdxl"])), ModelRef(uri=str(bundles["sdxl-refiner"])), storage
+    )
     with pytest.raises(ValueError, match="given twice"):
         ServeConfig.model_validate({"models": [{"name": "raygen", "bundle": {"uri": "x"}}]})
 
