@@ -39,6 +39,7 @@ def test_each_family_is_found_by_its_pipeline_class(bundles):
         "StableDiffusion3Pipeline",
         "FluxPipeline",
         "StableDiffusionXLPipeline",
+        "StableDiffusionXLImg2ImgPipeline",
         "WanPipeline",
     }
     assert family_of(bundles["t2i"]) is SD3 and SD3.pipeline is StableDiffusion3Pipeline
@@ -123,7 +124,10 @@ def test_an_unknown_pipeline_class_names_the_supported_ones(bundles, tmp_path):
         family_of(bundle)
     assert isinstance(err.value, RaygenError)
     assert str(bundle) in str(err.value)
-    supported = "StableDiffusion3Pipeline, FluxPipeline, StableDiffusionXLPipeline, WanPipeline"
+    supported = (
+        "StableDiffusion3Pipeline, FluxPipeline, StableDiffusionXLPipeline, "
+        "StableDiffusionXLImg2ImgPipeline, WanPipeline"
+    )
     assert supported in str(err.value)
 
 

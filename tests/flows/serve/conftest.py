@@ -1,8 +1,8 @@
 """One Serve app for the image and the video tests: the image graph (base, refiner, a
-super-resolution stage, the safety checker), two more models' graphs (Flux; SDXL with its
-refiner) and the video jobs, on a real local Ray Serve with tiny bundles, outputs on the S3
-test server. Started once for the package: each app start is two dozen replica processes that import torch and diffusers and load their bundles, most of a
-minute on a 2-core machine.
+super-resolution stage, the safety checker), a second model's graph (SDXL with its refiner)
+and the video jobs, on a real local Ray Serve with tiny bundles, outputs on the S3 test
+server. Started once for the package: each app start is a score of replica processes that
+import torch and diffusers and load their bundles, most of a minute on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def adapters(
 def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return build_tiny_bundles(
         tmp_path_factory.mktemp("bundles"),
-        names=["t2i", "refiner", "upscaler", "nsfw", "t2v", "flux", "sdxl", "sdxl-refiner"],
+        names=["t2i", "refiner", "upscaler", "nsfw", "t2v", "sdxl", "sdxl-refiner"],
     )
 
 
@@ -168,16 +168,9 @@ def serve_config(
                     "vae_decode": stage,
                 },
             },
-            # Other families beside the main model: a graph each, picked by `model`. SDXL's
+            # Another family beside the main model: its own graph, picked by `model`. SDXL's
             # refiner reads CLIP-G alone: it holds that text encoder itself.
             "models": [
-                {
-                    "name": "flux",
-                    "bundle": {"uri": str(bundles["flux"])},
-                    "deployments": {
-                        name: stage for name in ("graph", "text_encoder", "base", "vae_decode")
-                    },
-                },
                 {
                     "name": "sdxl",
                     "bundle": {"uri": str(bundles["sdxl"])},

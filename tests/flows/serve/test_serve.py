@@ -29,7 +29,6 @@ import pytest
 import ray
 import torch
 from diffusers import (
-    FluxPipeline,
     StableDiffusion3Pipeline,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
@@ -275,84 +274,36 @@ def test_base_then_refiner_equals_the_diffusers_handoff(server, bundles):
 
 
 @pytest.mark.slow
-def test_a_second_model_is_picked_by_model_and_equals_the_flux_pipeline(server, bundles):
+def test_a_second_model_is_picked_by_model_and_its_refiner_equals_sdxls_recipe(server, bundles):
+    """SDXL beside the main SD3 model. At the handle level, its base runs the schedule up to
+    ``denoising_end`` and its refiner the rest, with its own text encoder (CLIP-G alone) and
+    aesthetic-score time ids, as diffusers' two pipelines do; over HTTP, ``model`` picks it."""
     status, _, listed = call(server, "/v1/models")
     assert status == 200 and listed["object"] == "list"
     assert [(m["id"], m["object"]) for m in listed["data"]] == [
         ("raygen", "model"),
-        ("flux", "model"),
         ("sdxl", "model"),
     ]
 
-    # The flux graph, at the handle level: FluxPipeline's image (guidance embedded, no
-    # unconditional pass, its resolution-dependent shift), through the same stage classes.
-    request = GenerateRequest(
-        prompt=PROMPT,
-        guidance_scale=3.5,
-        height=HEIGHT,
-        width=WIDTH,
-        num_inference_steps=4,
-        seed=5,
-        model="flux",
-    )
-    graph = serve.get_deployment_handle("graph_flux", APP_NAME)
-    [image] = graph.remote(request, [5], "float32").result().value
-    pipe = FluxPipeline.from_pretrained(bundles["flux"])
-    pipe.set_progress_bar_config(disable=True)
-    reference = pipe(
-        prompt=PROMPT,
-        num_inference_steps=4,
-        guidance_scale=3.5,
-        height=HEIGHT,
-        width=WIDTH,
-        generator=torch.Generator().manual_seed(5),
-        max_sequence_length=MAX_SEQUENCE_LENGTH,
-        output_type="np",
-    ).images[0]
-    assert max_abs(image, reference) <= TOLERANCE
-
-    # Over HTTP: the model's name comes back, and its stages ran (the main model's did not).
-    before = stats(server)
-    payload = generate(server, prompt=PROMPT, guidance_scale=3.5, seed=5, model="flux")
-    assert payload["model"] == "flux" and len(payload["images"]) == 1
-    after = stats(server)
-    assert (
-        after["models"]["flux"]["base"]["requests"] > before["models"]["flux"]["base"]["requests"]
-    )
-    assert after["base"]["requests"] == before["base"]["requests"]
-    assert generate(server, prompt=PROMPT, seed=5)["model"] == "raygen"
-
-    # What the flux model does not have here is a 422 naming the field.
-    for fields, field, message in (
-        ({"model": "flux", "refiner": True}, "refiner", "'flux' has no refiner"),
-        ({"model": "flux", "loras": [{"name": "style-a"}]}, "loras", "main model 'raygen'"),
-        ({"model": "sd15"}, "model", "'raygen', 'flux', 'sdxl'"),
-    ):
-        body = {"prompt": "a cat", "height": HEIGHT, "width": WIDTH, **fields}
-        status, _, payload = call(server, "/v1/generate", body)
-        assert status == 422, payload
-        [detail] = payload["detail"]
-        assert detail["loc"][-1] == field and message in detail["msg"], detail
-
-
-@pytest.mark.slow
-def test_sdxl_base_then_its_refiner_equal_the_two_pipeline_recipe(server, bundles):
-    """SDXL's ensemble of expert denoisers at the handle level: the base runs the schedule up
-    to ``denoising_end`` and its refiner the rest, with its own text encoder stage (CLIP-G
-    alone) and aesthetic-score time ids, as diffusers' two pipelines do."""
     handoff = 0.8
     request = GenerateRequest(
         prompt=PROMPT, negative_prompt="blurry", guidance_scale=5.0, height=HEIGHT,
         width=WIDTH, num_inference_steps=NUM_STEPS, seed=3, model="sdxl", refiner=True,
         denoising_end=handoff,
     )  # fmt: skip
-    before = stats(server)["models"]["sdxl"]
+    before = stats(server)
     graph = serve.get_deployment_handle("graph_sdxl", APP_NAME)
     [image] = graph.remote(request, [3], "float32").result().value
-    after = stats(server)["models"]["sdxl"]
+    after = stats(server)
     for stage in ("text_encoder", "base", "refiner"):
-        assert after[stage]["requests"] > before[stage]["requests"], stage
-    assert after["refiner"]["encoded"] == before["refiner"]["encoded"] + 1
+        assert (
+            after["models"]["sdxl"][stage]["requests"] > before["models"]["sdxl"][stage]["requests"]
+        ), stage
+    assert (
+        after["models"]["sdxl"]["refiner"]["encoded"]
+        == 1 + (before["models"]["sdxl"]["refiner"]["encoded"])
+    )
+    assert after["base"]["requests"] == before["base"]["requests"]  # the main model's
 
     base = StableDiffusionXLPipeline.from_pretrained(bundles["sdxl"])
     refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(bundles["sdxl-refiner"])
@@ -371,7 +322,8 @@ def test_sdxl_base_then_its_refiner_equal_the_two_pipeline_recipe(server, bundle
     print(f"SDXL base+refiner over Serve: max abs float32 pixel diff {diff:.3g}")
     assert diff <= TOLERANCE
 
-    # Streamed over HTTP: the refiner's own encoding is a stage of the stream.
+    # Streamed over HTTP: the model's name comes back, and the refiner's own encoding is a
+    # stage of the stream.
     fields = {"prompt": PROMPT, "seed": 3, "model": "sdxl", "refiner": True}
     status, events = stream(server, **fields)
     assert status == 200, events
@@ -379,7 +331,21 @@ def test_sdxl_base_then_its_refiner_equal_the_two_pipeline_recipe(server, bundle
     assert finished == [
         "text_encoder", "refiner_text_encoder", "base", "refiner", "vae_decode", "safety"
     ]  # fmt: skip
-    assert events[-1][1]["images"] == generate(server, **fields)["images"]
+    result = events[-1][1]
+    assert result["model"] == "sdxl"
+    assert result["images"] == generate(server, **fields)["images"]
+    assert generate(server, prompt=PROMPT, seed=5)["model"] == "raygen"
+
+    # What the sdxl model does not have here is a 422 naming the field.
+    for fields, field, message in (
+        ({"model": "sdxl", "loras": [{"name": "style-a"}]}, "loras", "main model 'raygen'"),
+        ({"model": "sd15"}, "model", "'raygen', 'sdxl'"),
+    ):
+        body = {"prompt": "a cat", "height": HEIGHT, "width": WIDTH, **fields}
+        status, _, payload = call(server, "/v1/generate", body)
+        assert status == 422, payload
+        [detail] = payload["detail"]
+        assert detail["loc"][-1] == field and message in detail["msg"], detail
 
 
 @pytest.mark.slow
