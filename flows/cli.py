@@ -10,9 +10,11 @@ as well (see cluster/ray_runtime.py).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from schemas.config import (
@@ -244,6 +246,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="an adapter from the server's registry (GET /v1/loras), scale 1 unless given; "
         "repeat to combine",
     )
+
+    plan = commands.add_parser(
+        "plan",
+        help="GPU-hours and cluster shape for prep, train and serve, from measured rates",
+        description="Sizes a workload from per-stage rates: benchmarks/gpu.py's JSON (measured "
+        "on one GPU) or rates given here; the plan says which each figure rests on.",
+    )
+    plan.add_argument(
+        "--rates",
+        default=str(Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "gpu.json"),
+        metavar="FILE",
+        help="benchmarks/gpu.py's JSON (default: the repository's H200 run)",
+    )
+    plan.add_argument("--prep-images", type=float, metavar="N", help="images to prep")
+    plan.add_argument("--train-samples", type=float, metavar="N", help="samples to train on")
+    plan.add_argument(
+        "--params", type=float, metavar="P", help="the trained model's parameters (default: "
+        "the measured model's)",
+    )  # fmt: skip
+    plan.add_argument(
+        "--tokens", type=int, metavar="T", help="tokens per sample (default: the measured)"
+    )
+    plan.add_argument("--serve-rps", type=float, metavar="R", help="images/s to serve")
+    plan.add_argument("--p95-s", type=float, metavar="S", help="p95 latency target of serving")
+    plan.add_argument(
+        "--days", type=float, default=7.0, help="wall time for prep and train (default: 7)"
+    )
+    plan.add_argument("--prep-rate", type=float, metavar="IMG_S", help="VAE-encode images/s/GPU")
+    plan.add_argument("--train-rate", type=float, metavar="SAMPLES_S", help="samples/s per GPU")
+    plan.add_argument(
+        "--serve-seconds", type=float, metavar="S", help="seconds per image on one GPU"
+    )
+    plan.add_argument("--out", metavar="FILE", help="also write the plan as JSON")
 
     watermark = commands.add_parser(
         "watermark",
@@ -535,6 +570,37 @@ def _run_sample(config: SampleConfig) -> int:
     return 0
 
 
+def _run_plan(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from flows.plan import Rate, Workload, measured_rates, plan, summary_lines
+
+    if not Path(args.rates).exists():
+        raise RaygenError(f"--rates: no {args.rates}; run `python -m benchmarks.gpu` on a GPU")
+    rates = measured_rates(args.rates)
+    given = {
+        "prep_images_per_s": args.prep_rate,
+        "train_samples_per_s": args.train_rate,
+        "serve_seconds_per_image": args.serve_seconds,
+    }
+    rates = replace(rates, **{name: Rate(value, "given") for name, value in given.items() if value})
+    work = Workload(
+        prep_images=args.prep_images,
+        train_samples=args.train_samples,
+        train_params=args.params,
+        train_tokens=args.tokens,
+        serve_images_per_s=args.serve_rps,
+        serve_p95_s=args.p95_s,
+        days=args.days,
+    )
+    result = plan(rates, work)
+    nothing = "nothing to plan: give --prep-images, --train-samples or --serve-rps"
+    print("\n".join(summary_lines(result) or [nothing]))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     from flows.demo import run_demo
 
@@ -560,6 +626,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "watermark": _run_watermark,
     "submit": _run_submit,
     "demo": _run_demo,
+    "plan": _run_plan,
 }
 
 
