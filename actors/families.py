@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -775,25 +775,16 @@ def _sdxl_refiner_aesthetic(pipe: Any) -> tuple[float, float] | None:
     return (6.0, 2.5) if pipe.config.get("requires_aesthetics_score", False) else None
 
 
-SDXL_REFINER = Family(
+# SDXL's entry but for what the img2img pipeline with text_encoder None reads: CLIP-G alone,
+# and time ids ending with an aesthetic score.
+SDXL_REFINER = replace(
+    SDXL,
     name="sdxl-refiner",
     class_name="StableDiffusionXLImg2ImgPipeline",
-    media="image",
     text_encoders=("text_encoder_2",),
     tokenizers=("tokenizer_2",),
-    denoisers=("unet",),
-    vae="vae",
-    latents=ScaleShift(),
     _text_widths=_sdxl_refiner_text_widths,
-    # The img2img pipeline's encode_prompt: CLIP-G alone where text_encoder is None.
-    _encode=_sdxl_encode,
     _tokenize=_sdxl_refiner_tokenize,
-    _multiples=_sdxl_multiples,
-    _forward=_sdxl_forward,
-    _patch=_unpatched,
-    size_conditioning=True,
-    flow_matching=False,
-    _zero_negative=_sdxl_zero_negative,
     _aesthetic=_sdxl_refiner_aesthetic,
     latents_of="sdxl",
 )
