@@ -1,15 +1,15 @@
 """Model families: everything raygen knows about a kind of bundle, written once.
 
-A family (SD3, Flux, SDXL and its refiner for images, Wan text-to-video) is one ``Family``
-entry in ``FAMILIES``, keyed by the pipeline class a bundle's ``model_index.json`` names
-(``_class_name``). Its numbers are read from the bundle's component configs (VAE downscale,
-latent factors, patch size, text widths), so a published checkpoint and a tiny bundle of the
-same class are treated alike; its prompt encoding is the pipeline's own ``encode_prompt``.
-Prep's encoders, train's plan and objective, serve's stages and request checks and
-distillation all ask ``family_of(bundle)``; no other module knows a family's facts. That
-includes how its transformer is called (``predict``: SD3's and Wan's take latents as they
-are, Flux packs 2x2 latent patches into a sequence with position ids), which timesteps its
-pipeline samples (``timestep_kwargs``) and what its guidance is (``guidance``:
+A family (SD3, Flux, SDXL and its refiner, SD 1.x/2.x for images, Wan text-to-video) is one
+``Family`` entry in ``FAMILIES``, keyed by the pipeline class a bundle's ``model_index.json``
+names (``_class_name``). Its numbers are read from the bundle's component configs (VAE
+downscale, latent factors, patch size, text widths), so a published checkpoint and a tiny
+bundle of the same class are treated alike; its prompt encoding is the pipeline's own
+``encode_prompt``. Prep's encoders, train's plan and objective, serve's stages and request
+checks and distillation all ask ``family_of(bundle)``; no other module knows a family's
+facts. That includes how its transformer is called (``predict``: SD3's and Wan's take
+latents as they are, Flux packs 2x2 latent patches into a sequence with position ids), which
+timesteps its pipeline samples (``timestep_kwargs``) and what its guidance is (``guidance``:
 classifier-free, or an input of a guidance-distilled transformer).
 
 Adding a family (Wan i2v) is one more entry here, and its tests.
@@ -678,12 +678,12 @@ def _sdxl_tokenize(
     pipe: Any, prompts: list[str], max_sequence_length: int
 ) -> dict[str, np.ndarray]:
     return {
-        "clip_l": _sdxl_tokenize_one(pipe.tokenizer, prompts),
-        "clip_g": _sdxl_tokenize_one(pipe.tokenizer_2, prompts),
+        "clip_l": _clip_tokens(pipe.tokenizer, prompts),
+        "clip_g": _clip_tokens(pipe.tokenizer_2, prompts),
     }
 
 
-def _sdxl_tokenize_one(tokenizer: Any, prompts: list[str]) -> np.ndarray:
+def _clip_tokens(tokenizer: Any, prompts: list[str]) -> np.ndarray:
     # As the pipelines' encode_prompt tokenizes for each CLIP encoder.
     return tokenizer(
         prompts,
@@ -761,7 +761,7 @@ SDXL = Family(
 def _sdxl_refiner_tokenize(
     pipe: Any, prompts: list[str], max_sequence_length: int
 ) -> dict[str, np.ndarray]:
-    return {"clip_g": _sdxl_tokenize_one(pipe.tokenizer_2, prompts)}
+    return {"clip_g": _clip_tokens(pipe.tokenizer_2, prompts)}
 
 
 def _sdxl_refiner_text_widths(unet: Config) -> tuple[int, int | None]:
@@ -787,6 +787,53 @@ SDXL_REFINER = replace(
     _tokenize=_sdxl_refiner_tokenize,
     _aesthetic=_sdxl_refiner_aesthetic,
     latents_of="sdxl",
+)
+
+
+# ---- SD 1.x / 2.x: one CLIP, AutoencoderKL, UNet (no pooled input, no size conditioning) --
+
+
+def _sd_encode(pipe: Any, prompts: list[str], max_sequence_length: int) -> tuple[Any, None]:
+    # CLIP only: max_sequence_length does not apply; nothing is pooled.
+    prompt_embeds, _ = pipe.encode_prompt(
+        prompts, pipe.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+    )
+    return prompt_embeds, None  # (B, 77, D)
+
+
+def _sd_tokenize(pipe: Any, prompts: list[str], max_sequence_length: int) -> dict[str, np.ndarray]:
+    return {"clip": _clip_tokens(pipe.tokenizer, prompts)}
+
+
+def _sd_forward(
+    unet: torch.nn.Module,
+    latents: torch.Tensor,
+    timestep: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    pooled: torch.Tensor | None,
+    guidance: torch.Tensor | None,
+) -> torch.Tensor:
+    """StableDiffusionPipeline's UNet call: the text states alone condition it."""
+    return unet(latents, timestep, encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+
+
+def _sd_text_widths(unet: Config) -> tuple[int, int | None]:
+    return unet["cross_attention_dim"], None
+
+
+# SDXL's UNet path without what SDXL added: the size conditioning and CLIP-G's pooled input.
+SD = replace(
+    SDXL,
+    name="sd",
+    class_name="StableDiffusionPipeline",
+    text_encoders=("text_encoder",),
+    tokenizers=("tokenizer",),
+    _text_widths=_sd_text_widths,
+    _encode=_sd_encode,
+    _tokenize=_sd_tokenize,
+    _forward=_sd_forward,
+    size_conditioning=False,
+    _zero_negative=_never,
 )
 
 
@@ -845,5 +892,5 @@ WAN_T2V = Family(
 
 # Keyed by the pipeline class model_index.json names.
 FAMILIES: dict[str, Family] = {
-    family.class_name: family for family in (SD3, FLUX, SDXL, SDXL_REFINER, WAN_T2V)
+    family.class_name: family for family in (SD3, FLUX, SDXL, SDXL_REFINER, SD, WAN_T2V)
 }

@@ -41,14 +41,13 @@ class PromptEmbeddings:
     ``max_sequence_length`` T5 positions, pooled from CLIP-L."""
 
     prompt_embeds: torch.Tensor  # (L, D)
-    pooled_prompt_embeds: torch.Tensor  # (D_pooled,)
+    pooled_prompt_embeds: torch.Tensor | None  # (D_pooled,); None for SD 1.x/2.x
     negative_prompt_embeds: torch.Tensor  # (L, D)
-    negative_pooled_prompt_embeds: torch.Tensor  # (D_pooled,)
+    negative_pooled_prompt_embeds: torch.Tensor | None  # (D_pooled,)
 
     def to(self, device: torch.device, dtype: torch.dtype) -> PromptEmbeddings:
-        return PromptEmbeddings(
-            *(getattr(self, field.name).to(device, dtype) for field in fields(self))
-        )
+        values = (getattr(self, field.name) for field in fields(self))
+        return PromptEmbeddings(*(v if v is None else v.to(device, dtype) for v in values))
 
 
 @dataclass(frozen=True)
@@ -133,7 +132,9 @@ class PromptEncoder:
         self.zero_negative = self.family.zero_negative(self.pipe)
         self.cache_size = cache_size
         # (text, max_sequence_length) -> ((L, D), (D_pooled,)), least recently used first.
-        self._cache: OrderedDict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, int], tuple[torch.Tensor, torch.Tensor | None]] = (
+            OrderedDict()
+        )
         self.hits = 0
         self.misses = 0
 
@@ -173,10 +174,8 @@ class PromptEncoder:
         for prompt, negative in zip(prompts, negatives, strict=True):
             prompt_embeds, pooled = found[(prompt, max_sequence_length)]
             if negative is None:
-                negative_embeds, negative_pooled = (
-                    torch.zeros_like(prompt_embeds),
-                    torch.zeros_like(pooled),
-                )
+                negative_embeds = torch.zeros_like(prompt_embeds)
+                negative_pooled = None if pooled is None else torch.zeros_like(pooled)
             else:
                 negative_embeds, negative_pooled = found[(negative, max_sequence_length)]
             embeddings.append(
@@ -186,18 +185,17 @@ class PromptEncoder:
 
     def _encode(
         self, texts: list[str], max_sequence_length: int
-    ) -> dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]:
+    ) -> dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor | None]]:
         # A negative prompt goes through the same code as a prompt (encode_prompt encodes
         # both with clip_skip None), so one call without guidance encodes either kind.
         prompt_embeds, pooled = self.family.encode_prompt(
             self.pipe, texts, max_sequence_length
-        )  # (B, L, D), (B, D_pooled)
-        assert pooled is not None, "the denoiser's transformer takes pooled embeddings"
+        )  # (B, L, D), (B, D_pooled) or None (SD 1.x/2.x pools nothing)
         # A copy per text: a view would keep (and pickle) the whole batch's storage.
         return {
             (text, max_sequence_length): (
                 prompt_embeds[index].to("cpu", copy=True),
-                pooled[index].to("cpu", copy=True),
+                None if pooled is None else pooled[index].to("cpu", copy=True),
             )
             for index, text in enumerate(texts)
         }
@@ -378,7 +376,8 @@ class Denoiser:
         schedulers = {}
         for begin, end in dict.fromkeys(spans):
             schedulers[begin, end] = self._scheduler(num_inference_steps, latent_shape)
-            schedulers[begin, end].set_begin_index(begin)
+            if hasattr(schedulers[begin, end], "set_begin_index"):  # as diffusers' img2img
+                schedulers[begin, end].set_begin_index(begin)  # (PNDM steps by timestep)
         latents = [self._initial_latents(r, latent_shape, reference) for r in requests]
         embeddings = [request.embeddings.to(self.device, self.dtype) for request in requests]
 
@@ -457,7 +456,7 @@ class Denoiser:
                 [embeddings[i].negative_prompt_embeds for i in guided]
                 + [embeddings[i].prompt_embeds for i in active]
             ),  # (G + A, L, D)
-            torch.stack(pooled),  # (G + A, D_pooled)
+            None if pooled[0] is None else torch.stack(pooled),  # (G + A, D_pooled)
             guidance,
             time_ids,
         )  # (G + A, C, h, w)

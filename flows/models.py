@@ -33,8 +33,10 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    PNDMScheduler,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
     StableDiffusionUpscalePipeline,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
@@ -79,6 +81,7 @@ TINY_BUNDLES: tuple[str, ...] = (
     "flux-schnell",
     "sdxl",
     "sdxl-refiner",
+    "sd",
     "refiner",
     "upscaler",
     "t2v",
@@ -262,6 +265,51 @@ def _build_sdxl_refiner(out: Path, seed: int) -> None:
         # stabilityai/stable-diffusion-xl-refiner-1.0's pipeline config.
         requires_aesthetics_score=True,
         force_zeros_for_empty_prompt=False,
+    ).save_pretrained(out, safe_serialization=True)
+
+
+def _build_sd(out: Path, seed: int) -> None:
+    """Stable Diffusion 1.x at toy width: one CLIP text encoder (its last states, nothing
+    pooled), a two-level UNet without added conditioning, SD's VAE factor and its PNDM
+    scheduler; no safety checker (the serve graph has its own stage)."""
+    tokenizer = _clip_tokenizer()
+    with _seeded(seed):
+        text_encoder = CLIPTextModel(
+            _clip_text_config(tokenizer, hidden_size=32, hidden_act="quick_gelu")
+        )
+    with _seeded(seed):
+        unet = UNet2DConditionModel(
+            sample_size=4,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            norm_num_groups=8,
+            attention_head_dim=(2, 4),
+            cross_attention_dim=text_encoder.config.hidden_size,
+        )
+    with _seeded(seed):
+        vae = _vae_8x(latent_channels=4, scaling_factor=0.18215)
+    # stable-diffusion-v1-5's scheduler config.
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        set_alpha_to_one=False,
+        skip_prk_steps=True,
+        steps_offset=1,
+    )
+    StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     ).save_pretrained(out, safe_serialization=True)
 
 
@@ -551,6 +599,7 @@ _BUILDERS: dict[str, Callable[[Path, int], None]] = {
     "flux-schnell": _build_flux_schnell,
     "sdxl": _build_sdxl,
     "sdxl-refiner": _build_sdxl_refiner,
+    "sd": _build_sd,
     "refiner": _build_refiner,
     "upscaler": _build_upscaler,
     "t2v": _build_t2v,

@@ -40,6 +40,7 @@ def test_each_family_is_found_by_its_pipeline_class(bundles):
         "FluxPipeline",
         "StableDiffusionXLPipeline",
         "StableDiffusionXLImg2ImgPipeline",
+        "StableDiffusionPipeline",
         "WanPipeline",
     }
     assert family_of(bundles["t2i"]) is SD3 and SD3.pipeline is StableDiffusion3Pipeline
@@ -126,7 +127,7 @@ def test_an_unknown_pipeline_class_names_the_supported_ones(bundles, tmp_path):
     assert str(bundle) in str(err.value)
     supported = (
         "StableDiffusion3Pipeline, FluxPipeline, StableDiffusionXLPipeline, "
-        "StableDiffusionXLImg2ImgPipeline, WanPipeline"
+        "StableDiffusionXLImg2ImgPipeline, StableDiffusionPipeline, WanPipeline"
     )
     assert supported in str(err.value)
 
