@@ -280,8 +280,8 @@ TINY = Sizes(
         text_tokens=24,
         batch_sizes=(4, 2, 1),
         warmup_steps=2,
-        timed_s=2,
-        max_timed_steps=4,
+        timed_s=1,
+        max_timed_steps=3,
     ),
     serve=ServeSizes(
         components={name: {} for name in SD3_MEDIUM},
@@ -289,11 +289,11 @@ TINY = Sizes(
         width=64,
         num_inference_steps=2,
         batch_sizes=(1, 2, 4),
-        repeats=3,
+        repeats=2,
         num_clients=16,
-        window_s=3,
+        window_s=1.5,
     ),
-    prep=PrepSizes(vae={}, size=64, batch_sizes=(1, 4), dtypes=("float32", "bfloat16"), repeats=3),
+    prep=PrepSizes(vae={}, size=64, batch_sizes=(1, 4), dtypes=("float32", "bfloat16"), repeats=2),
 )
 
 
