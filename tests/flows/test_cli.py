@@ -13,7 +13,7 @@ from tests.conftest import REPO
 
 SUBCOMMANDS = [
     "models", "data", "prep", "train", "vae", "distill", "evaluate", "sample", "serve", "generate",
-    "watermark", "submit", "demo",
+    "watermark", "submit", "demo", "plan",
 ]  # fmt: skip
 
 
