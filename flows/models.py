@@ -224,10 +224,7 @@ def _build_sdxl(out: Path, seed: int) -> None:
     six size/crop time ids are the UNet's added conditioning), a two-level UNet, SDXL's VAE
     factor and its Euler scheduler."""
     tokenizer = _clip_tokenizer()
-    with _seeded(seed):
-        text_encoder = CLIPTextModel(
-            _clip_text_config(tokenizer, hidden_size=32, hidden_act="quick_gelu")
-        )
+    text_encoder = _clip_l(tokenizer, seed)
     text_encoder_2 = _sdxl_clip_g(tokenizer, seed)
     # Both CLIPs' penultimate states side by side, as SDXL's 768 + 1280 = 2048.
     width = text_encoder.config.hidden_size + text_encoder_2.config.hidden_size
@@ -237,7 +234,7 @@ def _build_sdxl(out: Path, seed: int) -> None:
         text_encoder_2=text_encoder_2,
         tokenizer=tokenizer,
         tokenizer_2=tokenizer,
-        unet=_sdxl_unet(seed, width, text_encoder_2.config.projection_dim, time_ids=6),
+        unet=_unet(seed, width, (text_encoder_2.config.projection_dim, 6)),
         scheduler=_sdxl_scheduler(),
     ).save_pretrained(out, safe_serialization=True)
 
@@ -248,11 +245,8 @@ def _build_sdxl_refiner(out: Path, seed: int) -> None:
     its own weights reading five time ids (sizes, crop and an aesthetic score)."""
     tokenizer = _clip_tokenizer()
     text_encoder_2 = _sdxl_clip_g(tokenizer, seed)
-    unet = _sdxl_unet(
-        seed + 1,
-        text_encoder_2.config.hidden_size,
-        text_encoder_2.config.projection_dim,
-        time_ids=5,
+    unet = _unet(
+        seed + 1, text_encoder_2.config.hidden_size, (text_encoder_2.config.projection_dim, 5)
     )
     StableDiffusionXLImg2ImgPipeline(
         vae=_sdxl_vae(seed),
@@ -273,23 +267,8 @@ def _build_sd(out: Path, seed: int) -> None:
     pooled), a two-level UNet without added conditioning, SD's VAE factor and its PNDM
     scheduler; no safety checker (the serve graph has its own stage)."""
     tokenizer = _clip_tokenizer()
-    with _seeded(seed):
-        text_encoder = CLIPTextModel(
-            _clip_text_config(tokenizer, hidden_size=32, hidden_act="quick_gelu")
-        )
-    with _seeded(seed):
-        unet = UNet2DConditionModel(
-            sample_size=4,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            block_out_channels=(16, 32),
-            layers_per_block=1,
-            norm_num_groups=8,
-            attention_head_dim=(2, 4),
-            cross_attention_dim=text_encoder.config.hidden_size,
-        )
+    text_encoder = _clip_l(tokenizer, seed)
+    unet = _unet(seed, text_encoder.config.hidden_size)
     with _seeded(seed):
         vae = _vae_8x(latent_channels=4, scaling_factor=0.18215)
     # stable-diffusion-v1-5's scheduler config.
@@ -320,10 +299,25 @@ def _sdxl_clip_g(tokenizer: CLIPTokenizer, seed: int) -> CLIPTextModelWithProjec
         )
 
 
-def _sdxl_unet(
-    seed: int, cross_attention_dim: int, pooled_dim: int, time_ids: int
+def _clip_l(tokenizer: CLIPTokenizer, seed: int) -> CLIPTextModel:
+    with _seeded(seed):
+        return CLIPTextModel(_clip_text_config(tokenizer, hidden_size=32, hidden_act="quick_gelu"))
+
+
+def _unet(
+    seed: int, cross_attention_dim: int, added: tuple[int, int] | None = None
 ) -> UNet2DConditionModel:
+    """The SD-family UNet at toy width; ``added``: SDXL's (pooled width, number of time ids)
+    as its added conditioning, None for SD 1.x/2.x's UNet without."""
     time_dim = 8  # SDXL's addition_time_embed_dim is 256
+    conditioning = {}
+    if added is not None:
+        pooled_dim, time_ids = added
+        conditioning = {
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": time_dim,
+            "projection_class_embeddings_input_dim": pooled_dim + time_ids * time_dim,
+        }
     with _seeded(seed):
         return UNet2DConditionModel(
             sample_size=4,
@@ -338,10 +332,7 @@ def _sdxl_unet(
             transformer_layers_per_block=(1, 2),
             use_linear_projection=True,
             cross_attention_dim=cross_attention_dim,
-            # The added conditioning: pooled CLIP-G then the sinusoidal time ids.
-            addition_embed_type="text_time",
-            addition_time_embed_dim=time_dim,
-            projection_class_embeddings_input_dim=pooled_dim + time_ids * time_dim,
+            **conditioning,
         )
 
 
