@@ -324,13 +324,15 @@ class BackgroundRun:
 class BackgroundRuns:
     sample: BackgroundRun  # tests/sample_prep.py: the shards most tests read
     demo: BackgroundRun  # `raygen demo --quick`
+    # Set when the demo may start (see ``_DEMO_WAITS_FOR``).
+    demo_may_start: threading.Event = field(default_factory=threading.Event)
 
 
 @pytest.fixture(scope="session")
 def background_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundRuns]:
     """The sample prep, then `raygen demo --quick`, one after the other in the background
     (one extra local Ray at a time on 2 cores): ``sample_run`` and ``demo_run``
-    (tests/flows/conftest.py) wait for theirs."""
+    (tests/flows/conftest.py) wait for theirs. The demo also waits for ``demo_may_start``."""
     root = tmp_path_factory.mktemp("background")
     runs = BackgroundRuns(
         sample=BackgroundRun([sys.executable, "-m", "tests.sample_prep"], root / "sample", 300),
@@ -344,6 +346,9 @@ def background_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backgr
 
     def run_in_turn() -> None:
         for run in (runs.sample, runs.demo):
+            if run is runs.demo:
+                while not (runs.demo_may_start.wait(1.0) or stopping.is_set()):
+                    pass
             if stopping.is_set():
                 return
             run.start()
@@ -359,17 +364,36 @@ def background_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backgr
     thread.join(timeout=10)
 
 
+_READS_RUNS = {"sample_run", "demo_run"}
+# The demo (~200 CPU-seconds) starts once the serve package's tests are done. That package's
+# setup starts a score of replica processes, which keep both cores busy by themselves; most
+# tests after it wait on Ray Train's and Serve's processes as much as they compute (the
+# suite's timeline: 1.0 to 1.6 of the 2 cores), and the demo fills that room instead.
+_DEMO_WAITS_FOR = Path(__file__).parent / "flows" / "serve"
+_runs: dict[str, BackgroundRuns] = {}  # the session's, once started
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _runs_in_the_background(request: pytest.FixtureRequest) -> None:
     """The background runs start with the session's first test when a selected test reads
     them: their minutes (half of it waiting on one core) then overlap the tests that do not
     read them, which run first (pytest_collection_modifyitems), instead of adding to the
     suite."""
-    if any(_READS_RUNS.intersection(item.fixturenames) for item in request.session.items):
-        request.getfixturevalue("background_runs")
+    items = request.session.items
+    if any(_READS_RUNS.intersection(item.fixturenames) for item in items):
+        runs = _runs["runs"] = request.getfixturevalue("background_runs")
+        if not any(_DEMO_WAITS_FOR in item.path.parents for item in items):
+            runs.demo_may_start.set()
 
 
-_READS_RUNS = {"sample_run", "demo_run"}
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    runs = _runs.get("runs")
+    if runs is None or runs.demo_may_start.is_set():
+        return
+    if _DEMO_WAITS_FOR in item.path.parents:
+        _runs["serve_seen"] = runs  # the package has started
+    elif "serve_seen" in _runs or _READS_RUNS.intersection(item.fixturenames):
+        runs.demo_may_start.set()  # past the package, or a test that needs the runs now
 
 
 # Fixtures that start Ray (or run a job that does): a test that uses one is slow, so
