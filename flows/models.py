@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from functools import cache
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (
@@ -42,6 +43,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
     UniPCMultistepScheduler,
+    WanImageToVideoPipeline,
     WanPipeline,
     WanTransformer3DModel,
 )
@@ -65,6 +67,7 @@ from transformers import (
     CLIPTextModelWithProjection,
     CLIPTokenizer,
     CLIPVisionConfig,
+    CLIPVisionModel,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
@@ -85,6 +88,7 @@ TINY_BUNDLES: tuple[str, ...] = (
     "refiner",
     "upscaler",
     "t2v",
+    "i2v",
     "captioner",
     "scorer",
     "aesthetic",
@@ -414,7 +418,9 @@ def _build_upscaler(out: Path, seed: int) -> None:
     pipeline.save_pretrained(out, safe_serialization=True)
 
 
-def _build_t2v(out: Path, seed: int) -> None:
+def _wan_components(seed: int, image_dim: int | None = None) -> dict[str, Any]:
+    """A tiny Wan 2.1's components; with ``image_dim``, its image-to-video transformer: 16 noisy
+    + 4 mask + 16 first-frame latent channels in, 16 out, and image tokens of that width."""
     tokenizer = _t5_tokenizer(model_max_length=512)
     with _seeded(seed):
         # UMT5 like Wan's umt5-xxl encoder, at d_model 32 instead of 4096.
@@ -438,7 +444,7 @@ def _build_t2v(out: Path, seed: int) -> None:
             patch_size=(1, 2, 2),
             num_attention_heads=2,
             attention_head_dim=12,
-            in_channels=16,
+            in_channels=16 if image_dim is None else 36,
             out_channels=16,
             text_dim=text_encoder.config.d_model,
             freq_dim=256,
@@ -448,6 +454,7 @@ def _build_t2v(out: Path, seed: int) -> None:
             qk_norm="rms_norm_across_heads",
             eps=1e-6,
             rope_max_seq_len=32,
+            image_dim=image_dim,
         )
     with _seeded(seed):
         # Wan's causal video VAE with the real 8x spatial / 4x temporal downscale (three
@@ -463,12 +470,40 @@ def _build_t2v(out: Path, seed: int) -> None:
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
     )
-    pipeline = WanPipeline(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        vae=vae,
-        scheduler=scheduler,
-        transformer=transformer,
+    return {
+        "tokenizer": tokenizer,
+        "text_encoder": text_encoder,
+        "vae": vae,
+        "scheduler": scheduler,
+        "transformer": transformer,
+    }
+
+
+def _build_t2v(out: Path, seed: int) -> None:
+    WanPipeline(**_wan_components(seed)).save_pretrained(out, safe_serialization=True)
+
+
+def _build_i2v(out: Path, seed: int) -> None:
+    # Wan 2.1 I2V reads a CLIP ViT's second-to-last hidden states (ViT-H/14 at 224 px there,
+    # 1280 wide; here 32 px in 8 px patches, 16 wide: 17 tokens).
+    vision = CLIPVisionConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
+    with _seeded(seed):
+        image_encoder = CLIPVisionModel(vision)
+    processor = CLIPImageProcessorPil(
+        size={"shortest_edge": vision.image_size},
+        crop_size={"height": vision.image_size, "width": vision.image_size},
+    )
+    pipeline = WanImageToVideoPipeline(
+        **_wan_components(seed, image_dim=vision.hidden_size),
+        image_encoder=image_encoder,
+        image_processor=processor,
     )
     pipeline.save_pretrained(out, safe_serialization=True)
 
@@ -594,6 +629,7 @@ _BUILDERS: dict[str, Callable[[Path, int], None]] = {
     "refiner": _build_refiner,
     "upscaler": _build_upscaler,
     "t2v": _build_t2v,
+    "i2v": _build_i2v,
     "captioner": _build_captioner,
     "scorer": _build_scorer,
     "aesthetic": _build_aesthetic,
@@ -609,10 +645,17 @@ assert set(_BUILDERS) == set(TINY_BUNDLES)
 
 @contextmanager
 def _seeded(seed: int) -> Iterator[None]:
-    """Seed weight init without changing the caller's global RNG state."""
+    """Seed weight init without changing the caller's global RNG state, on one thread: a
+    sin/cos table computed across threads can differ in its last bit with how the work was
+    split (SD3's position embedding did, in about one build of five)."""
+    threads = torch.get_num_threads()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        yield
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
 
 
 def _sd3_pipeline(
