@@ -1,8 +1,8 @@
 """Model families: everything raygen knows about a kind of bundle, written once.
 
-A family (SD3, Flux, SDXL and its refiner, SD 1.x/2.x for images, Wan text-to-video) is one
-``Family`` entry in ``FAMILIES``, keyed by the pipeline class a bundle's ``model_index.json``
-names (``_class_name``). Its numbers are read from the bundle's component configs (VAE
+A family (SD3, Flux, SDXL and its refiner, SD 1.x/2.x for images; Wan text-to-video and
+image-to-video) is one ``Family`` entry in ``FAMILIES``, keyed by the pipeline class a bundle's
+``model_index.json`` names (``_class_name``). Its numbers are read from the bundle's component configs (VAE
 downscale, latent factors, patch size, text widths), so a published checkpoint and a tiny
 bundle of the same class are treated alike; its prompt encoding is the pipeline's own
 ``encode_prompt``. Prep's encoders, train's plan and objective, serve's stages and request
@@ -12,7 +12,7 @@ latents as they are, Flux packs 2x2 latent patches into a sequence with position
 timesteps its pipeline samples (``timestep_kwargs``) and what its guidance is (``guidance``:
 classifier-free, or an input of a guidance-distilled transformer).
 
-Adding a family (Wan i2v) is one more entry here, and its tests.
+Adding a family is one more entry here, and its tests.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ Media = Literal["image", "video"]
 Guidance = Literal["cfg", "embedded", "none"]
 Bundle = str | Path  # a bundle folder, local or s3://
 Config = Mapping[str, Any]  # a component's config: a dict, or a loaded component's .config
-GROUPS = ("text_encoders", "tokenizers", "denoisers", "vae")
+GROUPS = ("text_encoders", "tokenizers", "denoisers", "vae", "image_encoders")
 
 
 class FamilyError(RaygenError):
@@ -297,6 +297,14 @@ class Family:
     _aesthetic: Callable[[Any], tuple[float, float] | None] = _no_aesthetic
     # Whose latents these are, where another family's (SDXL's refiner continues SDXL's).
     latents_of: str | None = None
+    # What an image-conditioned family (Wan image-to-video) encodes its input image with: the
+    # image encoder and its processor, as model_index.json names them; none for the others.
+    image_encoders: tuple[str, ...] = ()
+
+    @property
+    def conditions_on_image(self) -> bool:
+        """Whether the family's pipeline animates an input image (takes ``image``)."""
+        return bool(self.image_encoders)
 
     @property
     def pipeline(self) -> type[DiffusionPipeline]:
@@ -316,6 +324,7 @@ class Family:
             "tokenizers": self.tokenizers,
             "denoisers": self.denoisers,
             "vae": (self.vae,),
+            "image_encoders": self.image_encoders,
         }
         return dict.fromkeys(
             name for group, names in groups.items() if group not in keep for name in names
@@ -890,7 +899,25 @@ WAN_T2V = Family(
     _multiples=_wan_multiples,
 )
 
+
+# ---- Wan image-to-video: Wan's text-to-video plus a CLIP vision encoder of the input image,
+# and the VAE-encoded first frame (with its mask) concatenated to the noisy latents --------
+
+
+def _wan_i2v_latent_channels(transformer: Config) -> int:
+    # The transformer reads 16 noisy + 4 mask + 16 first-frame channels and predicts the 16.
+    return transformer["out_channels"]
+
+
+WAN_I2V = replace(
+    WAN_T2V,
+    name="wan-i2v",
+    class_name="WanImageToVideoPipeline",
+    _latent_channels=_wan_i2v_latent_channels,
+    image_encoders=("image_encoder", "image_processor"),
+)
+
 # Keyed by the pipeline class model_index.json names.
 FAMILIES: dict[str, Family] = {
-    family.class_name: family for family in (SD3, FLUX, SDXL, SDXL_REFINER, SD, WAN_T2V)
+    family.class_name: family for family in (SD3, FLUX, SDXL, SDXL_REFINER, SD, WAN_T2V, WAN_I2V)
 }

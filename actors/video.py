@@ -1,11 +1,13 @@
-"""The video graph's stages (Wan family): UMT5 text encoder, video transformer, video VAE
-decode, and MP4 encoding, each a plain class that loads once from a bundle folder.
+"""The video graph's stages (Wan family): UMT5 text encoder, the input image's encoder (Wan
+image-to-video), video transformer, video VAE decode, and MP4 encoding, each a plain class
+that loads once from a bundle folder.
 
-Every stage computes exactly what ``WanPipeline.__call__`` computes: the encoder calls the
-pipeline's own ``encode_prompt``, the denoiser repeats its loop (same initial noise per
-seed, conditional and unconditional forwards, the bundle's scheduler doing every step) and
-the decoder its tail. ``tests/actors/test_video.py`` checks the staged video against the
-pipeline.
+Every stage computes exactly what ``WanPipeline.__call__`` (``WanImageToVideoPipeline``'s
+for an image-to-video bundle) computes: the encoders call the pipeline's own
+``encode_prompt``, ``encode_image`` and ``prepare_latents``, the denoiser repeats its loop
+(same initial noise per seed, conditional and unconditional forwards, the bundle's scheduler
+doing every step) and the decoder its tail. ``tests/actors/test_video.py`` checks the staged
+video against the pipelines.
 
 The denoiser is a generator over steps, so a caller can report progress and stop between
 steps. Tensors leave a stage on the CPU, so Ray's object store can hand them to a stage on
@@ -25,8 +27,9 @@ import av
 import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
 
-from actors.families import family_of
+from actors.families import FamilyError, family_of
 
 # x264's constant rate factor for served MP4s (0: lossless, 23: x264's default). Measured with
 # yuv444p on the tiny model's 32x48 frames, the hard case (few coefficients per watermark bit,
@@ -46,6 +49,17 @@ class VideoEmbeddings:
 
 
 @dataclass(frozen=True)
+class VideoImageConditioning:
+    """What an image-to-video transformer reads of the input image, as
+    ``WanImageToVideoPipeline`` prepares it for one video."""
+
+    image_embeds: torch.Tensor  # (N, D): the image encoder's second-to-last hidden states
+    # (4 + C, f, h, w): the first-frame mask (the VAE's temporal factor folded into 4
+    # channels), then the normalised latents of the image followed by black frames.
+    condition: torch.Tensor
+
+
+@dataclass(frozen=True)
 class VideoDenoiseRequest:
     embeddings: VideoEmbeddings
     seed: int
@@ -54,6 +68,7 @@ class VideoDenoiseRequest:
     num_frames: int
     num_inference_steps: int
     guidance_scale: float
+    image: VideoImageConditioning | None = None  # an image-to-video bundle's input image
 
 
 class VideoPromptEncoder:
@@ -89,6 +104,54 @@ class VideoPromptEncoder:
         return prompt_embeds[0].to("cpu", copy=True)  # (L, D)
 
 
+class VideoImageEncoder:
+    """An image-to-video bundle's image encoder and VAE: the input image as its transformer
+    reads it, through the pipeline's own ``encode_image`` and ``prepare_latents``."""
+
+    def __init__(
+        self,
+        bundle_dir: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.device = torch.device(device)
+        self.family = family_of(bundle_dir, media="video")
+        if not self.family.conditions_on_image:
+            raise FamilyError(f"bundle {bundle_dir}: a {self.family.class_name} takes no image")
+        self.pipe = self.family.pipeline.from_pretrained(
+            bundle_dir, dtype=dtype, **self.family.unloaded("image_encoders", "vae")
+        ).to(self.device)
+        self.multiples = self.family.multiples(bundle_dir)
+
+    def encode(
+        self, image: Image.Image, height: int, width: int, num_frames: int
+    ) -> VideoImageConditioning:
+        pipe = self.pipe
+        with torch.no_grad():
+            image_embeds = pipe.encode_image(image, self.device)  # (1, N, D)
+            # The pipeline's order: the image resized to the video's size in float32, then its
+            # first frame and black ones VAE-encoded (the mode, not a sample: no randomness).
+            pixels = pipe.video_processor.preprocess(image, height=height, width=width)
+            pixels = pixels.to(self.device, dtype=torch.float32)  # (1, 3, H, W)
+            shape = (
+                1,
+                pipe.vae.config.z_dim,
+                self.multiples.latent_frames(num_frames),
+                height // self.multiples.latent,
+                width // self.multiples.latent,
+            )
+            # prepare_latents only moves latents it is given: these zeros stand in for the
+            # noise, which the denoiser draws from the request's seed.
+            _, condition = pipe.prepare_latents(
+                pixels, 1, shape[1], height, width, num_frames, torch.float32, self.device,
+                latents=torch.zeros(shape),
+            )  # fmt: skip
+        return VideoImageConditioning(
+            image_embeds=image_embeds[0].to("cpu", copy=True),  # (N, D)
+            condition=condition[0].to("cpu", copy=True),  # (4 + C, f, h, w)
+        )
+
+
 class VideoDenoiser:
     """The bundle's video transformer and scheduler.
 
@@ -104,24 +167,35 @@ class VideoDenoiser:
         dtype: torch.dtype = torch.float32,
     ) -> None:
         self.device = torch.device(device)
-        family = family_of(bundle_dir, media="video")
-        pipe = family.pipeline.from_pretrained(
-            bundle_dir, dtype=dtype, **family.unloaded("denoisers")
+        self.family = family_of(bundle_dir, media="video")
+        pipe = self.family.pipeline.from_pretrained(
+            bundle_dir, dtype=dtype, **self.family.unloaded("denoisers")
         )
         self.transformer = pipe.transformer.to(self.device).eval()
         # A template only: each video steps a fresh copy of it.
         self.scheduler = pipe.scheduler
-        self.multiples = family.multiples(bundle_dir)
+        self.multiples = self.family.multiples(bundle_dir)
+        self.latent_channels = self.family.latent_channels(self.transformer.config)
 
-    def check(self, height: int, width: int, num_frames: int) -> None:
+    def check(self, height: int, width: int, num_frames: int, image: bool | None = None) -> None:
+        """Raises unless the bundle makes videos of this size and frame count, and (where
+        ``image`` is given) unless it takes an input image exactly when there is one."""
         self.multiples.check_size(height, width)
         self.multiples.check_frames(num_frames)
+        takes_image = self.family.conditions_on_image
+        if image is not None and image != takes_image:
+            name = self.family.class_name
+            raise FamilyError(
+                f"image: a {name} animates an input image; send one"
+                if takes_image
+                else f"image: a {name} makes videos from text alone; it takes no image"
+            )
 
     def steps(self, request: VideoDenoiseRequest) -> Iterator[tuple[int, torch.Tensor | None]]:
         """After each step: (steps done, None); after the last: (num_steps, latents
         (C, F, h, w)) in the pipeline's latent space, before the VAE's normalization, on the
         CPU."""
-        self.check(request.height, request.width, request.num_frames)
+        self.check(request.height, request.width, request.num_frames, request.image is not None)
         scheduler = type(self.scheduler).from_config(self.scheduler.config)
         scheduler.set_timesteps(request.num_inference_steps, device=self.device)
         scheduler.set_begin_index(0)
@@ -134,15 +208,23 @@ class VideoDenoiser:
             negative_embeds = request.embeddings.negative_prompt_embeds
             assert negative_embeds is not None, "guided requests carry a negative embedding"
             negative_embeds = negative_embeds[None].to(self.device, dtype)
+        # Image-to-video: the image's tokens beside the text's, and its first-frame latents
+        # and mask beside the noisy ones, in both passes.
+        image_embeds, condition = None, None
+        if request.image is not None:
+            image_embeds = request.image.image_embeds[None].to(self.device, dtype)  # (1, N, D)
+            condition = request.image.condition[None].to(self.device)  # (1, 4 + C, f, h, w)
 
         for index, t in enumerate(timesteps):
             with torch.no_grad():
-                model_input = latents.to(dtype)
+                model_input = latents if condition is None else torch.cat([latents, condition], 1)
+                model_input = model_input.to(dtype)
                 timestep = t.expand(latents.shape[0])
                 noise_pred = self.transformer(
                     hidden_states=model_input,
                     timestep=timestep,
                     encoder_hidden_states=prompt_embeds,
+                    encoder_hidden_states_image=image_embeds,
                     return_dict=False,
                 )[0]  # (1, C, F, h, w)
                 if guided:
@@ -150,6 +232,7 @@ class VideoDenoiser:
                         hidden_states=model_input,
                         timestep=timestep,
                         encoder_hidden_states=negative_embeds,
+                        encoder_hidden_states_image=image_embeds,
                         return_dict=False,
                     )[0]
                     noise_pred = noise_uncond + request.guidance_scale * (noise_pred - noise_uncond)
@@ -168,7 +251,7 @@ class VideoDenoiser:
         # What WanPipeline.prepare_latents draws for one prompt given a seeded CPU generator.
         shape = (
             1,
-            self.transformer.config.in_channels,
+            self.latent_channels,
             self.multiples.latent_frames(request.num_frames),
             request.height // self.multiples.latent,
             request.width // self.multiples.latent,

@@ -229,6 +229,13 @@ def plan_run(config: LoopConfig, bundle_uri: str, storage: Storage) -> RunPlan:
     bundle_dir = resolve_bundle(bundle_uri, storage)
     index = json.loads((bundle_dir / "model_index.json").read_text())
     family = family_of(bundle_uri, storage)  # an error names the URI the user gave
+    if family.conditions_on_image:
+        # Its transformer also reads the clip's first frame (encoded, with a mask) and that
+        # frame's CLIP image tokens, which prep does not store yet.
+        raise ConfigError(
+            f"bundle.uri: {bundle_uri} is a {family.class_name}; training an image-to-video "
+            "model is not supported yet (train its text-to-video sibling, WanPipeline)"
+        )
     media = family.media
     transformer_class = index[family.denoisers[0]][1]
     transformer_config = component_config(bundle_dir, family.denoisers[0])

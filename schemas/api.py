@@ -7,6 +7,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_PROMPT_CHARS = 2000
+# An input image's base64 text: 20 MiB of PNG or JPEG.
+MAX_IMAGE_CHARS = 4 * (20 * 2**20) // 3 + 100
 ResponseFormat = Literal["b64_json", "url"]
 
 
@@ -157,6 +159,14 @@ class ModelList(ApiModel):
 
 class VideoRequest(ApiModel):
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    image: str | None = Field(
+        default=None,
+        max_length=MAX_IMAGE_CHARS,
+        description=(
+            "the picture an image-to-video model animates (its first frame): a PNG, JPEG or "
+            "WebP, base64-encoded or as a data: URL; resized to height x width"
+        ),
+    )
     negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
     num_inference_steps: int = Field(default=30, ge=1, le=200)
     guidance_scale: float = Field(default=5.0, ge=0.0, le=30.0)

@@ -408,9 +408,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if _RAY_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
     # Tests that need Ray down run before the session's Ray starts, so `no_ray` need not
-    # restart it after each of them. Then the modules that read neither background run, while
-    # they run; then the modules that read the sample prep (done first), then the demo's.
-    # Whole modules move (a stable sort keeps file order), so module fixtures start once.
+    # restart it after each of them. Then the serve package, beside the sample prep alone (the
+    # demo waits for it: _DEMO_WAITS_FOR); then the modules that read neither background run,
+    # beside the demo; then the modules that read the sample prep (done first), then the
+    # demo's. Whole modules move (a stable sort keeps file order), so module fixtures start
+    # once.
     reads = {
         name: {item.path for item in items if name in item.fixturenames} for name in _READS_RUNS
     }
@@ -419,7 +421,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if "no_ray" in item.fixturenames:
             return 0
         if item.path in reads["demo_run"]:
+            return 4
+        if item.path in reads["sample_run"]:
             return 3
-        return 2 if item.path in reads["sample_run"] else 1
+        return 1 if _DEMO_WAITS_FOR in item.path.parents else 2
 
     items.sort(key=order)

@@ -1,7 +1,14 @@
 """What a request may ask of this server, checked in one place before any model runs."""
 
+import base64
+import binascii
 import hashlib
+import io
+import re
+import warnings
 from typing import Any
+
+from PIL import Image
 
 from actors.families import Multiples, family_of, latent_space
 from cluster.storage import Storage, local_path
@@ -17,6 +24,54 @@ class InvalidInput(ValueError):
         self.field = field
         self.value = value
         self.message = message
+
+
+# An input image's largest side: larger ones are refused before they are decoded (Pillow's
+# decompression-bomb guard is for ~89 M pixels; this is 16.8 M).
+MAX_IMAGE_SIDE = 4096
+_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+_DATA_URL = re.compile(r"^data:image/[a-z+.-]+;base64,", re.IGNORECASE)
+
+
+def video_image(request: VideoRequest, takes_image: bool, model: str) -> Image.Image | None:
+    """The request's input image as RGB, None for a text-to-video model. Raises
+    ``InvalidInput`` (a 422 naming ``image``) when the image is missing for an
+    image-to-video model, given to a text-to-video one, or not a PNG, JPEG or WebP in
+    base64. ``model``: the video model's pipeline class, for the messages."""
+    if not takes_image:
+        if request.image is not None:
+            raise InvalidInput(
+                "image", "...", f"the video model ({model}) makes videos from text alone; omit it"
+            )
+        return None
+    if request.image is None:
+        raise InvalidInput(
+            "image", None, f"the video model ({model}) animates an image: send one (base64)"
+        )
+    shown = request.image[:32] + ("..." if len(request.image) > 32 else "")
+    try:
+        data = base64.b64decode(_DATA_URL.sub("", request.image.strip()), validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInput("image", shown, "not base64 (or a data: URL of base64)") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            if image.format not in _IMAGE_FORMATS:
+                raise InvalidInput(
+                    "image", shown, f"a {image.format} image; send a PNG, JPEG or WebP"
+                )
+            if max(image.size) > MAX_IMAGE_SIDE:
+                raise InvalidInput(
+                    "image",
+                    shown,
+                    f"{image.width}x{image.height}: sides must be at most {MAX_IMAGE_SIDE}",
+                )
+            return image.convert("RGB")  # decodes it all: a truncated file fails here
+    except InvalidInput:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Warning) as err:
+        raise InvalidInput("image", shown, f"not a readable image ({err})") from None
 
 
 def check_inputs(

@@ -29,10 +29,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from actors.families import Multiples
 from actors.prompt_filter import PromptFilter
 from cluster.storage import Storage, is_s3
-from flows.serve.checks import InvalidInput, check_inputs, served_model
+from flows.serve.checks import InvalidInput, check_inputs, served_model, video_image
 from flows.serve.graph import ReplicaFailed, stage_names
 from flows.serve.loras import AdapterRegistry
-from flows.serve.messages import FinishedImages, Staged
+from flows.serve.messages import FinishedImages, Staged, VideoModel
 from flows.serve.video_jobs import VIDEOS_FOLDER
 from schemas.api import (
     GeneratedImage,
@@ -273,7 +273,7 @@ class Ingress:
         )
         # What each model fixes about shapes: asked of its stages once, then kept.
         self._image_multiples: dict[str, Multiples] = {}
-        self._video_multiples: Multiples | None = None
+        self._video_model: VideoModel | None = None
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_api(self)
@@ -585,15 +585,18 @@ class Ingress:
 
     async def create_video(self, body: VideoRequest) -> Any:
         jobs = self._video_jobs()
-        if self._video_multiples is None:
-            self._video_multiples = await self._call(jobs.multiples.remote())
+        if self._video_model is None:
+            self._video_model = await self._call(jobs.model.remote())
+        model = self._video_model
         try:
-            check_inputs(body, self.config, self._video_multiples)
+            check_inputs(body, self.config, model.multiples)
+            image = video_image(body, model.takes_image, model.pipeline)
         except InvalidInput as err:
             raise _invalid(err, {}) from None
         self._filter_prompt(body.prompt)
         seed = body.seed if body.seed is not None else random.randrange(2**63)
-        job = await jobs.submit.remote(body, seed)
+        # The image goes on decoded; its base64 text is not carried a second time.
+        job = await jobs.submit.remote(body.model_copy(update={"image": None}), seed, image)
         if job is None:
             return JSONResponse(
                 {"detail": "too many video jobs queued; retry later"},

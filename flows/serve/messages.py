@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from actors.families import Multiples
     from actors.generation import DenoiseRequest
-    from actors.video import VideoDenoiseRequest, VideoEmbeddings
+    from actors.video import VideoDenoiseRequest, VideoEmbeddings, VideoImageConditioning
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,19 @@ class VideoDenoiseSpec:
     num_inference_steps: int
     guidance_scale: float
 
-    def request(self, embeddings: VideoEmbeddings) -> VideoDenoiseRequest:
+    def request(
+        self, embeddings: VideoEmbeddings, image: VideoImageConditioning | None = None
+    ) -> VideoDenoiseRequest:
         # Called in the video denoiser's replica, which has the models' modules loaded.
         from actors.video import VideoDenoiseRequest
 
-        return VideoDenoiseRequest(embeddings=embeddings, **asdict(self))
+        return VideoDenoiseRequest(embeddings=embeddings, image=image, **asdict(self))
+
+
+@dataclass(frozen=True)
+class VideoModel:
+    """What the ingress checks a video request against, asked once of the denoiser stage."""
+
+    pipeline: str  # the bundle's pipeline class
+    multiples: Multiples
+    takes_image: bool  # image-to-video: every request carries the picture to animate

@@ -2,7 +2,9 @@
 that drives each job through the video stages) and the records it stores.
 
     POST /v1/videos -> VideoJobs.submit: queued, stored
-      -> video_text_encoder (UMT5) -> video_denoiser (Wan DiT; progress per step)
+      -> video_text_encoder (UMT5)
+      -> video_denoiser: the input image's encoding (image-to-video), then the Wan DiT
+         (progress per step)
       -> video_vae_decode (Wan VAE, safety check and watermark on every frame, MP4)
       -> storage (the MP4, and the job's record as JSON, so jobs outlive the replica)
 """
@@ -17,12 +19,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from PIL import Image
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from actors.families import Multiples
 from cluster.storage import Storage
-from flows.serve.messages import VideoDenoiseSpec
+from flows.serve.messages import VideoDenoiseSpec, VideoModel
 from schemas.api import VideoJob, VideoRequest
 from schemas.config import ServeVideoConfig, StorageConfig
 
@@ -86,12 +88,14 @@ class VideoJobs:
         # task that wrote one was cancelled while waiting for it.
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="video-job-records")
 
-    async def multiples(self) -> Multiples:
-        return await self.denoiser.multiples.remote()
+    async def model(self) -> VideoModel:
+        return await self.denoiser.model.remote()
 
-    async def submit(self, body: VideoRequest, seed: int) -> VideoJob | None:
+    async def submit(
+        self, body: VideoRequest, seed: int, image: Image.Image | None = None
+    ) -> VideoJob | None:
         """The new job, queued and stored; None when ``max_jobs`` are already queued or
-        running."""
+        running. ``image``: the request's input image, decoded (image-to-video)."""
         active = sum(job.record.status not in _FINISHED for job in self.jobs.values())
         if active >= self.video.max_jobs:
             return None
@@ -109,7 +113,7 @@ class VideoJobs:
         except BaseException:
             del self.jobs[record.id]
             raise
-        job.task = asyncio.create_task(self._run(job, body))
+        job.task = asyncio.create_task(self._run(job, body, image))
         self._forget_old()
         return record.model_copy()
 
@@ -135,7 +139,7 @@ class VideoJobs:
     async def stats(self) -> dict[str, int]:
         return dict(Counter(job.record.status for job in self.jobs.values()))
 
-    async def _run(self, job: _Job, body: VideoRequest) -> None:
+    async def _run(self, job: _Job, body: VideoRequest, image: Image.Image | None) -> None:
         record = job.record
         in_flight: list[Any] = []
 
@@ -161,6 +165,14 @@ class VideoJobs:
                         self.video.max_sequence_length,
                     ),
                 )
+                conditioning = None
+                if image is not None:
+                    conditioning = await stage(
+                        "image_encoder",
+                        self.denoiser.encode_image.remote(
+                            image, body.height, body.width, body.num_frames
+                        ),
+                    )
                 spec = VideoDenoiseSpec(
                     seed=record.seed,
                     height=body.height,
@@ -170,7 +182,9 @@ class VideoJobs:
                     guidance_scale=body.guidance_scale,
                 )
                 denoise_start = time.perf_counter()
-                steps = self.denoiser.options(stream=True).denoise.remote(spec, embeddings)
+                steps = self.denoiser.options(stream=True).denoise.remote(
+                    spec, embeddings, conditioning
+                )
                 in_flight[:] = [steps]
                 async for step, sample in steps:
                     record.step = step

@@ -13,6 +13,7 @@ from diffusers import AutoencoderKL, AutoencoderKLWan, StableDiffusion3Pipeline,
 from actors.families import (
     FAMILIES,
     SD3,
+    WAN_I2V,
     WAN_T2V,
     FamilyError,
     Multiples,
@@ -27,7 +28,7 @@ MAX_SEQUENCE_LENGTH = 16
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return build_tiny_bundles(tmp_path_factory.mktemp("bundles"), names=["t2i", "t2v"])
+    return build_tiny_bundles(tmp_path_factory.mktemp("bundles"), names=["t2i", "t2v", "i2v"])
 
 
 def _edit_json(path: Path, **values) -> None:
@@ -42,6 +43,7 @@ def test_each_family_is_found_by_its_pipeline_class(bundles):
         "StableDiffusionXLImg2ImgPipeline",
         "StableDiffusionPipeline",
         "WanPipeline",
+        "WanImageToVideoPipeline",
     }
     assert family_of(bundles["t2i"]) is SD3 and SD3.pipeline is StableDiffusion3Pipeline
     assert family_of(bundles["t2v"]) is WAN_T2V and WAN_T2V.pipeline is WanPipeline
@@ -61,6 +63,15 @@ def test_facts_read_from_the_tiny_bundles(bundles):
     assert WAN_T2V.text_widths(component_config(bundles["t2v"], "transformer")) == (32, None)
     factors = WAN_T2V.latent_factors(component_config(bundles["t2v"], "vae"))
     assert set(factors) == {"latents_mean", "latents_std"} and len(factors["latents_mean"]) == 16
+    # i2v: Wan's, with 36 channels in (noise, mask, first frame) and the 16 latent ones out.
+    i2v = family_of(bundles["i2v"], media="video")
+    assert i2v is WAN_I2V and i2v.conditions_on_image and not WAN_T2V.conditions_on_image
+    transformer = component_config(bundles["i2v"], "transformer")
+    assert transformer["in_channels"] == 36 and i2v.latent_channels(transformer) == 16
+    assert i2v.multiples(bundles["i2v"]) == WAN_T2V.multiples(bundles["t2v"])
+    assert i2v.unloaded("image_encoders", "vae") == dict.fromkeys(
+        ("text_encoder", "tokenizer", "transformer", "transformer_2")
+    )
 
 
 def test_the_multiples_match_what_the_pipelines_compute(bundles):
@@ -127,7 +138,8 @@ def test_an_unknown_pipeline_class_names_the_supported_ones(bundles, tmp_path):
     assert str(bundle) in str(err.value)
     supported = (
         "StableDiffusion3Pipeline, FluxPipeline, StableDiffusionXLPipeline, "
-        "StableDiffusionXLImg2ImgPipeline, StableDiffusionPipeline, WanPipeline"
+        "StableDiffusionXLImg2ImgPipeline, StableDiffusionPipeline, WanPipeline, "
+        "WanImageToVideoPipeline"
     )
     assert supported in str(err.value)
 

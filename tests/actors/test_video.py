@@ -1,7 +1,7 @@
-"""The video stages against ``WanPipeline`` called directly on a tiny Wan bundle: the staged
-video (encoder -> denoiser -> decoder) equals the pipeline's for the same prompt, seed,
-steps and guidance; the denoiser stops wherever its caller stops iterating; MP4 encoding,
-which keeps the invisible watermark of every frame."""
+"""The video stages against ``WanPipeline`` and ``WanImageToVideoPipeline`` called directly on
+tiny Wan bundles: the staged video (encoders -> denoiser -> decoder) equals the pipeline's for
+the same prompt, image, seed, steps and guidance; the denoiser stops wherever its caller stops
+iterating; MP4 encoding, which keeps the invisible watermark of every frame."""
 
 import io
 from pathlib import Path
@@ -10,12 +10,14 @@ import av
 import numpy as np
 import pytest
 import torch
-from diffusers import WanPipeline
+from diffusers import WanImageToVideoPipeline, WanPipeline
+from PIL import Image
 
 from actors.video import (
     VideoDecoder,
     VideoDenoiser,
     VideoDenoiseRequest,
+    VideoImageEncoder,
     VideoPromptEncoder,
     encode_mp4,
     to_uint8,
@@ -31,8 +33,13 @@ PROMPT = "a red car driving through the city at night"
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_bundles(tmp_path_factory.mktemp("bundles"), names=["t2v"])["t2v"]
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_tiny_bundles(tmp_path_factory.mktemp("bundles"), names=["t2v", "i2v"])
+
+
+@pytest.fixture(scope="module")
+def bundle(bundles: dict[str, Path]) -> Path:
+    return bundles["t2v"]
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +87,74 @@ def test_staged_video_equals_the_pipeline(bundle, stages, guidance_scale, negati
     assert diff <= TOLERANCE
     # Not a constant video: the comparison above has something to compare.
     assert video.std() > 1e-3
+
+
+def picture(height: int, width: int) -> Image.Image:
+    """A picture with structure (a gradient and a square), of any size."""
+    rows, cols = np.mgrid[0:height, 0:width]
+    pixels = np.stack([rows * 255 // height, cols * 255 // width, np.full_like(rows, 96)], -1)
+    pixels[height // 4 : height // 2, width // 4 : width // 2] = (250, 240, 20)
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+# An image of another size and aspect than the video: both the pipeline and the stages resize
+# it (the CLIP processor to its crop, the VAE's input to the video's size).
+@pytest.mark.parametrize(("guidance_scale", "negative"), [(5.0, "blurry"), (1.0, None)])
+def test_staged_image_to_video_equals_the_pipeline(bundles, guidance_scale, negative):
+    image = picture(40, 52)
+    pipe = WanImageToVideoPipeline.from_pretrained(bundles["i2v"])
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(
+        image=image,
+        prompt=PROMPT,
+        negative_prompt=negative,
+        height=HEIGHT,
+        width=WIDTH,
+        num_frames=NUM_FRAMES,
+        num_inference_steps=NUM_STEPS,
+        guidance_scale=guidance_scale,
+        generator=torch.Generator("cpu").manual_seed(7),
+        max_sequence_length=MAX_SEQUENCE_LENGTH,
+        output_type="np",
+    ).frames[0]  # (F, H, W, 3)
+
+    encoder, denoiser = VideoPromptEncoder(bundles["i2v"]), VideoDenoiser(bundles["i2v"])
+    conditioning = VideoImageEncoder(bundles["i2v"]).encode(image, HEIGHT, WIDTH, NUM_FRAMES)
+    # 17 CLIP tokens of width 16; a mask of 4 channels then 16 latent channels, 2 latent frames.
+    assert conditioning.image_embeds.shape == (17, 16)
+    assert conditioning.condition.shape == (20, 2, HEIGHT // 8, WIDTH // 8)
+    request = VideoDenoiseRequest(
+        embeddings=encoder.encode(PROMPT, negative, guidance_scale, MAX_SEQUENCE_LENGTH),
+        seed=7,
+        height=HEIGHT,
+        width=WIDTH,
+        num_frames=NUM_FRAMES,
+        num_inference_steps=NUM_STEPS,
+        guidance_scale=guidance_scale,
+        image=conditioning,
+    )
+    video = VideoDecoder(bundles["i2v"]).decode(denoiser.denoise(request))
+    diff = float(np.abs(video - expected).max())
+    print(f"image-to-video max abs diff (guidance {guidance_scale}): {diff:.3g}")
+    assert video.shape == (NUM_FRAMES, HEIGHT, WIDTH, 3) and diff <= TOLERANCE
+    assert video.std() > 1e-3
+
+    # The image matters: another picture gives another video from the same seed.
+    other = VideoImageEncoder(bundles["i2v"]).encode(
+        picture(32, 48).transpose(Image.Transpose.FLIP_LEFT_RIGHT), HEIGHT, WIDTH, NUM_FRAMES
+    )
+    moved = denoiser.denoise(VideoDenoiseRequest(**{**vars(request), "image": other}))
+    assert float((moved - denoiser.denoise(request)).abs().max()) > 1e-3
+
+
+def test_an_image_is_required_by_image_to_video_and_refused_by_text_to_video(bundles, stages):
+    denoiser = VideoDenoiser(bundles["i2v"])
+    with pytest.raises(ValueError, match="WanImageToVideoPipeline animates an input image"):
+        denoiser.check(HEIGHT, WIDTH, NUM_FRAMES, image=False)
+    with pytest.raises(ValueError, match="WanPipeline makes videos from text alone"):
+        stages[1].check(HEIGHT, WIDTH, NUM_FRAMES, image=True)
+    with pytest.raises(ValueError, match="WanPipeline takes no image"):
+        VideoImageEncoder(bundles["t2v"])
 
 
 def test_denoiser_yields_progress_and_stops_between_steps(stages):

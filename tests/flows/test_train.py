@@ -168,6 +168,15 @@ def test_video_bundle_on_image_only_shards_names_the_data(tiny_bundles, prep_sha
         plan_run(config, config.bundle.uri, Storage())
 
 
+def test_an_image_to_video_bundle_is_refused_naming_what_to_train(
+    tiny_bundles, prep_shards, tmp_path
+):
+    i2v = build_tiny_bundles(tmp_path / "bundles", ["i2v"])["i2v"]
+    config = _config(tiny_bundles, prep_shards, tmp_path / "run", **{"bundle.uri": str(i2v)})
+    with pytest.raises(ConfigError, match="^bundle.uri: .* WanImageToVideoPipeline; training"):
+        plan_run(config, config.bundle.uri, Storage())
+
+
 def test_a_sample_grid_of_a_non_square_bucket_is_as_wide_as_its_bucket(
     tiny_bundles, prep_shards, tmp_path
 ):

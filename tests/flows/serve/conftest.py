@@ -1,6 +1,6 @@
 """One Serve app for the image and the video tests: the image graph (base, refiner, a
 super-resolution stage, the safety checker), a second model's graph (SDXL with its refiner)
-and the video jobs, on a real local Ray Serve with tiny bundles, outputs on the S3 test
+and the video jobs (Wan image-to-video), on a real local Ray Serve with tiny bundles, outputs on the S3 test
 server. Started once for the package: each app start is a score of replica processes that
 import torch and diffusers and load their bundles, most of a minute on a 2-core machine.
 """
@@ -86,7 +86,7 @@ def adapters(
 def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return build_tiny_bundles(
         tmp_path_factory.mktemp("bundles"),
-        names=["t2i", "refiner", "upscaler", "nsfw", "t2v", "sdxl", "sdxl-refiner"],
+        names=["t2i", "refiner", "upscaler", "nsfw", "t2v", "i2v", "sdxl", "sdxl-refiner"],
     )
 
 
@@ -152,8 +152,9 @@ def serve_config(
                 "vae_decode": stage,
                 "safety": stage,
             },
+            # Wan image-to-video: its jobs run text-to-video's path plus the input image's.
             "video": {
-                "bundle": {"uri": str(bundles["t2v"])},
+                "bundle": {"uri": str(bundles["i2v"])},
                 "max_height": 64,
                 "max_width": 64,
                 "max_num_frames": 33,

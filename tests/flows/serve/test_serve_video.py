@@ -1,16 +1,17 @@
 """Video jobs on a real local Ray Serve with tiny bundles (`flows/serve/video_jobs.py`):
-submit (202), progress, the watermarked MP4 behind the job's URL, the safety check on its
-frames, cancelling queued and running jobs, the queue bound (503), validation 422s naming the
-field, job records kept in storage (the S3 test server), so that they outlive the video_jobs
-replica. The app is the one the image tests use
-(``conftest.py``).
+submit (202) with the picture to animate, progress, the watermarked MP4 behind the job's URL,
+the safety check on its frames, cancelling queued and running jobs, the queue bound (503),
+validation 422s naming the field (the image's among them), job records kept in storage (the
+S3 test server), so that they outlive the video_jobs replica. The app is the one the image
+tests use (``conftest.py``); its video model is Wan image-to-video.
 
-The staged video's parity with ``WanPipeline`` is checked at the class level
-(``tests/actors/test_video.py``); here the MP4 is checked against the pipeline's frames to
-the watermark's and H.264's loss.
+The staged video's parity with ``WanPipeline`` and ``WanImageToVideoPipeline`` is checked at
+the class level (``tests/actors/test_video.py``); here the MP4 is checked against the
+image-to-video pipeline's frames to the watermark's and H.264's loss.
 """
 
 import asyncio
+import base64
 import io
 import json
 import os
@@ -26,12 +27,14 @@ import numpy as np
 import pytest
 import ray
 import torch
-from diffusers import AutoencoderKLWan, WanPipeline
+from diffusers import AutoencoderKLWan, WanImageToVideoPipeline
+from PIL import Image
 
 from actors.video import to_uint8
 from actors.watermark import detect_watermark
 from flows.cli import main
 from flows.serve import APP_NAME
+from flows.serve.checks import InvalidInput, video_image
 from flows.serve.video_jobs import VIDEO_JOBS_FOLDER, VideoJobs, _Job
 from flows.serve.video_stages import VideoDecodeStage
 from schemas.api import VideoJob
@@ -59,6 +62,23 @@ NUM_STEPS = 3
 # Long enough (seconds) to be killed mid-run after its first progress write, a second in.
 LONG_JOB = {"height": 64, "width": 64, "num_frames": 33, "num_inference_steps": 200}
 PROMPT = "a red car driving through the city at night"
+
+
+def picture(height: int = 40, width: int = 52) -> Image.Image:
+    """The picture the jobs animate: a gradient with a square, another size than the video."""
+    rows, cols = np.mgrid[0:height, 0:width]
+    pixels = np.stack([rows * 255 // height, cols * 255 // width, np.full_like(rows, 96)], -1)
+    pixels[height // 4 : height // 2, width // 4 : width // 2] = (250, 240, 20)
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+def encoded(image: Image.Image, format: str = "PNG") -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+IMAGE = encoded(picture())
 
 
 def call(
@@ -92,6 +112,7 @@ def submit(server: Server, **fields: Any) -> dict[str, Any]:
         "width": WIDTH,
         "num_frames": NUM_FRAMES,
         "num_inference_steps": NUM_STEPS,
+        "image": IMAGE,
         **fields,
     }
     status, _, job = call(server, "/v1/videos", body)
@@ -124,7 +145,7 @@ def test_a_video_job_runs_to_a_watermarked_mp4_matching_the_pipeline(
     assert done["status"] == "succeeded", done
     assert done["step"] == NUM_STEPS and done["nsfw_content_detected"] is False
     assert job["created_at"] <= done["started_at"] <= done["finished_at"] <= time.time()
-    assert {"text_encoder", "denoiser", "vae_decode", "store", "total"} <= set(
+    assert {"text_encoder", "image_encoder", "denoiser", "vae_decode", "store", "total"} <= set(
         done["stage_seconds"]
     )
     # The output is on S3: a presigned URL to the MP4.
@@ -136,9 +157,10 @@ def test_a_video_job_runs_to_a_watermarked_mp4_matching_the_pipeline(
         frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
     assert frames.shape == (NUM_FRAMES, HEIGHT, WIDTH, 3)
 
-    pipe = WanPipeline.from_pretrained(bundles["t2v"])
+    pipe = WanImageToVideoPipeline.from_pretrained(bundles["i2v"])
     pipe.set_progress_bar_config(disable=True)
     expected = pipe(
+        image=picture(),
         prompt=PROMPT,
         negative_prompt="blurry",
         height=HEIGHT,
@@ -203,9 +225,8 @@ def test_cancel_running_and_queued_jobs_and_the_queue_bound(server):
     running = submit(server, num_inference_steps=200, seed=1)
     queued = submit(server, seed=2)
     # max_jobs is 2: a third is refused until one finishes.
-    status, head, payload = call(
-        server, "/v1/videos", {"prompt": PROMPT, "height": HEIGHT, "width": WIDTH, "num_frames": 5}
-    )
+    third = {"prompt": PROMPT, "height": HEIGHT, "width": WIDTH, "num_frames": 5, "image": IMAGE}
+    status, head, payload = call(server, "/v1/videos", third)
     assert status == 503 and head["retry-after"] == str(RETRY_AFTER_S), payload
     poll(server, running["id"], lambda job: job["status"] == "running" and job["step"] >= 1)
 
@@ -238,10 +259,16 @@ def test_cancel_running_and_queued_jobs_and_the_queue_bound(server):
         ({"width": 80}, "width", "at most 64"),
         ({"num_inference_steps": 0}, "num_inference_steps", "greater than or equal"),
         ({"prompt": " "}, "prompt", "blank"),
+        ({"image": None}, "image", "WanImageToVideoPipeline) animates an image: send one"),
+        ({"image": "not base64!"}, "image", "not base64"),
+        ({"image": base64.b64encode(b"GIF89a, or so").decode()}, "image", "not a readable image"),
+        ({"image": encoded(picture(), "GIF")}, "image", "a GIF image; send a PNG, JPEG or WebP"),
+        ({"image": encoded(picture(8, 4097))}, "image", "4097x8: sides must be at most 4096"),
     ],
 )
 def test_invalid_video_requests_are_422_naming_the_field(server, fields, field, message):
-    body = {"prompt": PROMPT, "height": HEIGHT, "width": WIDTH, "num_frames": 5, **fields}
+    body = {"prompt": PROMPT, "height": HEIGHT, "width": WIDTH, "num_frames": 5, "image": IMAGE}
+    body |= fields
     status, _, payload = call(server, "/v1/videos", body)
     assert status == 422, payload
     [error] = payload["detail"]
@@ -253,7 +280,13 @@ def test_blocked_prompts_and_unknown_jobs(server):
     status, _, payload = call(
         server,
         "/v1/videos",
-        {"prompt": f"a {BLOCKED}", "height": HEIGHT, "width": WIDTH, "num_frames": NUM_FRAMES},
+        {
+            "prompt": f"a {BLOCKED}",
+            "height": HEIGHT,
+            "width": WIDTH,
+            "num_frames": NUM_FRAMES,
+            "image": IMAGE,
+        },
     )
     assert status == 400 and payload["detail"]["code"] == "prompt_blocked"
     for method in ("GET", "DELETE"):
@@ -346,6 +379,27 @@ def test_job_records_on_s3_outlive_the_replica(s3_bucket, s3_client, storage_con
     key = f"outputs/{VIDEO_JOBS_FOLDER}/{record.id}.json"
     body = s3_client.get_object(Bucket=s3_bucket.removeprefix("s3://"), Key=key)["Body"].read()
     assert VideoJob.model_validate(json.loads(body)["job"]) == found
+
+
+def test_input_images_as_the_ingress_reads_them():
+    """The image check beside the server's: a JPEG and a data: URL are read as the PNG is; a
+    text-to-video model refuses any image and needs none."""
+    image = picture()
+
+    def request(**fields: Any) -> Any:
+        from schemas.api import VideoRequest
+
+        return VideoRequest(prompt=PROMPT, **fields)
+
+    read = video_image(request(image=encoded(image)), True, "WanImageToVideoPipeline")
+    assert read.mode == "RGB" and np.array_equal(np.asarray(read), np.asarray(image))
+    jpeg = video_image(request(image=encoded(image, "JPEG")), True, "WanImageToVideoPipeline")
+    assert jpeg.size == image.size
+    url = f"data:image/png;base64,{encoded(image)}"
+    assert np.array_equal(np.asarray(video_image(request(image=url), True, "x")), read)
+    assert video_image(request(), False, "WanPipeline") is None
+    with pytest.raises(InvalidInput, match="WanPipeline\\) makes videos from text alone"):
+        video_image(request(image=encoded(image)), False, "WanPipeline")
 
 
 def test_video_config_checks():
