@@ -24,6 +24,7 @@ from actors.video import (
 )
 from actors.watermark import detect_watermark, embed_watermark
 from flows.models import build_tiny_bundles
+from tests.actors.rows import image_pixels
 
 HEIGHT, WIDTH, NUM_FRAMES = 32, 48, 5
 NUM_STEPS = 3
@@ -89,19 +90,11 @@ def test_staged_video_equals_the_pipeline(bundle, stages, guidance_scale, negati
     assert video.std() > 1e-3
 
 
-def picture(height: int, width: int) -> Image.Image:
-    """A picture with structure (a gradient and a square), of any size."""
-    rows, cols = np.mgrid[0:height, 0:width]
-    pixels = np.stack([rows * 255 // height, cols * 255 // width, np.full_like(rows, 96)], -1)
-    pixels[height // 4 : height // 2, width // 4 : width // 2] = (250, 240, 20)
-    return Image.fromarray(pixels.astype(np.uint8))
-
-
 # An image of another size and aspect than the video: both the pipeline and the stages resize
 # it (the CLIP processor to its crop, the VAE's input to the video's size).
 @pytest.mark.parametrize(("guidance_scale", "negative"), [(5.0, "blurry"), (1.0, None)])
 def test_staged_image_to_video_equals_the_pipeline(bundles, guidance_scale, negative):
-    image = picture(40, 52)
+    image = Image.fromarray(image_pixels(52, 40, seed=0))  # (40, 52) pixels
     pipe = WanImageToVideoPipeline.from_pretrained(bundles["i2v"])
     pipe.set_progress_bar_config(disable=True)
     expected = pipe(
@@ -141,7 +134,7 @@ def test_staged_image_to_video_equals_the_pipeline(bundles, guidance_scale, nega
 
     # The image matters: another picture gives another video from the same seed.
     other = VideoImageEncoder(bundles["i2v"]).encode(
-        picture(32, 48).transpose(Image.Transpose.FLIP_LEFT_RIGHT), HEIGHT, WIDTH, NUM_FRAMES
+        Image.fromarray(image_pixels(52, 40, seed=1)), HEIGHT, WIDTH, NUM_FRAMES
     )
     moved = denoiser.denoise(VideoDenoiseRequest(**{**vars(request), "image": other}))
     assert float((moved - denoiser.denoise(request)).abs().max()) > 1e-3

@@ -12,7 +12,7 @@ import uuid
 import pytest
 import ray
 
-from cluster.ray_runtime import VERBOSE_ENV, init_ray
+from cluster.ray_runtime import _QUIET_ENV, VERBOSE_ENV, init_ray
 from schemas.config import RayConfig
 from tests.conftest import REPO, SessionRay
 
@@ -122,7 +122,9 @@ ray.get(fail.remote())
 def _run_driver(mode: str, marker: str) -> subprocess.CompletedProcess[str]:
     """The driver, connected to the session's Ray through $RAY_ADDRESS (as a Ray Job's command
     is): it needs no cluster of its own to show what reaches its console."""
-    env = {k: v for k, v in os.environ.items() if k != VERBOSE_ENV}
+    # As a fresh shell starts it: without what an earlier test's quiet CLI call left in this
+    # process's environment (configure_console sets those variables for its Ray).
+    env = {k: v for k, v in os.environ.items() if k != VERBOSE_ENV and k not in _QUIET_ENV}
     env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     return subprocess.run(
         [sys.executable, "-c", _DRIVER, mode, marker],

@@ -46,6 +46,7 @@ from schemas.config import (
     StorageConfig,
     VideoDeployments,
 )
+from tests.actors.rows import image_pixels
 from tests.flows.serve.conftest import (
     API_KEY,
     BLOCKED,
@@ -65,11 +66,8 @@ PROMPT = "a red car driving through the city at night"
 
 
 def picture(height: int = 40, width: int = 52) -> Image.Image:
-    """The picture the jobs animate: a gradient with a square, another size than the video."""
-    rows, cols = np.mgrid[0:height, 0:width]
-    pixels = np.stack([rows * 255 // height, cols * 255 // width, np.full_like(rows, 96)], -1)
-    pixels[height // 4 : height // 2, width // 4 : width // 2] = (250, 240, 20)
-    return Image.fromarray(pixels.astype(np.uint8))
+    """The picture the jobs animate: another size than the video's."""
+    return Image.fromarray(image_pixels(width, height, seed=0))
 
 
 def encoded(image: Image.Image, format: str = "PNG") -> str:
