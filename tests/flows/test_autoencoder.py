@@ -32,7 +32,6 @@ def _config(bundles, corpus: Path, output: Path, **values) -> AutoencoderConfig:
         "max_steps": 40,
         "checkpoint_every": 20,
         "sample_every": 40,
-        "report_every_s": 0,
     }
     return load_config(AutoencoderConfig, values={**defaults, **values})
 
