@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from actors.batches import (
     empty_tensor,
@@ -26,11 +27,15 @@ from actors.batches import (
 )
 from actors.families import Family, Multiples, component_config, family_of
 from actors.loaders import load_pipeline
+from actors.video import VideoImageEncoder
+from cluster.bundles import resolve_bundle
 from cluster.storage import Storage
 from schemas.config import EncodeConfig, ModelRef, PrepConfig, StorageConfig
 from schemas.shards import (
     CAPTION,
     CAPTION_KINDS,
+    IMAGE_CONDITION,
+    IMAGE_EMBEDS,
     INPUT_IDS,
     LATENT_MEAN,
     LATENT_STD,
@@ -103,9 +108,7 @@ class TextEncoder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = num_rows(batch)
         if self.tokens_only:
-            columns: dict[str, list[Any]] = {
-                INPUT_IDS[kind]: [None] * n for kind in CAPTION_KINDS
-            }
+            columns: dict[str, list[Any]] = {INPUT_IDS[kind]: [None] * n for kind in CAPTION_KINDS}
         else:
             columns = {}
             for kind in CAPTION_KINDS:
@@ -192,6 +195,11 @@ class LatentEncoder:
     images and clips share one ndim in flight; the shard writer drops the image's frame axis.
     Latents are NOT scaled: ``vae_factors`` gives the factors training applies. Rows that are
     not ok get empty (0, 0, 0, 0) arrays.
+
+    An image-to-video video bundle (Wan i2v) also gives each clip's first frame as its
+    pipeline prepares an input image (``actors/video.py``'s VideoImageEncoder, on this
+    encoder's VAE): ``image_embeds`` (N, D), the image encoder's tokens, and
+    ``image_condition`` (4 + C, f, h, w), the first-frame mask and normalised latents.
     """
 
     def __init__(
@@ -204,15 +212,28 @@ class LatentEncoder:
         self.latent_std = config.latent_std
         self.multiples: dict[str, Multiples] = {}
         self.pipes: dict[str, Any] = {}
+        self.image_encoder: VideoImageEncoder | None = None
         for media, (ref, family) in _families(bundle, video_bundle, storage).items():
             self.multiples[media] = family.multiples(ref.uri, Storage(storage))
-            self.pipes[media] = _pipeline(ref, storage, family, "vae")
+            if family.conditions_on_image:
+                # Image-to-video: each clip's first frame as the pipeline prepares its input
+                # image, with the same VAE.
+                self.pipes[media] = _pipeline(ref, storage, family, "vae", "image_encoders")
+                local = resolve_bundle(ref.uri, Storage(storage))
+                self.image_encoder = VideoImageEncoder(
+                    local, ref.device, self.pipes[media].vae.dtype, pipe=self.pipes[media]
+                )
+            else:
+                self.pipes[media] = _pipeline(ref, storage, family, "vae")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         kinds = [str(kind) for kind in batch["media_kind"]]
         columns = {LATENT_MEAN: [empty_tensor(4) for _ in kinds]}  # (C, f, h, w)
         if self.latent_std:
             columns[LATENT_STD] = [empty_tensor(4) for _ in kinds]
+        if self.image_encoder is not None:
+            columns[IMAGE_EMBEDS] = [empty_tensor(2) for _ in kinds]  # (N, D)
+            columns[IMAGE_CONDITION] = [empty_tensor(4) for _ in kinds]  # (4 + C, f, h, w)
 
         for (media, _), rows in pixel_groups(batch, ok_rows(batch)).items():
             if media not in self.pipes:
@@ -233,6 +254,13 @@ class LatentEncoder:
                 columns[LATENT_MEAN][index] = mean[position]
                 if std is not None:
                     columns[LATENT_STD][index] = std[position]
+            if media == "video" and self.image_encoder is not None:
+                num_frames, height, width = frames.shape[1:4]
+                for position, index in enumerate(rows):
+                    first = Image.fromarray(frames[position, 0])
+                    image = self.image_encoder.encode(first, height, width, num_frames)
+                    columns[IMAGE_EMBEDS][index] = _numpy(image.image_embeds)
+                    columns[IMAGE_CONDITION][index] = _numpy(image.condition)
 
         return {**batch, **{name: object_column(values) for name, values in columns.items()}}
 

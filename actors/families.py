@@ -393,13 +393,28 @@ class Family:
         pooled: torch.Tensor | None = None,
         guidance: torch.Tensor | None = None,
         time_ids: torch.Tensor | None = None,
+        image: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The transformer's prediction (B, C, ...) for normalised latents (B, C, ...), called
         as the family's pipeline calls it: ``timestep`` (B,) in the scheduler's units
         (sigma x num_train_timesteps), ``prompt_embeds`` (B, L, D), ``pooled`` (B, D_pooled)
         for a family that pools, ``guidance`` (B,) for one that embeds it, ``time_ids``
-        (B, 6) for one with size conditioning. Latents stay (B, C, h, w) outside: a family
-        that packs them does so here and undoes it."""
+        (B, 6) for one with size conditioning, ``image`` (image tokens (B, N, D), first-frame
+        condition (B, 4 + C, f, h, w)) for one that animates an image: the condition joins
+        the latents' channels, as WanImageToVideoPipeline feeds them. Latents stay
+        (B, C, h, w) outside: a family that packs them does so here and undoes it."""
+        if self.conditions_on_image:
+            import torch
+
+            assert image is not None, f"{self.name}'s denoiser reads the input image"
+            image_embeds, condition = image
+            return transformer(
+                hidden_states=torch.cat([latents, condition.to(latents.dtype)], dim=1),
+                timestep=timestep,
+                encoder_hidden_states=prompt_embeds,
+                encoder_hidden_states_image=image_embeds,
+                return_dict=False,
+            )[0]
         if self.size_conditioning:
             assert time_ids is not None, f"{self.name}'s denoiser reads time ids"
             return self._forward(transformer, latents, timestep, prompt_embeds, pooled, time_ids)

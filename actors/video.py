@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -113,14 +114,19 @@ class VideoImageEncoder:
         bundle_dir: str | Path,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        pipe: Any = None,
     ) -> None:
+        """``pipe``: the bundle's pipeline already loaded with (at least) its image encoder
+        and VAE, on ``device`` (prep's latent encoder shares its own)."""
         self.device = torch.device(device)
         self.family = family_of(bundle_dir, media="video")
         if not self.family.conditions_on_image:
             raise FamilyError(f"bundle {bundle_dir}: a {self.family.class_name} takes no image")
-        self.pipe = self.family.pipeline.from_pretrained(
-            bundle_dir, dtype=dtype, **self.family.unloaded("image_encoders", "vae")
-        ).to(self.device)
+        if pipe is None:
+            pipe = self.family.pipeline.from_pretrained(
+                bundle_dir, dtype=dtype, **self.family.unloaded("image_encoders", "vae")
+            ).to(self.device)
+        self.pipe = pipe
         self.multiples = self.family.multiples(bundle_dir)
 
     def encode(

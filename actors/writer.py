@@ -27,6 +27,8 @@ from schemas.shards import (
     BUCKET,
     CROP_BOX,
     FILTERED_DIR,
+    IMAGE_CONDITION,
+    IMAGE_EMBEDS,
     INPUT_IDS,
     LATENT_MEAN,
     LATENT_STD,
@@ -52,7 +54,9 @@ def _tensor_column(values: list[np.ndarray], shape: tuple[int, ...]) -> pa.Exten
         if value.size:
             assert value.shape == shape, f"{value.shape} in a {shape} bucket"
             flat[index] = value.reshape(-1)
-    storage = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), size, mask=pa.array(missing))
+    storage = pa.FixedSizeListArray.from_arrays(
+        pa.array(flat.reshape(-1)), size, mask=pa.array(missing)
+    )
     return pa.ExtensionArray.from_storage(tensor_type, storage)
 
 
@@ -115,8 +119,15 @@ class ShardWriter:
         if POOLED_PROMPT_EMBEDS["original"] in take:
             pooled = [v for name in POOLED_PROMPT_EMBEDS.values() for v in take[name]]
             pooled_shape = _shape_of(pooled)
+        image_shapes = None
+        if IMAGE_EMBEDS in take and _shape_of(take[IMAGE_EMBEDS]) is not None:
+            image_shapes = (_shape_of(take[IMAGE_EMBEDS]), _shape_of(take[IMAGE_CONDITION]))
         schema = shard_file_schema(
-            latent_shape, embeds_shape, pooled_shape, with_latent_std=self.latent_std
+            latent_shape,
+            embeds_shape,
+            pooled_shape,
+            with_latent_std=self.latent_std,
+            image_shapes=image_shapes,
         )
         columns: dict[str, Any] = {}
         for field in schema:
@@ -136,7 +147,9 @@ class ShardWriter:
 
     def _write_rejects(self, batch: dict[str, np.ndarray], rows: np.ndarray, folder: str) -> str:
         columns = {
-            field.name: [_plain(batch[field.name][i]) if field.name in batch else None for i in rows]
+            field.name: [
+                _plain(batch[field.name][i]) if field.name in batch else None for i in rows
+            ]
             for field in REJECT_SCHEMA
         }
         table = pa.Table.from_pydict(columns, schema=REJECT_SCHEMA)
@@ -169,5 +182,6 @@ def _token_map(value: Any) -> list[tuple[str, list[int]]] | None:
     if value is None or (isinstance(value, np.ndarray) and value.size == 0):
         return None
     # Ray joins per-row dicts into one struct type: keys a row lacks come back as None.
-    return [(str(key), [int(t) for t in ids]) for key, ids in dict(value).items() if ids is not None]
-
+    return [
+        (str(key), [int(t) for t in ids]) for key, ids in dict(value).items() if ids is not None
+    ]

@@ -113,8 +113,11 @@ class DenoisingObjective(StatelessObjective):
         guidance = None
         if self.embeds_guidance:
             guidance = torch.full((b,), self.config.guidance_scale, device=self.device)
+        image = None
+        if "image_embeds" in batch:  # image-to-video: the clip's first frame, never dropped
+            image = (batch["image_embeds"], batch["image_condition"])
         return self.plan.family.predict(
-            model, noisy, timestep, prompt_embeds, pooled, guidance, batch.get("time_ids")
+            model, noisy, timestep, prompt_embeds, pooled, guidance, batch.get("time_ids"), image
         )
 
     def export(self, state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> None:

@@ -31,6 +31,8 @@ from cluster.storage import Storage, join
 from schemas.config import ConfigError
 from schemas.shards import (
     CROP_BOX,
+    IMAGE_CONDITION,
+    IMAGE_EMBEDS,
     LATENT_MEAN,
     ORIGINAL_HEIGHT,
     ORIGINAL_WIDTH,
@@ -57,9 +59,7 @@ class Bucket:
         return sum(self.file_rows)
 
 
-def read_buckets(
-    data: str, manifest: Manifest, media: str, storage: Storage
-) -> dict[str, Bucket]:
+def read_buckets(data: str, manifest: Manifest, media: str, storage: Storage) -> dict[str, Bucket]:
     """The ``media`` buckets a prep output holds, from the parquet footers only."""
     buckets = {}
     for name in sorted(manifest.buckets):
@@ -122,7 +122,7 @@ def embeddings_and_latents(table: pa.Table) -> dict[str, np.ndarray]:
     ``prompt_embeds_{kind}`` (N, L, D), ``pooled_prompt_embeds_{kind}`` (N, D) where the
     family has them, and ``has_{kind}`` (N,) bool; ``size_crop`` (N, 6) int32: the original
     (height, width) and the crop box (top, left, height, width) in original pixels, which
-    SDXL conditions on."""
+    SDXL conditions on; for image-to-video shards, ``image_embeds`` and ``image_condition``."""
     batch = {"latents": tensor_column(table, LATENT_MEAN)[0]}
     crop = table.column(CROP_BOX).combine_chunks().flatten().to_numpy(zero_copy_only=False)
     batch["size_crop"] = np.concatenate(
@@ -135,6 +135,9 @@ def embeddings_and_latents(table: pa.Table) -> dict[str, np.ndarray]:
         ],
         axis=1,
     ).astype(np.int32)
+    if IMAGE_EMBEDS in table.column_names:  # image-to-video: the first frame's conditioning
+        batch["image_embeds"] = tensor_column(table, IMAGE_EMBEDS)[0]  # (N, T, D)
+        batch["image_condition"] = tensor_column(table, IMAGE_CONDITION)[0]  # (N, 4 + C, f, h, w)
     for kind, embeds in PROMPT_EMBEDS.items():
         batch[embeds], batch[f"has_{kind}"] = tensor_column(table, embeds)
         if POOLED_PROMPT_EMBEDS[kind] in table.column_names:

@@ -74,7 +74,7 @@ from schemas.config import (
 )
 from schemas.errors import RaygenError
 from schemas.shapes import HELD_OUT, ShapeCaption
-from schemas.shards import MANIFEST_NAME, BucketKey, Manifest
+from schemas.shards import IMAGE_EMBEDS, MANIFEST_NAME, BucketKey, Manifest
 
 # Ray Train keeps its run state (checkpoints, snapshot) under <output>/<RUN_NAME>.
 RUN_NAME = "ray-train"
@@ -229,13 +229,6 @@ def plan_run(config: LoopConfig, bundle_uri: str, storage: Storage) -> RunPlan:
     bundle_dir = resolve_bundle(bundle_uri, storage)
     index = json.loads((bundle_dir / "model_index.json").read_text())
     family = family_of(bundle_uri, storage)  # an error names the URI the user gave
-    if family.conditions_on_image:
-        # Its transformer also reads the clip's first frame (encoded, with a mask) and that
-        # frame's CLIP image tokens, which prep does not store yet.
-        raise ConfigError(
-            f"bundle.uri: {bundle_uri} is a {family.class_name}; training an image-to-video "
-            "model is not supported yet (train its text-to-video sibling, WanPipeline)"
-        )
     media = family.media
     transformer_class = index[family.denoisers[0]][1]
     transformer_config = component_config(bundle_dir, family.denoisers[0])
@@ -250,6 +243,16 @@ def plan_run(config: LoopConfig, bundle_uri: str, storage: Storage) -> RunPlan:
             f"data: {config.data} has no {media} shards (buckets: {sorted(manifest.buckets)}); "
             f"a {transformer_class} trains on {media} latents"
         )
+    if family.conditions_on_image:
+        # Its transformer also reads each clip's first frame (encoded, with a mask) and that
+        # frame's image tokens, which prep stores with an image-to-video video_bundle.
+        first = next(iter(buckets.values())).files[0]
+        fs, path = storage.filesystem(first)
+        if IMAGE_EMBEDS not in pq.read_schema(path, filesystem=fs).names:
+            raise ConfigError(
+                f"data: {config.data} holds no first-frame conditioning ({IMAGE_EMBEDS}), which "
+                f"a {family.class_name} trains on: prep with this bundle as video_bundle"
+            )
     _check_shapes(buckets, transformer_config, transformer_class, family)
 
     world = config.num_workers * config.gradient_accumulation_steps
@@ -713,6 +716,9 @@ def _to_model_inputs(
     else:
         use_synthetic = ~has_original & has_synthetic
     batch = {"latents": latents}
+    for key in ("image_embeds", "image_condition"):  # image-to-video's first frame
+        if key in arrays:
+            batch[key] = torch.as_tensor(arrays[key], device=device)
     if plan.family.size_conditioning:
         batch["time_ids"] = _time_ids(arrays["size_crop"], latents.shape, plan, device)
     for key in ("prompt_embeds", "pooled_prompt_embeds"):
@@ -784,31 +790,57 @@ def sample_grid(
     bucket = BucketKey.parse(plan.sample_bucket)
     if bucket.num_frames is not None:
         kwargs["num_frames"] = bucket.num_frames
-    out = pipe(
-        **kwargs,
-        height=bucket.height,
-        width=bucket.width,
-        num_inference_steps=config.sample_steps,
-        guidance_scale=config.sample_guidance_scale,
-        generator=torch.Generator(device).manual_seed(config.seed),
-        output_type="pil",
-    )
-    images = out.images if plan.media == "image" else [frames[0] for frames in out.frames]
+    settings = {
+        "height": bucket.height,
+        "width": bucket.width,
+        "num_inference_steps": config.sample_steps,
+        "guidance_scale": config.sample_guidance_scale,
+        "output_type": "pil",
+    }
+    if plan.family.conditions_on_image:
+        # Each sample animates its clip's first frame, one call each (the pipeline takes one
+        # image per call); the grid shows each video's last frame, the one furthest from it.
+        images = []
+        for i, first in enumerate(_first_frames(pipe, plan)):
+            one = {key: value[i : i + 1] for key, value in kwargs.items() if key != "num_frames"}
+            out = pipe(
+                image=first,
+                **one,
+                num_frames=kwargs["num_frames"],
+                **settings,
+                generator=torch.Generator(device).manual_seed(config.seed + i),
+            )
+            images.append(out.frames[0][-1])
+    else:
+        out = pipe(**kwargs, **settings, generator=torch.Generator(device).manual_seed(config.seed))
+        images = out.images if plan.media == "image" else [frames[0] for frames in out.frames]
     if not isinstance(images[0], Image.Image):  # Wan returns arrays in [0, 1]
         images = [Image.fromarray((np.asarray(im) * 255).round().astype(np.uint8)) for im in images]
     return png_bytes(_grid(images))
+
+
+def _first_frames(pipe: Any, plan: RunPlan) -> list[Image.Image]:
+    """The sample clips' first frames, decoded from their stored first-frame latents (an
+    image-to-video shard's ``image_condition``: the mask's 4 channels, then the normalised
+    latents, whose first latent frame a causal VAE encodes from the first frame alone)."""
+    condition = torch.from_numpy(plan.samples["image_condition"])  # (N, 4 + C, f, h, w)
+    latents = condition[:, 4:, :1].to(pipe.vae.device, pipe.vae.dtype)  # (N, C, 1, h, w)
+    latents = plan.family.denormalize(latents, pipe.vae.config)
+    frames = pipe.vae.decode(latents, return_dict=False)[0]  # (N, 3, 1, H, W)
+    return [frames[0] for frames in pipe.video_processor.postprocess_video(frames, "pil")]
 
 
 def _embeddings_pipeline(
     objective: Objective, plan: RunPlan, weights: dict[str, torch.Tensor], device: torch.device
 ) -> Any:
     """The bundle's pipeline with the given (EMA) weights and no text encoders: its prompts
-    are stored embeddings."""
+    are stored embeddings (an image-to-video bundle's image encoder stays: its pipeline takes
+    the image itself)."""
     transformer = unwrapped_copy(objective.model)
     transformer.load_state_dict(weights)
     transformer.to(device).eval()
     family = plan.family
-    unloaded = family.unloaded("denoisers", "vae")
+    unloaded = family.unloaded("denoisers", "vae", "image_encoders")
     pipe = family.pipeline.from_pretrained(
         plan.bundle_dir, **unloaded, **{family.denoisers[0]: transformer}
     ).to(device)

@@ -41,6 +41,10 @@ CROP_BOX = "crop_box"
 BUCKET = "bucket"
 LATENT_MEAN = "latent_mean"
 LATENT_STD = "latent_std"
+# Image-to-video (a video bundle that conditions on an image): what its transformer reads of
+# the clip's first frame, as the pipeline prepares an input image.
+IMAGE_EMBEDS = "image_embeds"  # (N, D) the image encoder's tokens
+IMAGE_CONDITION = "image_condition"  # (4 + C, f, h, w) first-frame mask and latents
 CLIP_SCORE = "clip_score"
 AESTHETIC_SCORE = "aesthetic_score"
 NSFW_SCORE = "nsfw_score"
@@ -102,12 +106,15 @@ def shard_schema(
     pooled_embeds_shape: tuple[int, ...] | None,
     *,
     with_latent_std: bool = False,
+    image_shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
 ) -> pa.Schema:
     """Schema of one bucket's shard file.
 
     latent_shape: (C, h, w) for images, (C, f, h, w) for video.
     prompt_embeds_shape: (L, D) sequence embeddings, or None when shards store tokens only.
     pooled_embeds_shape: (D,) pooled embeddings (SD3's CLIP), or None (Wan has none).
+    image_shapes: ((N, D), (4 + C, f, h, w)) of an image-to-video bundle's first-frame
+    columns, or None.
 
     Both captions are encoded (``*_original`` and ``*_synthetic``, null where a caption is
     missing): which one training uses is a training choice, made without re-encoding.
@@ -126,6 +133,9 @@ def shard_schema(
     ]
     if with_latent_std:
         fields.append(pa.field(LATENT_STD, pa.fixed_shape_tensor(pa.float32(), latent_shape)))
+    if image_shapes is not None:
+        for name, shape in zip((IMAGE_EMBEDS, IMAGE_CONDITION), image_shapes, strict=True):
+            fields.append(pa.field(name, pa.fixed_shape_tensor(pa.float32(), shape)))
     for kind in CAPTION_KINDS:
         if prompt_embeds_shape is not None:
             embeds = pa.fixed_shape_tensor(pa.float32(), prompt_embeds_shape)
@@ -138,7 +148,9 @@ def shard_schema(
     fields += [
         *(pa.field(name, pa.float32()) for name in SCORE_COLUMNS),
     ]
-    return pa.schema(fields, metadata={b"raygen.shard_schema_version": str(SHARD_SCHEMA_VERSION).encode()})
+    return pa.schema(
+        fields, metadata={b"raygen.shard_schema_version": str(SHARD_SCHEMA_VERSION).encode()}
+    )
 
 
 # Columns every table prep writes carries (shards, quarantine, filtered): the files are the
@@ -172,10 +184,15 @@ def shard_file_schema(
     pooled_embeds_shape: tuple[int, ...] | None,
     *,
     with_latent_std: bool = False,
+    image_shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
 ) -> pa.Schema:
     """What a file under ``shards/`` holds: the shard schema plus the ledger columns it lacks."""
     schema = shard_schema(
-        latent_shape, prompt_embeds_shape, pooled_embeds_shape, with_latent_std=with_latent_std
+        latent_shape,
+        prompt_embeds_shape,
+        pooled_embeds_shape,
+        with_latent_std=with_latent_std,
+        image_shapes=image_shapes,
     )
     for field in LEDGER_FIELDS:
         if field.name not in schema.names:

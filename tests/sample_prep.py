@@ -1,6 +1,7 @@
 """The shards most tests read: tiny bundles, the sample corpus (photographs, drawings, videos
 and broken files) and `raygen prep` of it with every stage on (captioner, CLIP scorer, the
-t2i and t2v bundles), on a local Ray of its own.
+t2i bundle, and the i2v one for videos: their latents and text embeddings are t2v's, plus
+each clip's first-frame conditioning), on a local Ray of its own.
 
 `python -m tests.sample_prep DATA_DIR`: run by the session fixture ``sample_process``
 (tests/conftest.py) in the background, as a user runs the CLI.
@@ -27,7 +28,7 @@ def main(data: Path) -> None:
             "input": str(data / "corpus"),
             "output": str(data / "shards"),
             "bundle.uri": str(bundles["t2i"]),
-            "video_bundle.uri": str(bundles["t2v"]),
+            "video_bundle.uri": str(bundles["i2v"]),
             "caption.model.uri": str(bundles["captioner"]),
             "filters.scorer.uri": str(bundles["scorer"]),
         },

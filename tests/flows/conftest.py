@@ -42,7 +42,8 @@ def demo_run(background_runs: BackgroundRuns) -> Finished:
 @pytest.fixture(scope="session")
 def tiny_bundles(sample_run: Finished) -> dict[str, Path]:
     return {
-        name: sample_run.data / "bundles" / name for name in ("t2i", "t2v", "captioner", "scorer")
+        name: sample_run.data / "bundles" / name
+        for name in ("t2i", "t2v", "i2v", "captioner", "scorer")
     }
 
 

@@ -8,6 +8,7 @@ import dataclasses
 import io
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -17,7 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from diffusers import StableDiffusion3Pipeline, WanPipeline
+from diffusers import StableDiffusion3Pipeline, WanImageToVideoPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -37,7 +38,7 @@ from flows.train import (
 )
 from schemas.config import AdapterConfig, ConfigError, EvaluateConfig, TrainConfig, load_config
 from schemas.shapes import HELD_OUT
-from schemas.shards import BucketKey
+from schemas.shards import IMAGE_CONDITION, IMAGE_EMBEDS, BucketKey
 
 pytestmark = pytest.mark.slow
 
@@ -168,12 +169,17 @@ def test_video_bundle_on_image_only_shards_names_the_data(tiny_bundles, prep_sha
         plan_run(config, config.bundle.uri, Storage())
 
 
-def test_an_image_to_video_bundle_is_refused_naming_what_to_train(
-    tiny_bundles, prep_shards, tmp_path
-):
-    i2v = build_tiny_bundles(tmp_path / "bundles", ["i2v"])["i2v"]
-    config = _config(tiny_bundles, prep_shards, tmp_path / "run", **{"bundle.uri": str(i2v)})
-    with pytest.raises(ConfigError, match="^bundle.uri: .* WanImageToVideoPipeline; training"):
+def test_image_to_video_needs_shards_with_first_frames(tiny_bundles, prep_shards, tmp_path):
+    # The sample shards without their first-frame columns: what a text-to-video prep writes.
+    shards = tmp_path / "text-to-video"
+    shutil.copytree(prep_shards, shards)
+    for path in (shards / "shards").glob("*x*x*/*.parquet"):
+        table = pq.read_table(path)
+        pq.write_table(table.drop_columns([IMAGE_EMBEDS, IMAGE_CONDITION]), path)
+    config = _config(
+        tiny_bundles, shards, tmp_path / "run", **{"bundle.uri": str(tiny_bundles["i2v"])}
+    )
+    with pytest.raises(ConfigError, match="^data: .* no first-frame conditioning"):
         plan_run(config, config.bundle.uri, Storage())
 
 
@@ -200,19 +206,27 @@ def test_a_sample_grid_of_a_non_square_bucket_is_as_wide_as_its_bucket(
     assert grid.size == (key.width, key.height)  # PIL: (width, height)
 
 
-def test_video_training_with_fsdp_exports_a_wan_bundle(
+def test_image_to_video_training_with_fsdp_exports_a_wan_i2v_bundle(
     ray_local, tiny_bundles, prep_shards, tmp_path
 ):
+    """Wan image-to-video on the sample clips (prep stored each one's first-frame
+    conditioning), FSDP with gradient checkpointing: its sample grid animates the clips' first
+    frames, and the export samples in WanImageToVideoPipeline. Text-to-video trains through
+    the same loop without the image (its LoRA test below; its prep is the same shards')."""
     output = tmp_path / "video"
     config = _config(
         tiny_bundles, prep_shards, output, batch_size=2, max_steps=2, parallelism="fsdp",
-        gradient_checkpointing=True, **{"bundle.uri": str(tiny_bundles["t2v"])},
+        gradient_checkpointing=True, sample_every=2, num_samples=2, sample_steps=1,
+        **{"bundle.uri": str(tiny_bundles["i2v"])},
     )  # fmt: skip
     assert run_train(config).steps == 2
-    pipe = WanPipeline.from_pretrained(output / "bundle")
+    grid = Image.open(output / "samples" / "step-0000002.png")
+    assert grid.size[0] >= 2 * 48  # two samples of the 9x48x80 clips, side by side or stacked
+    pipe = WanImageToVideoPipeline.from_pretrained(output / "bundle")
     frames = pipe(
-        "a coloured square", num_frames=5, height=32, width=32, num_inference_steps=2,
-        output_type="np", generator=torch.Generator().manual_seed(0),
+        image=Image.new("RGB", (32, 32), (200, 40, 40)), prompt="a coloured square",
+        num_frames=5, height=32, width=32, num_inference_steps=2, output_type="np",
+        generator=torch.Generator().manual_seed(0),
     ).frames[0]  # fmt: skip
     assert frames.shape == (5, 32, 32, 3) and np.isfinite(frames).all()
 
