@@ -14,6 +14,7 @@ from PIL import Image
 from actors.batches import rows_to_batch
 from actors.captioner import Captioner
 from actors.encoders import LatentEncoder, TextEncoder, empty_prompt_embeddings, vae_factors
+from actors.video import VideoImageEncoder
 from flows.models import build_tiny_bundles
 from flows.prep import ModelStages
 from schemas.config import CaptionConfig, EncodeConfig, ModelRef, PrepConfig
@@ -25,7 +26,9 @@ CLIP_LENGTH = 77  # positions of SD3's CLIP part, ahead of the T5 part
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return build_tiny_bundles(tmp_path_factory.mktemp("bundles"), names=["t2i", "t2v", "captioner"])
+    return build_tiny_bundles(
+        tmp_path_factory.mktemp("bundles"), names=["t2i", "t2v", "i2v", "captioner"]
+    )
 
 
 def prep_config(bundles: dict[str, Path], **encode) -> PrepConfig:
@@ -132,7 +135,14 @@ def test_latents_equal_the_vaes_encode(
 
     assert list(out["sample_id"]) == [row["sample_id"] for row in rows]
     # Images are one frame in flight, like their pixels: (C, 1, h, w).
-    expected_shapes = [(16, 1, 4, 4), (16, 1, 4, 6), (0, 0, 0, 0), (16, 2, 2, 2), (16, 1, 4, 4), (16, 1, 4, 4)]
+    expected_shapes = [
+        (16, 1, 4, 4),
+        (16, 1, 4, 6),
+        (0, 0, 0, 0),
+        (16, 2, 2, 2),
+        (16, 1, 4, 4),
+        (16, 1, 4, 4),
+    ]
     assert [latent.shape for latent in out["latent_mean"]] == expected_shapes
     assert [latent.shape for latent in out["latent_std"]] == expected_shapes
     # The reference encodes each bucket's rows as one batch too: convolution kernels pick
@@ -158,6 +168,31 @@ def test_latents_equal_the_vaes_encode(
                     mean, std = mean[:, None], std[:, None]  # (C, 1, h, w)
                 np.testing.assert_allclose(out["latent_mean"][index], mean, atol=1e-6)
                 np.testing.assert_allclose(out["latent_std"][index], std, atol=1e-6)
+
+
+def test_an_image_to_video_bundle_also_stores_each_clips_first_frame(
+    bundles: dict[str, Path], wan: WanPipeline
+) -> None:
+    """With Wan i2v as the video bundle: the same latents as with t2v (the same VAE), plus
+    each clip's first frame as WanImageToVideoPipeline prepares an input image."""
+    rows = mixed_rows()
+    config = prep_config(bundles).model_copy(
+        update={"video_bundle": ModelRef(uri=str(bundles["i2v"]))}
+    )
+    out = LatentEncoder(**stage_kwargs(config))(rows_to_batch(rows))
+    t2v = LatentEncoder(**stage_kwargs(prep_config(bundles)))(rows_to_batch(rows))
+    image_encoder = VideoImageEncoder(bundles["i2v"])
+    for index, row in enumerate(rows):
+        np.testing.assert_array_equal(out["latent_mean"][index], t2v["latent_mean"][index])
+        if row["status"] != "ok" or row["media_kind"] != "video":
+            assert out["image_embeds"][index].size == out["image_condition"][index].size == 0
+            continue
+        frames, height, width = row["pixels"].shape[:3]
+        expected = image_encoder.encode(Image.fromarray(row["pixels"][0]), height, width, frames)
+        np.testing.assert_allclose(out["image_embeds"][index], expected.image_embeds, atol=1e-6)
+        np.testing.assert_allclose(out["image_condition"][index], expected.condition, atol=1e-6)
+        # (4 mask + 16 latent channels, the clip's latent frames and sides)
+        assert out["image_condition"][index].shape == (20, *out["latent_mean"][index].shape[1:])
 
 
 def test_latent_std_only_when_configured(bundles: dict[str, Path]) -> None:
