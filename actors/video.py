@@ -31,6 +31,21 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from actors.families import FamilyError, family_of
+from cluster.bundles import read_bundle_json
+
+
+def _wan_21_layout(bundle_dir: str | Path) -> None:
+    """Raises unless the bundle denoises as Wan 2.1 does, the layout the stages repeat: Wan
+    2.2's two-expert split (``boundary_ratio``, a second transformer) and its 5B model's
+    per-token timesteps (``expand_timesteps``) take other loops."""
+    index = read_bundle_json(bundle_dir, "model_index.json")
+    unsupported = [key for key in ("boundary_ratio", "expand_timesteps") if index.get(key)]
+    if unsupported:
+        raise FamilyError(
+            f"bundle {bundle_dir}: a Wan 2.2 layout ({', '.join(unsupported)} set), which the "
+            "video stages do not run yet; Wan 2.1 bundles (text- and image-to-video) are served"
+        )
+
 
 # x264's constant rate factor for served MP4s (0: lossless, 23: x264's default). Measured with
 # yuv444p on the tiny model's 32x48 frames, the hard case (few coefficients per watermark bit,
@@ -122,6 +137,7 @@ class VideoImageEncoder:
         self.family = family_of(bundle_dir, media="video")
         if not self.family.conditions_on_image:
             raise FamilyError(f"bundle {bundle_dir}: a {self.family.class_name} takes no image")
+        _wan_21_layout(bundle_dir)
         if pipe is None:
             pipe = self.family.pipeline.from_pretrained(
                 bundle_dir, dtype=dtype, **self.family.unloaded("image_encoders", "vae")
@@ -174,6 +190,7 @@ class VideoDenoiser:
     ) -> None:
         self.device = torch.device(device)
         self.family = family_of(bundle_dir, media="video")
+        _wan_21_layout(bundle_dir)
         pipe = self.family.pipeline.from_pretrained(
             bundle_dir, dtype=dtype, **self.family.unloaded("denoisers")
         )

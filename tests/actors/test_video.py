@@ -4,6 +4,8 @@ the same prompt, image, seed, steps and guidance; the denoiser stops wherever it
 iterating; MP4 encoding, which keeps the invisible watermark of every frame."""
 
 import io
+import json
+import shutil
 from pathlib import Path
 
 import av
@@ -63,13 +65,13 @@ def staged_video(stages, seed: int, guidance_scale: float, negative: str | None)
     return decoder.decode(denoiser.denoise(request))
 
 
-@pytest.mark.parametrize(
-    ("guidance_scale", "negative"), [(5.0, "blurry, static"), (5.0, None), (1.0, None)]
-)
-def test_staged_video_equals_the_pipeline(bundle, stages, guidance_scale, negative):
-    pipe = WanPipeline.from_pretrained(bundle)
+def pipeline_video(
+    pipeline: type, bundle: Path, guidance_scale: float, negative: str | None, **inputs
+) -> np.ndarray:
+    """(F, H, W, 3) frames of the test's video, seed 7, from the diffusers pipeline itself."""
+    pipe = pipeline.from_pretrained(bundle)
     pipe.set_progress_bar_config(disable=True)
-    expected = pipe(
+    return pipe(
         prompt=PROMPT,
         negative_prompt=negative,
         height=HEIGHT,
@@ -80,7 +82,15 @@ def test_staged_video_equals_the_pipeline(bundle, stages, guidance_scale, negati
         generator=torch.Generator("cpu").manual_seed(7),
         max_sequence_length=MAX_SEQUENCE_LENGTH,
         output_type="np",
-    ).frames[0]  # (F, H, W, 3)
+        **inputs,
+    ).frames[0]
+
+
+@pytest.mark.parametrize(
+    ("guidance_scale", "negative"), [(5.0, "blurry, static"), (5.0, None), (1.0, None)]
+)
+def test_staged_video_equals_the_pipeline(bundle, stages, guidance_scale, negative):
+    expected = pipeline_video(WanPipeline, bundle, guidance_scale, negative)
     video = staged_video(stages, 7, guidance_scale, negative)
     assert video.shape == (NUM_FRAMES, HEIGHT, WIDTH, 3)
     diff = float(np.abs(video - expected).max())
@@ -95,21 +105,9 @@ def test_staged_video_equals_the_pipeline(bundle, stages, guidance_scale, negati
 @pytest.mark.parametrize(("guidance_scale", "negative"), [(5.0, "blurry"), (1.0, None)])
 def test_staged_image_to_video_equals_the_pipeline(bundles, guidance_scale, negative):
     image = Image.fromarray(image_pixels(52, 40, seed=0))  # (40, 52) pixels
-    pipe = WanImageToVideoPipeline.from_pretrained(bundles["i2v"])
-    pipe.set_progress_bar_config(disable=True)
-    expected = pipe(
-        image=image,
-        prompt=PROMPT,
-        negative_prompt=negative,
-        height=HEIGHT,
-        width=WIDTH,
-        num_frames=NUM_FRAMES,
-        num_inference_steps=NUM_STEPS,
-        guidance_scale=guidance_scale,
-        generator=torch.Generator("cpu").manual_seed(7),
-        max_sequence_length=MAX_SEQUENCE_LENGTH,
-        output_type="np",
-    ).frames[0]  # (F, H, W, 3)
+    expected = pipeline_video(
+        WanImageToVideoPipeline, bundles["i2v"], guidance_scale, negative, image=image
+    )
 
     encoder, denoiser = VideoPromptEncoder(bundles["i2v"]), VideoDenoiser(bundles["i2v"])
     conditioning = VideoImageEncoder(bundles["i2v"]).encode(image, HEIGHT, WIDTH, NUM_FRAMES)
@@ -148,6 +146,17 @@ def test_an_image_is_required_by_image_to_video_and_refused_by_text_to_video(bun
         stages[1].check(HEIGHT, WIDTH, NUM_FRAMES, image=True)
     with pytest.raises(ValueError, match="WanPipeline takes no image"):
         VideoImageEncoder(bundles["t2v"])
+
+
+def test_a_wan_22_layout_is_refused_naming_it(bundles, tmp_path):
+    for key, value in (("boundary_ratio", 0.9), ("expand_timesteps", True)):
+        bundle = shutil.copytree(bundles["i2v"], tmp_path / key)
+        index = json.loads((bundle / "model_index.json").read_text())
+        (bundle / "model_index.json").write_text(json.dumps({**index, key: value}))
+        with pytest.raises(ValueError, match=f"a Wan 2.2 layout \\({key} set\\)"):
+            VideoDenoiser(bundle)
+        with pytest.raises(ValueError, match="Wan 2.2 layout"):
+            VideoImageEncoder(bundle)
 
 
 def test_denoiser_yields_progress_and_stops_between_steps(stages):
