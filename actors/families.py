@@ -404,17 +404,8 @@ class Family:
         the latents' channels, as WanImageToVideoPipeline feeds them. Latents stay
         (B, C, h, w) outside: a family that packs them does so here and undoes it."""
         if self.conditions_on_image:
-            import torch
-
             assert image is not None, f"{self.name}'s denoiser reads the input image"
-            image_embeds, condition = image
-            return transformer(
-                hidden_states=torch.cat([latents, condition.to(latents.dtype)], dim=1),
-                timestep=timestep,
-                encoder_hidden_states=prompt_embeds,
-                encoder_hidden_states_image=image_embeds,
-                return_dict=False,
-            )[0]
+            return _wan_i2v_forward(transformer, latents, timestep, prompt_embeds, *image)
         if self.size_conditioning:
             assert time_ids is not None, f"{self.name}'s denoiser reads time ids"
             return self._forward(transformer, latents, timestep, prompt_embeds, pooled, time_ids)
@@ -917,6 +908,27 @@ WAN_T2V = Family(
 
 # ---- Wan image-to-video: Wan's text-to-video plus a CLIP vision encoder of the input image,
 # and the VAE-encoded first frame (with its mask) concatenated to the noisy latents --------
+
+
+def _wan_i2v_forward(
+    transformer: torch.nn.Module,
+    latents: torch.Tensor,
+    timestep: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    image_embeds: torch.Tensor,
+    condition: torch.Tensor,
+) -> torch.Tensor:
+    """WanImageToVideoPipeline's call: the first-frame condition (B, 4 + C, f, h, w) joins
+    the latents' channels, the image's tokens (B, N, D) go beside the text's."""
+    import torch
+
+    return transformer(
+        hidden_states=torch.cat([latents, condition.to(latents.dtype)], dim=1),
+        timestep=timestep,
+        encoder_hidden_states=prompt_embeds,
+        encoder_hidden_states_image=image_embeds,
+        return_dict=False,
+    )[0]
 
 
 def _wan_i2v_latent_channels(transformer: Config) -> int:

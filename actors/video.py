@@ -233,31 +233,26 @@ class VideoDenoiser:
             negative_embeds = negative_embeds[None].to(self.device, dtype)
         # Image-to-video: the image's tokens beside the text's, and its first-frame latents
         # and mask beside the noisy ones, in both passes.
-        image_embeds, condition = None, None
+        image = None
         if request.image is not None:
-            image_embeds = request.image.image_embeds[None].to(self.device, dtype)  # (1, N, D)
-            condition = request.image.condition[None].to(self.device)  # (1, 4 + C, f, h, w)
+            image = (
+                request.image.image_embeds[None].to(self.device, dtype),  # (1, N, D)
+                request.image.condition[None].to(self.device),  # (1, 4 + C, f, h, w)
+            )
 
         for index, t in enumerate(timesteps):
             with torch.no_grad():
-                model_input = latents if condition is None else torch.cat([latents, condition], 1)
-                model_input = model_input.to(dtype)
+                model_input = latents.to(dtype)
                 timestep = t.expand(latents.shape[0])
-                noise_pred = self.transformer(
-                    hidden_states=model_input,
-                    timestep=timestep,
-                    encoder_hidden_states=prompt_embeds,
-                    encoder_hidden_states_image=image_embeds,
-                    return_dict=False,
-                )[0]  # (1, C, F, h, w)
+                # The family's call, as the pipeline makes it (image-to-video: the image's
+                # tokens and first-frame latents beside the text's and the noisy ones).
+                noise_pred = self.family.predict(
+                    self.transformer, model_input, timestep, prompt_embeds, image=image
+                )  # (1, C, F, h, w)
                 if guided:
-                    noise_uncond = self.transformer(
-                        hidden_states=model_input,
-                        timestep=timestep,
-                        encoder_hidden_states=negative_embeds,
-                        encoder_hidden_states_image=image_embeds,
-                        return_dict=False,
-                    )[0]
+                    noise_uncond = self.family.predict(
+                        self.transformer, model_input, timestep, negative_embeds, image=image
+                    )
                     noise_pred = noise_uncond + request.guidance_scale * (noise_pred - noise_uncond)
                 latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             if index + 1 < len(timesteps):

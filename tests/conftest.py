@@ -371,6 +371,7 @@ _READS_RUNS = {"sample_run", "demo_run"}
 # suite's timeline: 1.0 to 1.6 of the 2 cores), and the demo fills that room instead.
 _DEMO_WAITS_FOR = Path(__file__).parent / "flows" / "serve"
 _runs: dict[str, BackgroundRuns] = {}  # the session's, once started
+_serve_package_started = threading.Event()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -391,8 +392,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if runs is None or runs.demo_may_start.is_set():
         return
     if _DEMO_WAITS_FOR in item.path.parents:
-        _runs["serve_seen"] = runs  # the package has started
-    elif "serve_seen" in _runs or _READS_RUNS.intersection(item.fixturenames):
+        _serve_package_started.set()
+    elif _serve_package_started.is_set() or _READS_RUNS.intersection(item.fixturenames):
         runs.demo_may_start.set()  # past the package, or a test that needs the runs now
 
 

@@ -54,23 +54,19 @@ def video_image(request: VideoRequest, takes_image: bool, model: str) -> Image.I
     except (binascii.Error, ValueError):
         raise InvalidInput("image", shown, "not base64 (or a data: URL of base64)") from None
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # Pillow's bomb warning as an error: refused below
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-            if image.format not in _IMAGE_FORMATS:
-                raise InvalidInput(
-                    "image", shown, f"a {image.format} image; send a PNG, JPEG or WebP"
-                )
-            if max(image.size) > MAX_IMAGE_SIDE:
-                raise InvalidInput(
-                    "image",
-                    shown,
-                    f"{image.width}x{image.height}: sides must be at most {MAX_IMAGE_SIDE}",
-                )
-            return image.convert("RGB")  # decodes it all: a truncated file fails here
-    except InvalidInput:
-        raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Warning) as err:
+        raise InvalidInput("image", shown, f"not a readable image ({err})") from None
+    if image.format not in _IMAGE_FORMATS:
+        raise InvalidInput("image", shown, f"a {image.format} image; send a PNG, JPEG or WebP")
+    if max(image.size) > MAX_IMAGE_SIDE:
+        message = f"{image.width}x{image.height}: sides must be at most {MAX_IMAGE_SIDE}"
+        raise InvalidInput("image", shown, message)
+    try:
+        return image.convert("RGB")  # decodes it all: a truncated file fails here
+    except (OSError, SyntaxError, ValueError) as err:
         raise InvalidInput("image", shown, f"not a readable image ({err})") from None
 
 
