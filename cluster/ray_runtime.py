@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from schemas.config import RayConfig
 from schemas.errors import RaygenError
@@ -145,7 +146,10 @@ class DriverConsole:
     """
 
     def __init__(self) -> None:
-        self._lines = _Lines.remote()
+        # On the driver's node, which lives as long as the driver: placed anywhere, it would
+        # take the run down with whichever node it landed on (a 0-CPU actor goes anywhere).
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self._lines = _Lines.options(scheduling_strategy=here).remote()
 
     def say(self, line: str) -> None:
         # Awaited, so that a line said before the remote work ends is printed before the

@@ -563,6 +563,11 @@ class DeploymentSettings(Config):
     # A tenth of a CPU each, so the whole graph fits a 2-core laptop.
     num_cpus: float = Field(default=0.1, ge=0)
     num_gpus: float = Field(default=0.0, ge=0)
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources per replica; e.g. {node:__internal_head__: 0.01} "
+        "keeps a stage on the head, where a GPU node's loss cannot take it down",
+    )
     max_ongoing_requests: int = Field(default=8, ge=1, description="in flight per replica")
     max_queued_requests: int = Field(
         default=64, ge=1, description="waiting for a replica; beyond them: 503 with Retry-After"

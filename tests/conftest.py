@@ -397,6 +397,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         runs.demo_may_start.set()  # past the package, or a test that needs the runs now
 
 
+# Tests that start a multi-node Ray of their own (and leave the session's while they run).
+_OWN_CLUSTER = Path(__file__).parent / "chaos"
 # Fixtures that start Ray (or run a job that does): a test that uses one is slow, so
 # `-m "not slow"` runs without starting Ray at all.
 _RAY_FIXTURES = {
@@ -409,11 +411,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if _RAY_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
     # Tests that need Ray down run before the session's Ray starts, so `no_ray` need not
-    # restart it after each of them. Then the serve package, beside the sample prep alone (the
-    # demo waits for it: _DEMO_WAITS_FOR); then the modules that read neither background run,
-    # beside the demo; then the modules that read the sample prep (done first), then the
-    # demo's. Whole modules move (a stable sort keeps file order), so module fixtures start
-    # once.
+    # restart it after each of them; then the node-loss tests on a cluster of their own, for
+    # the same reason (and beside the sample prep alone: their deadlines are a busy
+    # machine's). Then the serve package, beside the sample prep alone (the demo waits for
+    # it: _DEMO_WAITS_FOR); then the modules that read neither background run, beside the
+    # demo; then the modules that read the sample prep (done first), then the demo's. Whole
+    # modules move (a stable sort keeps file order), so module fixtures start once.
     reads = {
         name: {item.path for item in items if name in item.fixturenames} for name in _READS_RUNS
     }
@@ -421,10 +424,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     def order(item: pytest.Item) -> int:
         if "no_ray" in item.fixturenames:
             return 0
+        if _OWN_CLUSTER in item.path.parents:
+            return 1
         if item.path in reads["demo_run"]:
-            return 4
+            return 5
         if item.path in reads["sample_run"]:
-            return 3
-        return 1 if _DEMO_WAITS_FOR in item.path.parents else 2
+            return 4
+        return 2 if _DEMO_WAITS_FOR in item.path.parents else 3
 
     items.sort(key=order)

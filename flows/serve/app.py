@@ -46,7 +46,11 @@ def deployment_options(
     """A stage's Serve deployment options from its settings."""
     options: dict[str, Any] = {
         "name": name,
-        "ray_actor_options": {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus},
+        "ray_actor_options": {
+            "num_cpus": settings.num_cpus,
+            "num_gpus": settings.num_gpus,
+            "resources": settings.resources,
+        },
         "max_ongoing_requests": settings.max_ongoing_requests,
         "max_queued_requests": settings.max_queued_requests,
         "health_check_period_s": settings.health_check_period_s,

@@ -818,6 +818,7 @@ def test_deployment_options_follow_the_settings(autoscaled):
         {
             "num_cpus": 0.5,
             "num_gpus": 1,
+            "resources": {"node:__internal_head__": 0.01},
             "max_ongoing_requests": 4,
             "max_queued_requests": 10,
             "health_check_period_s": 2,
@@ -825,7 +826,11 @@ def test_deployment_options_follow_the_settings(autoscaled):
         }
     )
     options = deployment_options("base", settings, retry_after_s=7)
-    assert options["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 1}
+    assert options["ray_actor_options"] == {
+        "num_cpus": 0.5,
+        "num_gpus": 1,
+        "resources": {"node:__internal_head__": 0.01},
+    }
     assert options["max_ongoing_requests"] == 4 and options["max_queued_requests"] == 10
     assert options["health_check_period_s"] == 2
     assert options["backpressure_config"] == {"status_code": 503, "retry_after_s": 7}
