@@ -10,7 +10,10 @@ How a bucket reaches the workers depends on its size (``LoopConfig.in_memory_buc
 
 ``BucketStream`` interleaves them in one seeded bucket sequence that every worker shares; its
 (epoch, position) is the data position a checkpoint records, from which a resumed run draws
-exactly the batches an uninterrupted one would have.
+exactly the batches an uninterrupted one would have. A bucket gives every worker
+rows * gradient_accumulation_steps // batch_size batches an epoch whatever the number of
+workers, so the position holds on another number of workers too; there the rest of the epoch
+is drawn from the new workers' shares (some of its rows again, some only the next epoch).
 """
 
 from __future__ import annotations

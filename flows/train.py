@@ -5,8 +5,9 @@ One loop (``train_loop``) serves training and distillation: the objective differ
 flows/distill.py), the machinery is shared: the shards per worker (``flows/shard_reader.py``:
 one aspect-ratio bucket per batch, small buckets held in memory, large ones streamed by Ray
 Data), DDP or FSDP, AdamW + warmup/cosine, clipping, EMA, gradient accumulation,
-checkpoints through ``ray.train.report`` (resumable, restarted by ``FailureConfig``),
-metrics, sample grids, and a diffusers bundle at the end.
+sharded checkpoints (``torch.distributed.checkpoint``, every rank writing its own shards)
+through ``ray.train.report`` (resumable on any number of workers, restarted by
+``FailureConfig``), metrics, sample grids, and a diffusers bundle at the end.
 
 The driver plans first (``plan_run``): every config mistake it can see (bucket shapes the
 model cannot patch, latent channels that do not match, missing shards, a batch smaller than
@@ -27,7 +28,6 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -37,6 +37,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from diffusers.training_utils import EMAModel
 from PIL import Image
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -448,9 +449,13 @@ def _mean_over_ranks(values: list[torch.Tensor]) -> float:
 
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
-# Checkpoints and exports: without the frozen parameters (a LoRA's base comes from the
-# bundle), so a LoRA run does not gather the base it does not save; buffers stay in.
+# Exports: without the frozen parameters (a LoRA's base comes from the bundle), so a LoRA run
+# does not gather the base it does not save; buffers stay in.
 TRAINED = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+# Checkpoints: each rank's own shards, gathered nowhere (DTensors under FSDP, whole tensors
+# under DDP or on one worker), which torch.distributed.checkpoint writes per rank and
+# reshards on load for any number of workers; the frozen parameters left out as above.
+SHARDED = StateDictOptions(ignore_frozen_params=True)
 
 
 def _full_weights(
@@ -503,11 +508,14 @@ def train_loop(args: dict[str, Any]) -> None:
     if config.gradient_checkpointing:
         raw_model.enable_gradient_checkpointing()
     model = _wrap(raw_model, config.parallelism, device)
-    params = [p for p in model.parameters() if p.requires_grad]
+    # The trained parameters by name (DDP's are the model's own): a checkpoint keeps the
+    # EMA's copy of each under its name.
+    named = {n: p for n, p in raw_model.named_parameters() if p.requires_grad}
+    params = list(named.values())
     # A LoRA run trains (and checkpoints) its matrices only; None: every parameter trains.
     frozen = any(not p.requires_grad for p in raw_model.parameters())
-    trained = {n for n, p in raw_model.named_parameters() if p.requires_grad} if frozen else None
-    loading = StateDictOptions(full_state_dict=True, strict=trained is None)
+    trained = set(named) if frozen else None
+    loading = StateDictOptions(strict=trained is None)
     optim = config.optimizer
     optimizer = torch.optim.AdamW(
         params, lr=optim.learning_rate, betas=optim.betas, weight_decay=optim.weight_decay
@@ -533,26 +541,62 @@ def train_loop(args: dict[str, Any]) -> None:
     records: list[dict[str, Any]] = []
     last_report = time.monotonic()
 
+    def checkpoint_state() -> dict[str, Any]:
+        """What a checkpoint holds, as torch.distributed.checkpoint writes it and, on resume,
+        loads into it in place: this rank's shards of the trained weights, of their EMA and of
+        the optimizer state; the schedule, the objective's own state, the step and the data
+        position (the same on every rank, written once)."""
+        loop = {
+            "step": step,
+            "ema_step": ema.optimization_step,
+            "epoch": stream.epoch,
+            "position": stream.position,
+            # What the position counts in: batches of batch_size // accumulation rows, the
+            # same number per epoch on any number of workers.
+            "batch_size": config.batch_size,
+            "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        }
+        if prior_stream is not None:
+            loop |= {"prior_epoch": prior_stream.epoch, "prior_position": prior_stream.position}
+        return {
+            "model": _trained(get_model_state_dict(model, options=SHARDED), trained),
+            "ema": dict(zip(named, ema.shadow_params, strict=True)),
+            "optimizer": get_optimizer_state_dict(model, optimizer, options=SHARDED),
+            "schedule": schedule.state_dict(),
+            "objective": objective.state_dict(),
+            "loop": loop,
+        }
+
     # --- resume: from the latest checkpoint (`--resume`, or a worker-group restart) ---
     checkpoint = ray.train.get_checkpoint()
     resumed_from: int | None = None  # the checkpoint's step, on the next record only
     if checkpoint:
+        # Into this rank's own tensors: a checkpoint of another number of workers is
+        # resharded on the way in (the EMA's copies and the weights alike).
+        state = checkpoint_state()
         with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=False)
-        # EMA first through the model's own parameters (FSDP shards them on the way in).
-        set_model_state_dict(model, state["ema"], options=loading)
-        ema = EMAModel(params, decay=config.ema_decay, foreach=foreach)
-        ema.optimization_step = state["ema_step"]
+            dcp.load(state, checkpoint_id=folder)
+        loop = state["loop"]
+        saved = (loop["batch_size"], loop["gradient_accumulation_steps"])
+        if saved != (config.batch_size, config.gradient_accumulation_steps):
+            _stop(
+                config, rank, loop["step"],
+                f"batch_size {config.batch_size} with gradient_accumulation_steps "
+                f"{config.gradient_accumulation_steps}: the checkpoint's data position (epoch "
+                f"{loop['epoch']}, batch {loop['position']}) counts batches of batch_size "
+                f"{saved[0]} with gradient_accumulation_steps {saved[1]}; resume with those "
+                f"(num_workers may change)",
+            )  # fmt: skip
+            return
         set_model_state_dict(model, state["model"], options=loading)
-        set_optimizer_state_dict(
-            model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True)
-        )
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=SHARDED)
         schedule.load_state_dict(state["schedule"])
         objective.load_state_dict(state["objective"])
-        step = state["step"]
-        stream.seek(state["epoch"], state["position"])
+        ema.optimization_step = loop["ema_step"]
+        step = loop["step"]
+        stream.seek(loop["epoch"], loop["position"])
         if prior_stream is not None:
-            prior_stream.seek(state["prior_epoch"], state["prior_position"])
+            prior_stream.seek(loop["prior_epoch"], loop["prior_position"])
         resumed_from = step
         args["console"].say(
             f"[raygen train] rank {rank}: resumed at step {step} from {checkpoint.path}"
@@ -607,7 +651,7 @@ def train_loop(args: dict[str, Any]) -> None:
         if not (status.loss_finite and status.grad_finite):
             what = "loss" if not status.loss_finite else "gradient norm"
             value = status.loss if not status.loss_finite else status.grad_norm
-            _stop(config, rank, step + 1, f"{what} {value}")
+            _stop(config, rank, step + 1, f"non-finite {what} {value}")
             return
         optimizer.step()
         schedule.step()
@@ -651,29 +695,11 @@ def train_loop(args: dict[str, Any]) -> None:
                 if records and records[-1]["step"] == step:
                     records[-1]["sample"] = name  # the trackers show it beside the step
         if step % config.checkpoint_every == 0 or step == config.max_steps:
-            state = {
-                "model": _trained(_full_weights(model, TRAINED), trained),
-                "ema": _trained(_ema_weights(model, ema, params, TRAINED), trained),
-                "ema_step": ema.optimization_step,
-                "optimizer": get_optimizer_state_dict(model, optimizer, options=FULL),
-                "schedule": schedule.state_dict(),
-                "objective": objective.state_dict(),
-                "step": step,
-                "epoch": stream.epoch,
-                "position": stream.position,
-                **(
-                    {"prior_epoch": prior_stream.epoch, "prior_position": prior_stream.position}
-                    if prior_stream is not None
-                    else {}
-                ),
-            }
             with tempfile.TemporaryDirectory() as folder:
-                if rank == 0:
-                    torch.save(state, Path(folder) / "state.pt")
-                ray.train.report(
-                    {"records": records},
-                    checkpoint=Checkpoint.from_directory(folder) if rank == 0 else None,
-                )
+                # Every rank writes its own shards (__<rank>_0.distcp; rank 0 also .metadata)
+                # and reports them: Ray Train copies every rank's files into one checkpoint.
+                dcp.save(checkpoint_state(), checkpoint_id=folder)
+                ray.train.report({"records": records}, checkpoint=Checkpoint.from_directory(folder))
             records, last_report = [], time.monotonic()
         elif status.report_due and records:
             # Every rank reports on the same steps (``report_due`` is agreed): a collective.
@@ -688,11 +714,12 @@ def train_loop(args: dict[str, Any]) -> None:
             Storage(config.storage).upload_dir(folder, join(config.output, objective.output_name))
 
 
-def _stop(config: LoopConfig, rank: int, step: int, what: str) -> None:
-    """Leave a note for the driver: a non-finite value is not a fault a restart can fix, so
-    the workers return normally (no FailureConfig retry) and the driver raises."""
+def _stop(config: LoopConfig, rank: int, step: int, reason: str) -> None:
+    """Leave a note for the driver: a non-finite value, or a checkpoint the config cannot
+    resume, is not a fault a restart can fix, so the workers return normally (no
+    FailureConfig retry) and the driver raises."""
     if rank == 0:
-        note = json.dumps({"step": step, "nonfinite": what}).encode()
+        note = json.dumps({"step": step, "reason": reason}).encode()
         Storage(config.storage).write_bytes(join(config.output, STOPPED), note)
 
 
@@ -1045,7 +1072,7 @@ def run_loop(
         stopped = json.loads(storage.read_bytes(join(config.output, STOPPED)))
         last = result.checkpoint.path if result.checkpoint else "none"
         raise TrainingError(
-            f"{label} stopped at step {stopped['step']}: non-finite {stopped['nonfinite']}; "
+            f"{label} stopped at step {stopped['step']}: {stopped['reason']}; "
             f"the last good checkpoint stays: {last}"
         )
     return RunResult(
