@@ -7,9 +7,9 @@ GPU is a resource to schedule by, and each stage's `device` stays `cpu`.
 Each test removes the worker node that holds the work it is about (its processes SIGKILLed,
 its objects lost, as a spot instance vanishes) and checks what a user would: prep writes every
 valid input exactly once; training restarts from its last checkpoint on the nodes left and
-ends at the right step with the losses it had; serving answers the requests in flight with a
-503 and Retry-After, runs the replica again on the surviving node and autoscales onto a node
-that joins.
+ends at the right step with the losses it had; serving fails the requests in flight cleanly
+(503 and Retry-After, or 504 at their time limit), runs the replica again on the surviving
+node and autoscales onto a node that joins.
 
 One cluster for the module (seconds to start); this process leaves the session's Ray for it
 and joins the session's Ray again afterwards.
