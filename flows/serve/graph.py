@@ -129,12 +129,42 @@ class _Calls:
         if self.events is not None:
             return last
         try:
-            return await last
+            return await self._unless_a_call_fails(last)
+        except ReplicaFailed:
+            raise  # named already
         except Exception as err:
             stage = _dead_stage(err) or await self._first_failed()
             if stage is not None:
                 raise ReplicaFailed(stage) from None
             raise
+
+    async def _unless_a_call_fails(self, last: DeploymentResponse) -> Any:
+        """``last``'s result, or the first stage call's actor error. A replica lost with its
+        node fails its own call within a second or two (Ray finds the actor unavailable), but
+        Serve can keep retrying the next stage's call, which takes the lost result as its
+        argument, until the request's time limit: the caller would get a 504 then instead of
+        a 503 now. (Watching a call fetches its result here too: a copy of each stage's
+        output, megabytes for a decoded image, against seconds of denoising.)"""
+        watched = {
+            asyncio.ensure_future(_settled(response)): name
+            for name, response in self.calls
+            if response is not last
+        }
+        final = asyncio.ensure_future(_settled(last))
+        pending: set[asyncio.Future[Any]] = {final, *watched}
+        for watch in pending:
+            # Left to end by themselves, never cancelled: cancelling a task that awaits a
+            # response cancels the response's own future, which the chain (and the search
+            # for the failed stage) still awaits. When the request fails, ``_run`` cancels
+            # the calls and these end. Their errors are read here.
+            watch.add_done_callback(lambda done: done.cancelled() or done.exception())
+        while True:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if final in done:
+                return final.result()
+            for call in done:
+                if isinstance(call.exception(), RayActorError):
+                    raise ReplicaFailed(watched[call])
 
     async def _awaited(self, name: str, awaitable: Any) -> Any:
         try:
