@@ -602,10 +602,15 @@ def test_serving_loses_the_base_replicas_node_then_scales_onto_a_node_that_joins
             assert outcome.retry_after == str(RETRY_AFTER_S), outcome
             assert "replica failed" in outcome.detail, outcome
     # The requests in the lost replica fail at once, not at their time limit (the graph
-    # watches each stage call, not only the chain's last one: see ImageGraph.result).
+    # watches each stage call, not only the chain's last one: see ImageGraph.result); one
+    # still on its way to the base (in an earlier stage, or queued) is served by the
+    # replacement.
     in_flight = [outcome for outcome in outage if outcome.start < lost_at]
-    assert in_flight and all(outcome.status == 503 for outcome in in_flight), in_flight
-    assert all(outcome.end - lost_at < REQUEST_TIMEOUT_S / 2 for outcome in in_flight), in_flight
+    assert 503 in [outcome.status for outcome in in_flight], in_flight
+    assert all(outcome.status in (200, 503) for outcome in in_flight), in_flight
+    for outcome in in_flight:
+        if outcome.status == 503:
+            assert outcome.end - lost_at < REQUEST_TIMEOUT_S / 2, outcome
     # Once the replacement runs, every request succeeds.
     assert [outcome.status for outcome in after] == [200] * len(after)
 
